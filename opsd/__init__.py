@@ -1,0 +1,1 @@
+"""On-policy self-distillation (OPSD) for reasoning language models."""

@@ -1,0 +1,86 @@
+"""Run folders and checkpoints in Hugging Face format (safetensors + tokenizer).
+
+A checkpoint folder is written under a temporary name and renamed into place, so a reader never
+sees half a checkpoint. LoRA runs are saved merged: the folder loads with
+`AutoModelForCausalLM.from_pretrained` as is, like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from opsd.errors import UserError
+from opsd.models import causal_lm
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
+    """Check that the run folder can be written before any work starts; create it only then."""
+    run_dir = Path(path)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output folder {run_dir} is a file")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"output folder {run_dir} already holds files; choose another run.output_dir or set run.overwrite=true")
+        shutil.rmtree(run_dir)
+    parent = run_dir.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output folder {run_dir} cannot be written ({err.strerror})") from None
+    return run_dir
+
+
+def save_config(run_dir: Path, config: dict[str, Any]) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def save_checkpoint(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, info: dict[str, Any],
+    teacher_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `folder` atomically: model (merged if LoRA), tokenizer, opsd_checkpoint.json and the
+    teacher's weight snapshot (teacher.safetensors, names as in `model.named_parameters()`)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    base = causal_lm(model)
+    base.save_pretrained(tmp, state_dict=_merged_state_dict(model), safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if teacher_state:
+        save_file(teacher_state, str(tmp / "teacher.safetensors"))
+    (tmp / "opsd_checkpoint.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+@torch.no_grad()
+def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's weights; for a PEFT model, base weights with the adapters folded in."""
+    if not hasattr(model, "merge_adapter"):
+        return causal_lm(model).state_dict()
+    model.merge_adapter()
+    try:
+        merged = {}
+        for name, tensor in causal_lm(model).state_dict().items():
+            if "lora_" in name:
+                continue
+            merged[name.replace(".base_layer.", ".")] = tensor.detach().clone()
+        return merged
+    finally:
+        model.unmerge_adapter()

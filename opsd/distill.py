@@ -1,0 +1,348 @@
+"""`opsd distill`: on-policy self-distillation (OPSD, OPSDC, "OPSD compresses"; METHODS.md §1–§3).
+
+One step, top to bottom:
+  1. sample n responses per problem from the student on the problem-only prompt;
+  2. grade them against the gold answers;
+  3. gate (all / correct_only / incorrect_only / correct_and_truncated) before any teacher compute;
+  4. for each micro-batch of kept rollouts: teacher forward (same network, privileged prompt,
+     teacher weights, no autograd) and student forward on the same response tokens;
+     per-token divergence over the full vocabulary in chunks from final hidden states;
+     token-mean over the step's kept tokens; backward;
+  5. clip the gradient norm (a non-finite norm skips the step and is counted), AdamW step,
+     schedule, teacher-weights update (refresh / EMA);
+  6. log metrics; save a Hugging Face checkpoint every `run.save_every` steps and at the end.
+
+Deviations from the papers: the teacher's user turn wordings are ours (opsd/prompts.py). The loop
+runs unchanged under `torchrun`: each process takes its share of the step's problems, the student
+backbone is wrapped in DistributedDataParallel and only rank 0 writes; the token mean is then per
+process.
+
+    opsd distill configs/tiny.yaml run.steps=5 loss.kind=forward_kl
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from opsd import distributed
+from opsd.checkpoint import prepare_run_dir, save_checkpoint, save_config
+from opsd.config import to_dict
+from opsd.data import Fields, Problem, load_problems
+from opsd.divergence import DivergenceKind, Estimator, chunked_divergence
+from opsd.errors import UserError
+from opsd.gating import Gating, gate
+from opsd.grading import Grader
+from opsd.metrics import MetricsLog
+from opsd.models import Backbone, ModelConfig, add_lora, causal_lm, load_model, load_tokenizer, output_head
+from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template, render_prompt, teacher_user_message
+from opsd.rollout import Rollout, SamplingConfig, pack, response_hidden, sample
+from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "configs/examples/arithmetic.jsonl"  # JSONL (.jsonl/.json) or Parquet file of problems
+    fields: Fields = field(default_factory=Fields)  # column names for problem/answer/solution/id
+    shuffle: bool = True  # reshuffle the problems every epoch
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    context: TeacherContext = "reference"  # reference | answer | concise | template
+    template: str = "{problem}\n\nReference solution:\n{solution}"  # user turn for context=template
+    concise_instruction: str = CONCISE_INSTRUCTION  # instruction for context=concise
+    weights: TeacherWeightsConfig = field(default_factory=TeacherWeightsConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: DivergenceKind = "reverse_kl"  # reverse_kl | forward_kl | jsd | branched
+    beta: float = 0.5  # JSD mixture weight (0 = forward KL, 1 = reverse KL)
+    temperature: float = 1.0  # logit temperature for both sides (OPSD: 1.1)
+    clip_tau: float | None = None  # cap on each (position, vocab) term before summing (OPSD: 0.05)
+    estimator: Estimator = "full"  # full | topk | sampled
+    top_k: int = 64  # entries kept by estimator=topk
+    chunk_size: int = 512  # positions per chunk of the full-vocabulary divergence
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6  # peak learning rate
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"  # after warmup
+    max_grad_norm: float = 1.0  # gradient-norm clip
+    micro_batch_size: int = 8  # rollouts per forward/backward (gradient accumulation inside a step)
+    gradient_checkpointing: bool = False  # recompute activations in the student backward
+    bf16: bool = True  # bf16 autocast (GPU only)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/distill"  # run folder: config.yaml, metrics.jsonl, checkpoints/
+    overwrite: bool = False  # replace an existing run folder
+    steps: int = 100  # optimizer steps
+    problems_per_step: int = 32  # problems sampled per step (× sampling.n rollouts)
+    save_every: int = 0  # checkpoint every k steps (0: only at the end)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    grader_timeout_s: float = 5.0  # per-answer limit of the math-verify worker
+    tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    gating: Gating = "all"  # all | correct_only | incorrect_only | correct_and_truncated
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def check_options(config: DistillConfig) -> None:
+    """Contradictory options, refused before any work starts."""
+    if config.loss.estimator == "sampled" and config.loss.clip_tau is not None:
+        raise UserError("loss.clip_tau applies to the full and topk estimators, not to loss.estimator=sampled")
+    if config.loss.estimator == "sampled" and config.loss.kind != "reverse_kl":
+        raise UserError("loss.estimator=sampled estimates the reverse KL only; set loss.kind=reverse_kl")
+    if not 0.0 <= config.loss.beta <= 1.0:
+        raise UserError("loss.beta must lie in [0, 1]")
+    if config.loss.temperature <= 0:
+        raise UserError("loss.temperature must be positive")
+    if config.teacher.weights.policy == "refresh" and config.teacher.weights.refresh_every < 1:
+        raise UserError("teacher.weights.refresh_every must be at least 1")
+    if config.teacher.context == "template":
+        check_template(config.teacher.template, "teacher.template")
+    for name, value in (("run.steps", config.run.steps), ("run.problems_per_step", config.run.problems_per_step),
+                        ("sampling.n", config.sampling.n), ("sampling.max_new_tokens", config.sampling.max_new_tokens),
+                        ("optim.micro_batch_size", config.optim.micro_batch_size), ("loss.chunk_size", config.loss.chunk_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1")
+
+
+def needs_answers(config: DistillConfig) -> bool:
+    return config.gating != "all" or config.loss.kind == "branched" or config.teacher.context == "answer"
+
+
+def run_distill(config: DistillConfig) -> Path:
+    """Train; return the run folder. Everything a user can get wrong is checked before it is created."""
+    check_options(config)
+    problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config))
+    rank, world = distributed.setup()
+    device = distributed.device(config.run.device)
+    torch.manual_seed(config.run.seed + rank)
+    tokenizer = load_tokenizer(config.model)
+    student_prompts = [render_prompt(tokenizer, p.problem) for p in problems]
+    teacher_prompts = [
+        render_prompt(tokenizer, teacher_user_message(p, config.teacher.context, config.teacher.template,
+                                                      config.teacher.concise_instruction))
+        for p in problems
+    ]
+    model = load_model(config.model, device)
+    if config.optim.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.model.lora_rank > 0:
+        model = add_lora(model, config.model)
+
+    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
+    if run_dir is not None:
+        save_config(run_dir, to_dict(config))
+    teacher = TeacherWeightsState(model, config.teacher.weights, uses_lora=config.model.lora_rank > 0)
+    backbone = distributed.wrap(Backbone(model), device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas),
+                                  weight_decay=config.optim.weight_decay)
+    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
+    generator = torch.Generator(device=device).manual_seed(config.run.seed * 1000 + rank)
+    skipped = 0
+    with Grader(timeout_s=config.run.grader_timeout_s) as grader:
+        for step in range(1, config.run.steps + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = config.optim.lr * lr_factor(step - 1, config.optim, config.run.steps)
+            indices = step_problems(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
+            indices = distributed.shard(indices, rank, world)
+            metrics = train_step(config, model, backbone, teacher, optimizer, tokenizer, grader, generator,
+                                 [problems[i] for i in indices], [student_prompts[i] for i in indices],
+                                 [teacher_prompts[i] for i in indices], device)
+            skipped += int(metrics.pop("skipped"))
+            teacher_changed = teacher.after_step(step)
+            metrics.update({"optim/skipped_steps": skipped, "teacher/updated": teacher_changed})
+            log.write(step, metrics)
+            if run_dir is not None and (step == config.run.steps or (config.run.save_every and step % config.run.save_every == 0)):
+                save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step},
+                                teacher.state_dict())
+    log.close()
+    distributed.teardown()
+    return run_dir or Path(config.run.output_dir)
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "cosine":
+        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def step_problems(count: int, step: int, per_step: int, shuffle: bool, seed: int) -> list[int]:
+    """Indices of the problems for `step` (1-based): consecutive slices of per-epoch permutations."""
+    picked = []
+    for position in range((step - 1) * per_step, step * per_step):
+        epoch, k = divmod(position, count)
+        picked.append(_epoch_order(count, epoch, shuffle, seed)[k])
+    return picked
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(count: int, epoch: int, shuffle: bool, seed: int) -> list[int]:
+    return random.Random(seed * 100_003 + epoch).sample(range(count), count) if shuffle else list(range(count))
+
+
+def train_step(
+    config: DistillConfig, model, backbone, teacher: TeacherWeightsState, optimizer, tokenizer,
+    grader: Grader, generator: torch.Generator, problems: list[Problem],
+    student_prompts: list[list[int]], teacher_prompts: list[list[int]], device: torch.device,
+) -> dict[str, float]:
+    """One optimizer step (sample → grade → gate → teacher/student → backward → step); its metrics."""
+    timer = Timer()
+    started = time.perf_counter()
+    model.eval()
+    with timer("generate"):
+        rollouts = collect_rollouts(model, student_prompts, config.sampling, tokenizer, generator)
+    with timer("grade"):
+        correct = grade_rollouts(rollouts, problems, tokenizer, grader)
+    keep = gate(correct, [r.truncated for r in rollouts], config.gating)
+    kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
+    kept_tokens = sum(len(r.response_ids) for r, _ in kept)
+    total_tokens = distributed.sum_over_ranks(kept_tokens)
+
+    optimizer.zero_grad(set_to_none=True)
+    sums = {"divergence": 0.0, "entropy": 0.0, "clipped": 0.0}
+    micro = config.optim.micro_batch_size
+    n_micro = distributed.max_over_ranks(math.ceil(len(kept) / micro))
+    for index in range(n_micro):
+        batch = kept[index * micro : (index + 1) * micro]
+        with distributed.no_sync_unless(backbone, last=index == n_micro - 1):
+            if not batch:  # this process has run out: a zero-weight pass keeps DDP's collectives in step
+                distributed.idle_backward(backbone, output_head(model), tokenizer.pad_token_id, device)
+                continue
+            responses = [r.response_ids for r, _ in batch]
+            with timer("teacher"):
+                packed_t = pack([teacher_prompts[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
+                model.eval()
+                hidden_t = teacher_hidden(model, packed_t, teacher)
+            with timer("student"):
+                model.train()
+                packed_s = pack([student_prompts[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.optim.bf16 and device.type == "cuda"):
+                    hidden_s = response_hidden(backbone(packed_s.input_ids_B_L, packed_s.attention_mask_B_L), packed_s)
+                reverse_N = torch.tensor([c for _, c in batch], device=device)[packed_s.row_N]
+                result = chunked_divergence(
+                    hidden_s, output_head(model), hidden_t, teacher.head(),
+                    torch.full_like(packed_s.targets_N, 1.0 / max(total_tokens, 1), dtype=torch.float32),
+                    packed_s.targets_N, reverse_N if config.loss.kind == "branched" else None,
+                    chunk_size=config.loss.chunk_size, kind=config.loss.kind, beta=config.loss.beta,
+                    temperature=config.loss.temperature, clip_tau=config.loss.clip_tau,
+                    estimator=config.loss.estimator, top_k=config.loss.top_k,
+                )
+                result.loss.backward()
+            sums["divergence"] += float(result.value_N.sum())
+            sums["entropy"] += float(result.entropy_N.sum())
+            sums["clipped"] += float(result.clipped_N.float().sum())
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm))
+    skipped = total_tokens > 0 and not math.isfinite(grad_norm)
+    if total_tokens > 0 and not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    lengths = [len(r.response_ids) for r in rollouts]
+    per_token = lambda key: sums[key] / kept_tokens if kept_tokens else float("nan")  # noqa: E731
+    generate_s, student_s, teacher_s = timer.total("generate"), timer.total("student"), timer.total("teacher")
+    return {
+        "loss/divergence": per_token("divergence"),
+        "loss/clipped_ratio": per_token("clipped"),
+        "loss/student_entropy": per_token("entropy"),
+        "rollout/accuracy": sum(correct) / len(correct) if has_answers(problems) else float("nan"),
+        "rollout/count": len(rollouts),
+        "rollout/kept": len(kept),
+        "rollout/response_tokens_mean": sum(lengths) / len(lengths),
+        "rollout/response_tokens_max": max(lengths),
+        "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
+        "optim/grad_norm": grad_norm,
+        "optim/lr": optimizer.param_groups[0]["lr"],
+        "optim/empty_step": total_tokens == 0,
+        "time/generate_s": generate_s,
+        "time/grade_s": timer.total("grade"),
+        "time/teacher_s": teacher_s,
+        "time/student_s": student_s,
+        "time/step_s": time.perf_counter() - started,
+        "throughput/generate_tokens_per_s": sum(lengths) / generate_s if generate_s else float("nan"),
+        "throughput/train_tokens_per_s": kept_tokens / (teacher_s + student_s) if kept_tokens else float("nan"),
+        "skipped": skipped,
+    }
+
+
+def collect_rollouts(model, prompts: list[list[int]], sampling: SamplingConfig, tokenizer,
+                     generator: torch.Generator) -> list[Rollout]:
+    """`sampling.n` rollouts per prompt, in prompt order."""
+    repeated = [i for i in range(len(prompts)) for _ in range(sampling.n)]
+    eos_ids = sorted({tokenizer.eos_token_id, *getattr(tokenizer, "additional_eos_ids", [])} - {None})
+    samples = sample(causal_lm(model), [prompts[i] for i in repeated], sampling, eos_ids,
+                     tokenizer.pad_token_id, generator)
+    return [
+        Rollout(problem_index=i, prompt_ids=prompts[i], response_ids=ids, sample_logprobs=logprobs, truncated=truncated)
+        for i, (ids, logprobs, truncated) in zip(repeated, samples)
+    ]
+
+
+def has_answers(problems: list[Problem]) -> bool:
+    return all(p.answer for p in problems)
+
+
+def grade_rollouts(rollouts: list[Rollout], problems: list[Problem], tokenizer, grader: Grader) -> list[bool]:
+    if not has_answers(problems):
+        return [False] * len(rollouts)
+    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    return grader.grade(texts, [problems[r.problem_index].answer for r in rollouts])
+
+
+class Timer:
+    """Accumulated wall time per phase; CUDA work is synchronised so each phase is charged its own."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        _sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def total(self, phase: str) -> float:
+        return self.seconds.get(phase, 0.0)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

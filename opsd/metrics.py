@@ -1,0 +1,55 @@
+"""Per-step metrics: one JSON line per step in the run folder, TensorBoard when installed, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path | None, total_steps: int, tensorboard: bool = True):
+        self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if run_dir else None
+        self.board = _summary_writer(run_dir / "tensorboard") if run_dir and tensorboard else None
+        self.bar = tqdm(total=total_steps, disable=run_dir is None, dynamic_ncols=True, desc="opsd")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.file is not None:
+            row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.board is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.board.add_scalar(key, value, step)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            div=f"{metrics.get('loss/divergence', float('nan')):.4f}",
+            acc=f"{metrics.get('rollout/accuracy', float('nan')):.2f}",
+            len=f"{metrics.get('rollout/response_tokens_mean', 0):.0f}",
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    return value
+
+
+def _summary_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(path))

@@ -1,0 +1,139 @@
+"""Loading a policy and its tokenizer safely, and reading final hidden states from it.
+
+Safe by default: weights only from safetensors and no code from the model folder runs unless the
+user sets `trust_remote_code` / `allow_pickle`. `builtin:tiny` builds the local tiny model instead
+(see opsd/tiny.py) so that the example and the tests need nothing from a hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from opsd.errors import UserError
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = BUILTIN_TINY  # HF folder or hub name; builtin:tiny = the local tiny model
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False  # run Python code shipped in the model folder (off: never by default)
+    allow_pickle: bool = False  # allow .bin (pickle) weights; off: safetensors only
+    lora_rank: int = 0  # > 0 trains LoRA adapters of this rank (PEFT) instead of all weights
+    lora_alpha: float = 16.0  # LoRA scaling numerator
+    lora_target_modules: str = "all-linear"  # PEFT target_modules ("all-linear" or comma-separated names)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    if config.name_or_path == BUILTIN_TINY:
+        from opsd.tiny import char_tokenizer
+
+        return char_tokenizer()
+    _check_model_path(config.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.name_or_path, trust_remote_code=config.trust_remote_code
+        )
+    except Exception as err:  # transformers raises OSError/ValueError/… depending on what is missing
+        raise UserError(f"could not load a tokenizer from {config.name_or_path} ({_first_line(err)})") from None
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer of {config.name_or_path} has no chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
+    dtype = resolve_dtype(config.dtype, device)
+    if config.name_or_path == BUILTIN_TINY:
+        from opsd.tiny import build_tiny
+
+        model = build_tiny()[0].to(dtype)
+    else:
+        _check_model_path(config.name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                config.name_or_path,
+                dtype=dtype,
+                trust_remote_code=config.trust_remote_code,
+                use_safetensors=None if config.allow_pickle else True,
+            )
+        except Exception as err:
+            raise UserError(f"could not load a model from {config.name_or_path} ({_first_line(err)})") from None
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise UserError(f"{config.name_or_path} uses logit soft-capping, which the chunked divergence does not model")
+    return model.to(device)
+
+
+def add_lora(model: PreTrainedModel, config: ModelConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _check_model_path(name_or_path: str) -> None:
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise UserError(f"model path {name_or_path} is not a model folder (no config.json)")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under any PEFT or DDP wrapper."""
+    while not isinstance(model, PreTrainedModel):
+        if hasattr(model, "module"):  # DistributedDataParallel
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        else:
+            raise TypeError(f"cannot find a transformers model inside {type(model).__name__}")
+    return model
+
+
+class Backbone(nn.Module):
+    """Final hidden states (after the last norm) of a causal LM, without computing any logits.
+
+    A module of its own so that DistributedDataParallel can wrap exactly what the student runs.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        decoder = causal_lm(self.model).get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def output_head(model: nn.Module) -> torch.Tensor:
+    """The [V × H] unembedding matrix; a bias would be silently ignored, so it is refused."""
+    head = causal_lm(model).get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserError("models whose output layer has a bias are not supported by the chunked divergence")
+    return head.weight

@@ -1,0 +1,158 @@
+"""On-policy rollouts: batched sampling with a KV cache, and packing sequences for teacher/student forwards.
+
+`sample` is our own small decode loop (left-padded prefill, then one token per step) rather than
+`model.generate`, so that it returns exactly what distillation needs: response ids ending with EOS,
+the truncation flag, and the log-probability of each sampled token under the distribution it was
+drawn from (after temperature, top-k and top-p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = 0  # 0 = no top-k filter
+    max_new_tokens: int = 256  # response budget; longer responses are truncated
+    n: int = 1  # samples per problem
+    batch_size: int = 64  # sequences decoded together
+
+
+@dataclass(frozen=True)
+class Rollout:
+    problem_index: int  # index into the step's problems
+    prompt_ids: list[int]  # the student's prompt
+    response_ids: list[int]  # sampled tokens, ending with EOS unless truncated
+    sample_logprobs: torch.Tensor  # [len(response_ids)] float32, under the sampling distribution
+    truncated: bool  # hit max_new_tokens without EOS
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> list[tuple[list[int], torch.Tensor, bool]]:
+    """(response ids, sample log-probs, truncated) for each prompt, decoded `config.batch_size` at a time."""
+    results = []
+    for start in range(0, len(prompts), config.batch_size):
+        results += _sample_batch(model, prompts[start : start + config.batch_size], config, eos_ids, pad_id, generator)
+    return results
+
+
+def _sample_batch(model, prompts, config, eos_ids, pad_id, generator):
+    device = next(model.parameters()).device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids_B_L = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    mask_B_L = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids_B_L[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask_B_L[row, width - len(prompt) :] = 1
+    positions_B_L = (mask_B_L.cumsum(-1) - 1).clamp(min=0)
+    eos_E = torch.tensor(eos_ids, device=device)
+
+    out = model(input_ids=ids_B_L, attention_mask=mask_B_L, position_ids=positions_B_L, use_cache=True, logits_to_keep=1)
+    cache, logits_B_V = out.past_key_values, out.logits[:, -1]
+    next_position_B = positions_B_L[:, -1] + 1
+    tokens, logprobs = [], []
+    done_B = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(config.max_new_tokens):
+        token_B, logprob_B = sample_token(logits_B_V, config, generator)
+        token_B = torch.where(done_B, pad_id, token_B)
+        tokens.append(token_B)
+        logprobs.append(logprob_B)
+        done_B = done_B | torch.isin(token_B, eos_E)
+        if bool(done_B.all()) or len(tokens) == config.max_new_tokens:
+            break
+        mask_B_L = torch.cat([mask_B_L, torch.ones_like(mask_B_L[:, :1])], dim=-1)
+        out = model(
+            input_ids=token_B[:, None], attention_mask=mask_B_L, position_ids=next_position_B[:, None],
+            past_key_values=cache, use_cache=True,
+        )
+        cache, logits_B_V = out.past_key_values, out.logits[:, -1]
+        next_position_B = next_position_B + 1
+
+    tokens_B_T = torch.stack(tokens, dim=1).cpu()
+    logprobs_B_T = torch.stack(logprobs, dim=1).float().cpu()
+    eos_B_T = torch.isin(tokens_B_T, eos_E.cpu())
+    results = []
+    for row in range(batch):
+        hits = eos_B_T[row].nonzero()
+        length = int(hits[0]) + 1 if len(hits) else tokens_B_T.shape[1]
+        results.append((tokens_B_T[row, :length].tolist(), logprobs_B_T[row, :length], not len(hits)))
+    return results
+
+
+def sample_token(
+    logits_B_V: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-probability under the filtered, temperature-scaled distribution."""
+    if config.temperature == 0:
+        token_B = logits_B_V.argmax(-1)
+        return token_B, torch.zeros_like(token_B, dtype=torch.float32)
+    logits_B_V = logits_B_V.float() / config.temperature
+    if config.top_k > 0:
+        kth_B_1 = logits_B_V.topk(min(config.top_k, logits_B_V.shape[-1]), dim=-1).values[:, -1:]
+        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth_B_1, -torch.inf)
+    if config.top_p < 1.0:
+        sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
+        probs_B_V = sorted_B_V.softmax(-1)
+        drop_sorted_B_V = probs_B_V.cumsum(-1) - probs_B_V >= config.top_p  # mass before it already enough
+        drop_B_V = torch.zeros_like(drop_sorted_B_V).scatter(-1, order_B_V, drop_sorted_B_V)
+        logits_B_V = logits_B_V.masked_fill(drop_B_V, -torch.inf)
+    logprobs_B_V = torch.log_softmax(logits_B_V, dim=-1)
+    token_B = torch.multinomial(logprobs_B_V.exp(), 1, generator=generator).squeeze(-1)
+    return token_B, logprobs_B_V.gather(-1, token_B[:, None]).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Right-padded sequences prompt ‖ response, and where their response tokens sit.
+
+    Row b holds prompts[b] followed by responses[b]. The hidden state at flat position
+    `predict_index_N[n]` (into B·L) predicts token `targets_N[n]`, the n-th response token of the
+    batch in row order. Two `Packed` built from the same responses and different prompts therefore
+    have the same N and the same targets: that is the teacher/student alignment.
+    """
+
+    input_ids_B_L: torch.Tensor
+    attention_mask_B_L: torch.Tensor
+    predict_index_N: torch.Tensor
+    targets_N: torch.Tensor
+    row_N: torch.Tensor
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device) -> Packed:
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids_B_L = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask_B_L = torch.zeros_like(ids_B_L)
+    predict, targets, rows = [], [], []
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        sequence = prompt + response
+        ids_B_L[row, : len(sequence)] = torch.tensor(sequence)
+        mask_B_L[row, : len(sequence)] = 1
+        first = row * width + len(prompt) - 1  # the last prompt position predicts the first response token
+        predict.append(torch.arange(first, first + len(response)))
+        targets += response
+        rows += [row] * len(response)
+    return Packed(
+        ids_B_L.to(device),
+        mask_B_L.to(device),
+        torch.cat(predict).to(device),
+        torch.tensor(targets, dtype=torch.long, device=device),
+        torch.tensor(rows, dtype=torch.long, device=device),
+    )
+
+
+def response_hidden(hidden_B_L_H: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """The [N × H] hidden states that predict the response tokens, padding-free."""
+    return hidden_B_L_H.reshape(-1, hidden_B_L_H.shape[-1]).index_select(0, packed.predict_index_N)

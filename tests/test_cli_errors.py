@@ -1,0 +1,101 @@
+"""User mistakes end with exit 2, one sentence naming the culprit, no stack trace, no run folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opsd.cli import main
+from opsd.config import load_config
+from opsd.distill import DistillConfig
+from opsd.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def rows(*items) -> str:
+    return "".join(json.dumps(item) + "\n" for item in items)
+
+
+GOOD = {"id": "a", "problem": "Compute 1 + 1.", "answer": "2", "solution": "1 + 1 = 2."}
+BROKEN_LINE = "{oops\n"
+
+
+def cases(tmp: Path):
+    """(name, extra overrides, words the message must contain)."""
+    no_template = tmp / "no-template"
+    no_template.mkdir()
+    from opsd.tiny import save_tiny
+
+    save_tiny(no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    not_a_model = tmp / "not-a-model"
+    not_a_model.mkdir()
+    return [
+        ("missing data file", [f"data.path={tmp / 'nope.jsonl'}"], ["nope.jsonl", "does not exist"]),
+        ("empty data file", [f"data.path={write(tmp / 'empty.jsonl', '')}"], ["empty.jsonl", "no rows"]),
+        ("malformed json line", [f"data.path={write(tmp / 'bad.jsonl', rows(GOOD) + BROKEN_LINE)}"], ["bad.jsonl line 2", "not valid JSON"]),
+        ("missing problem", [f"data.path={write(tmp / 'np.jsonl', rows(GOOD, {'id': 'b', 'answer': '1'}))}"], ["np.jsonl line 2", "'problem'"]),
+        ("missing answer with gating", [f"data.path={write(tmp / 'na.jsonl', rows({**GOOD, 'answer': ''}))}", "gating=correct_only"], ["na.jsonl line 1", "'answer'"]),
+        ("duplicate ids", [f"data.path={write(tmp / 'dup.jsonl', rows(GOOD, GOOD))}"], ["dup.jsonl", "'a' more than once"]),
+        ("no reference solution", [f"data.path={write(tmp / 'ns.jsonl', rows({**GOOD, 'solution': None}))}", "teacher.context=reference"], ["'a'", "reference solution"]),
+        ("unknown key", ["loss.kindd=reverse_kl"], ["loss.kindd"]),
+        ("unknown section", ["nonsense.x=1"], ["nonsense"]),
+        ("wrong type", ["run.steps=many"], ["run.steps", "int"]),
+        ("bad choice", ["loss.kind=kl"], ["loss.kind", "reverse_kl"]),
+        ("bad override", ["justakey"], ["justakey", "key=value"]),
+        ("sampled with clip", ["loss.estimator=sampled", "loss.clip_tau=0.05"], ["loss.clip_tau"]),
+        ("unsafe template", ["teacher.context=template", "teacher.template={problem.__class__}"], ["teacher.template"]),
+        ("model path not a model", [f"model.name_or_path={not_a_model}"], ["not-a-model", "not a model folder"]),
+        ("tokenizer without chat template", [f"model.name_or_path={no_template}"], ["no-template", "chat template"]),
+        ("zero steps", ["run.steps=0"], ["run.steps"]),
+    ]
+
+
+def test_each_mistake_is_one_clear_sentence(tmp_path, capsys):
+    mistakes = cases(tmp_path)
+    capsys.readouterr()
+    for name, overrides, words in mistakes:
+        out = tmp_path / f"run-{name.replace(' ', '-')}"
+        code = main(["distill", str(ROOT / "configs/tiny.yaml"), f"run.output_dir={out}", *overrides])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, name
+        assert err.startswith("opsd: error: ") and "\n" not in err and "Traceback" not in err, (name, err)
+        for word in words:
+            assert word in err, (name, word, err)
+        assert not out.exists(), name
+
+
+def test_missing_config_and_existing_run_folder(tmp_path, capsys):
+    assert main(["distill", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml does not exist" in capsys.readouterr().err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "metrics.jsonl").write_text("{}\n")
+    assert main(["distill", str(ROOT / "configs/tiny.yaml"), f"run.output_dir={occupied}"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (occupied / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_yaml_is_read_with_the_safe_loader(tmp_path):
+    evil = write(tmp_path / "evil.yaml", "run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="evil.yaml"):
+        load_config(DistillConfig, evil, [])
+
+
+def test_the_installed_command_exits_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "opsd.cli", "distill", str(ROOT / "configs/tiny.yaml"), "loss.kindd=1"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("opsd: error: unknown config key 'loss.kindd'")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,125 @@
+"""`opsd distill` end to end on the local tiny model: outputs, checkpoints, teacher-weight policies."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opsd.cli import main
+from opsd.tiny import build_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["sampling.max_new_tokens=16", "sampling.n=2", "run.problems_per_step=4", "optim.micro_batch_size=3",
+        "optim.lr=1e-2", "loss.chunk_size=7", "run.tensorboard=false"]
+
+
+def distill(tmp_path, *overrides, name="run"):
+    out = tmp_path / name
+    code = main(["distill", str(ROOT / "configs/tiny.yaml"), f"run.output_dir={out}", *TINY, *overrides])
+    assert code == 0
+    return out
+
+
+def model_weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_distill_writes_config_metrics_and_a_loadable_checkpoint(tmp_path):
+    out = distill(tmp_path, "run.steps=3", "run.save_every=2")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["run"]["steps"] == 3 and config["loss"]["chunk_size"] == 7
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss/divergence", "rollout/accuracy", "rollout/response_tokens_mean", "rollout/response_tokens_max",
+                "loss/clipped_ratio", "loss/student_entropy", "optim/grad_norm", "throughput/generate_tokens_per_s",
+                "time/generate_s", "time/teacher_s", "time/student_s", "rollout/truncated_ratio"):
+        assert key in rows[0], key
+    assert rows[0]["rollout/count"] == 8 and rows[0]["rollout/kept"] == 8
+    assert rows[0]["loss/divergence"] > 0 and rows[0]["optim/grad_norm"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+
+    final = out / "checkpoints" / "step_000003"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 2 + 3."}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    initial = build_tiny()[0].state_dict()
+    trained = model_weights(final)
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+
+def test_frozen_teacher_stays_at_the_initial_weights(tmp_path):
+    out = distill(tmp_path, "run.steps=3", "run.save_every=1", "teacher.weights.policy=frozen")
+    initial = dict(build_tiny()[0].named_parameters())
+    for step in (1, 2, 3):
+        teacher = load_file(str(out / "checkpoints" / f"step_{step:06d}" / "teacher.safetensors"))
+        assert teacher.keys() == {n for n, p in initial.items()}
+        for name, tensor in teacher.items():
+            assert torch.equal(tensor, initial[name].detach()), (step, name)
+    student = model_weights(out / "checkpoints/step_000003")
+    assert not torch.equal(student["model.embed_tokens.weight"], initial["model.embed_tokens.weight"].detach())
+
+
+def test_refresh_teacher_copies_the_student_every_m_steps(tmp_path):
+    out = distill(tmp_path, "run.steps=5", "run.save_every=1", "teacher.weights.policy=refresh",
+                  "teacher.weights.refresh_every=2")
+    initial = dict(build_tiny()[0].named_parameters())
+    student = {s: model_weights(out / "checkpoints" / f"step_{s:06d}") for s in range(1, 6)}
+    teacher = {s: load_file(str(out / "checkpoints" / f"step_{s:06d}" / "teacher.safetensors")) for s in range(1, 6)}
+    # teacher after step s: initial until step 2, student@2 during steps 3-4, student@4 at step 5
+    expected = {1: {k: v.detach() for k, v in initial.items()}, 2: student[2], 3: student[2], 4: student[4], 5: student[4]}
+    for step in range(1, 6):
+        for name, tensor in teacher[step].items():
+            assert torch.equal(tensor, expected[step][name]), (step, name)
+    assert not torch.equal(student[2]["model.embed_tokens.weight"], initial["model.embed_tokens.weight"].detach())
+    assert not torch.equal(teacher[5]["model.embed_tokens.weight"], student[5]["model.embed_tokens.weight"])
+
+
+def test_ema_teacher_moves_towards_the_student(tmp_path):
+    out = distill(tmp_path, "run.steps=2", "run.save_every=1", "teacher.weights.policy=ema", "teacher.weights.ema_decay=0.5")
+    initial = build_tiny()[0].state_dict()
+    s1, s2 = (model_weights(out / f"checkpoints/step_{s:06d}") for s in (1, 2))
+    t2 = load_file(str(out / "checkpoints/step_000002/teacher.safetensors"))
+    key = "model.embed_tokens.weight"
+    torch.testing.assert_close(t2[key], 0.25 * initial[key] + 0.25 * s1[key] + 0.5 * s2[key])
+
+
+@pytest.mark.parametrize("options", [
+    ["loss.kind=forward_kl", "loss.clip_tau=0.05", "loss.temperature=1.1"],
+    ["loss.kind=jsd", "loss.beta=0.5", "loss.estimator=topk", "loss.top_k=8"],
+    ["loss.estimator=sampled", "teacher.context=concise"],
+    ["loss.kind=branched", "teacher.context=answer", "gating=correct_and_truncated"],
+    ["teacher.context=template", "teacher.template=Solve: {problem} (answer {answer})", "teacher.weights.policy=live",
+     "optim.schedule=cosine", "optim.warmup_steps=1"],
+])
+def test_every_option_family_runs(tmp_path, options):
+    out = distill(tmp_path, "run.steps=2", *options)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+
+
+def test_correct_only_gating_with_no_correct_rollout_skips_the_update(tmp_path):
+    out = distill(tmp_path, "run.steps=2", "gating=correct_only")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rollout/kept"] == 0 and r["optim/empty_step"] for r in rows)  # a random model is never right
+    assert torch.equal(model_weights(out / "checkpoints/step_000002")["model.embed_tokens.weight"],
+                       build_tiny()[0].state_dict()["model.embed_tokens.weight"])
+
+
+def test_lora_frozen_teacher_is_the_base_and_checkpoint_is_merged(tmp_path):
+    pytest.importorskip("peft")
+    out = distill(tmp_path, "run.steps=2", "model.lora_rank=4", "optim.lr=5e-2")
+    final = out / "checkpoints/step_000002"
+    assert not (final / "teacher.safetensors").exists()  # adapters disabled: no copy kept
+    weights = model_weights(final)
+    assert not any("lora" in k for k in weights)
+    initial = build_tiny()[0].state_dict()
+    assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], initial["model.layers.0.self_attn.q_proj.weight"])
+    AutoModelForCausalLM.from_pretrained(final)

@@ -1,0 +1,123 @@
+"""Sampling, packing and the teacher/student alignment on the tiny model."""
+
+import pytest
+import torch
+
+from opsd.data import Problem
+from opsd.gating import gate
+from opsd.models import Backbone, output_head
+from opsd.prompts import fill, check_template, render_prompt, teacher_user_message
+from opsd.rollout import SamplingConfig, pack, response_hidden, sample, sample_token
+from opsd.tiny import build_tiny
+from opsd.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = build_tiny(seed=1)
+    return model.eval(), tokenizer
+
+
+def test_greedy_batched_sampling_matches_generate(tiny):
+    model, tok = tiny
+    prompts = [render_prompt(tok, "What is 2+2?"), render_prompt(tok, "Compute 37 + 45 - 12, carefully.")]
+    results = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [tok.eos_token_id], tok.pad_token_id)
+    for prompt, (response, logprobs, truncated) in zip(prompts, results):
+        reference = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+        assert response == reference[0, len(prompt):].tolist()[: len(response)]
+        assert truncated == (tok.eos_token_id not in response)
+        assert logprobs.shape == (len(response),)
+
+
+def test_sampled_logprobs_are_those_of_the_sampling_distribution(tiny):
+    model, tok = tiny
+    prompt = render_prompt(tok, "Hi")
+    config = SamplingConfig(temperature=0.7, top_k=10, top_p=0.9, max_new_tokens=6)
+    (response, logprobs, _), = sample(model, [prompt], config, [tok.eos_token_id], tok.pad_token_id,
+                                      torch.Generator().manual_seed(0))
+    logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+    for position, token in enumerate(response):
+        row = logits[position] / 0.7
+        row = row.masked_fill(row < row.topk(10).values[-1], -torch.inf)
+        probs, order = row.softmax(-1).sort(descending=True)
+        keep = order[(probs.cumsum(0) - probs) < 0.9]
+        filtered = torch.full_like(row, -torch.inf)
+        filtered[keep] = row[keep]
+        assert token in keep.tolist()
+        torch.testing.assert_close(logprobs[position], torch.log_softmax(filtered, -1)[token], atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(5, 50)
+    token, logprob = sample_token(logits, SamplingConfig(temperature=1.0, top_k=1), torch.Generator().manual_seed(0))
+    assert torch.equal(token, logits.argmax(-1)) and torch.allclose(logprob, torch.zeros(5))
+
+
+def test_teacher_sees_exactly_the_student_response_after_its_own_prompt(tiny):
+    model, tok = tiny
+    problems = [Problem("a", "Compute 3 + 4.", "7", "3 + 4 = 7."), Problem("b", "Compute 10 - 2.", "8", "10 - 2 = 8.")]
+    responses = [tok("3+4=7. Answer: 7", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                 tok("8", add_special_tokens=False)["input_ids"]]
+    student_prompts = [render_prompt(tok, p.problem) for p in problems]
+    teacher_prompts = [render_prompt(tok, teacher_user_message(p, "reference", "", "")) for p in problems]
+    student = pack(student_prompts, responses, tok.pad_token_id, torch.device("cpu"))
+    teacher = pack(teacher_prompts, responses, tok.pad_token_id, torch.device("cpu"))
+    assert torch.equal(student.targets_N, teacher.targets_N)
+    assert student.targets_N.tolist() == responses[0] + responses[1]
+    for packed, prompts in ((student, student_prompts), (teacher, teacher_prompts)):
+        flat = packed.input_ids_B_L.flatten()
+        assert torch.equal(flat[packed.predict_index_N + 1], packed.targets_N)  # hidden at i predicts token i+1
+        for row, prompt in enumerate(prompts):
+            length = int(packed.attention_mask_B_L[row].sum())
+            assert packed.input_ids_B_L[row, :length].tolist() == prompt + responses[row]
+    assert "reference solution" in tok.decode(teacher_prompts[0]) and "3 + 4 = 7." in tok.decode(teacher_prompts[0])
+    assert "reference" not in tok.decode(student_prompts[0])
+
+
+def test_padding_changes_nothing(tiny):
+    """A response's hidden states are the same alone as right-padded in a batch with a longer one."""
+    model, tok = tiny
+    prompts = [render_prompt(tok, "short"), render_prompt(tok, "a much longer prompt than the other one")]
+    responses = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    together = pack(prompts, responses, tok.pad_token_id, torch.device("cpu"))
+    backbone = Backbone(model)
+    with torch.no_grad():
+        batched = response_hidden(backbone(together.input_ids_B_L, together.attention_mask_B_L), together)
+        alone = []
+        for prompt, response in zip(prompts, responses):
+            single = pack([prompt], [response], tok.pad_token_id, torch.device("cpu"))
+            alone.append(response_hidden(backbone(single.input_ids_B_L, single.attention_mask_B_L), single))
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    logits = model(together.input_ids_B_L, attention_mask=together.attention_mask_B_L).logits
+    flat_logits = logits.reshape(-1, logits.shape[-1])[together.predict_index_N]
+    torch.testing.assert_close(batched @ output_head(model).T, flat_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gating_selects_the_right_rollouts():
+    correct = [True, False, True, False]
+    truncated = [False, False, False, True]
+    assert gate(correct, truncated, "all") == [True] * 4
+    assert gate(correct, truncated, "correct_only") == [True, False, True, False]
+    assert gate(correct, truncated, "incorrect_only") == [False, True, False, True]
+    assert gate(correct, truncated, "correct_and_truncated") == [True, False, True, True]
+
+
+def test_teacher_contexts():
+    p = Problem("x", "Compute 2 + 2.", "4", "2 + 2 = 4.")
+    assert "4" in teacher_user_message(p, "answer", "", "") and "2 + 2 = 4." not in teacher_user_message(p, "answer", "", "")
+    assert teacher_user_message(p, "concise", "", "Be brief.") == "Be brief.\n\nCompute 2 + 2."
+    assert teacher_user_message(p, "template", "Q: {problem} A: {answer}", "") == "Q: Compute 2 + 2. A: 4"
+    with pytest.raises(UserError, match="reference solution"):
+        teacher_user_message(Problem("y", "Compute.", "1"), "reference", "", "")
+
+
+@pytest.mark.parametrize("bad", ["{problem.__class__}", "{answer[0]}", "{0}", "{}", "{secret}", "{problem!r}", "{problem:>10}", "{"])
+def test_templates_refuse_anything_but_plain_named_fields(bad):
+    with pytest.raises(UserError, match="teacher.template"):
+        check_template(bad, "teacher.template")
+
+
+def test_fill_does_not_interpret_field_values():
+    p = Problem("x", "What is {answer}?", "{problem.__class__}", None)
+    assert fill("{problem} -> {answer}", p) == "What is {answer}? -> {problem.__class__}"
