@@ -161,6 +161,10 @@ def chunked_divergence(
 
 
 class _FusedChunkedDivergence(torch.autograd.Function):
+    """Per chunk: logits → divergence → d(loss)/d(logits) by autograd on the [C × V] block only,
+    then the two small matmuls that carry it to the hidden states and (accumulated in place) to the
+    head. Nothing of size [V × H] is allocated per chunk."""
+
     @staticmethod
     def forward(ctx, hidden_s, head_s, hidden_t, head_t, weight_N, options):  # type: ignore[override]
         options = dict(options)
@@ -168,32 +172,32 @@ class _FusedChunkedDivergence(torch.autograd.Function):
         targets_N = options.pop("targets_N")
         reverse_N = options.pop("reverse_N")
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        accumulate = torch.promote_types(head_s.dtype, torch.float32)
         grad_h = torch.zeros_like(hidden_s) if need_h else None
-        grad_w = torch.zeros_like(head_s, dtype=torch.promote_types(head_s.dtype, torch.float32)) if need_w else None
+        grad_w = torch.zeros_like(head_s, dtype=accumulate) if need_w else None
         total = torch.zeros((), dtype=torch.promote_types(hidden_s.dtype, torch.float32), device=hidden_s.device)
         values, entropies, clipped = [], [], []
-        head = head_s.detach().requires_grad_(need_w)
         for start in range(0, hidden_s.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
-            h = hidden_s[part].detach().requires_grad_(need_h)
+            h = hidden_s[part]
+            student_logits = (h @ head_s.T).requires_grad_(need_h or need_w)
             with torch.enable_grad():
-                teacher_logits = hidden_t[part] @ head_t.T
                 result = token_divergence(
-                    h @ head.T, teacher_logits, targets_N[part],
+                    student_logits, hidden_t[part] @ head_t.T, targets_N[part],
                     None if reverse_N is None else reverse_N[part], **options,
                 )
                 chunk_loss = (result.loss_N * weight_N[part]).sum()
-            wrt = [t for t, need in ((h, need_h), (head, need_w)) if need]
-            if wrt:
-                grads = list(torch.autograd.grad(chunk_loss, wrt))
-                if need_h:
-                    grad_h[part] = grads.pop(0)
-                if need_w:
-                    grad_w += grads.pop(0)
-            total += chunk_loss.detach()
             values.append(result.value_N)
             entropies.append(result.entropy_N)
             clipped.append(result.clipped_N)
+            total += chunk_loss.detach()
+            if need_h or need_w:
+                (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
+                del result, chunk_loss, student_logits  # free the chunk's buffers before the matmuls
+                if need_h:
+                    grad_h[part] = grad_logits @ head_s
+                if need_w:
+                    grad_w.addmm_(grad_logits.T.to(accumulate), h.to(accumulate))
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(head_s.dtype))
         if not values:  # no response positions at all
             empty = hidden_s.new_zeros(0, dtype=total.dtype)
@@ -205,5 +209,6 @@ class _FusedChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        # the saved gradients are used once: scale them in place rather than allocating copies
+        scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731
         return scale(grad_h), scale(grad_w), None, None, None, None
