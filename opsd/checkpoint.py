@@ -71,16 +71,18 @@ def save_checkpoint(
 
 @torch.no_grad()
 def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's weights; for a PEFT model, base weights with the adapters folded in."""
-    if not hasattr(model, "merge_adapter"):
-        return causal_lm(model).state_dict()
-    model.merge_adapter()
-    try:
-        merged = {}
-        for name, tensor in causal_lm(model).state_dict().items():
-            if "lora_" in name:
-                continue
-            merged[name.replace(".base_layer.", ".")] = tensor.detach().clone()
-        return merged
-    finally:
-        model.unmerge_adapter()
+    """The plain model's weights; for a PEFT model, base weights plus each adapter's delta, built out
+    of place: merging into the live weights and back would not restore them exactly in low precision,
+    and the frozen teacher of a LoRA run *is* those base weights."""
+    base = causal_lm(model)
+    state = base.state_dict()
+    if not hasattr(model, "get_base_model"):
+        return state
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            key = f"{name}.base_layer.weight"
+            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+            state[key] = state[key] + delta.to(state[key].dtype)
+    return {key.replace(".base_layer.", "."): value for key, value in state.items() if "lora_" not in key}

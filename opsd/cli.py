@@ -52,7 +52,8 @@ def _distill(args: argparse.Namespace) -> int:
 
     config = load_config(DistillConfig, args.config, args.overrides)
     run_dir = run_distill(config)
-    print(f"run folder: {run_dir}")
+    if run_dir is not None:  # rank 0 under torchrun
+        print(f"run folder: {run_dir}")
     return 0
 
 

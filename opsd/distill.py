@@ -14,8 +14,8 @@ One step, top to bottom:
 
 Deviations from the papers: the teacher's user turn wordings are ours (opsd/prompts.py). The loop
 runs unchanged under `torchrun`: each process takes its share of the step's problems, the student
-backbone is wrapped in DistributedDataParallel and only rank 0 writes; the token mean is then per
-process.
+backbone is wrapped in DistributedDataParallel, only rank 0 writes, and the token mean is over the
+kept tokens of all processes. Metrics are rank 0's own rollouts.
 
     opsd distill configs/tiny.yaml run.steps=5 loss.kind=forward_kl
 """
@@ -39,13 +39,13 @@ from opsd.checkpoint import prepare_run_dir, save_checkpoint, save_config
 from opsd.config import to_dict
 from opsd.data import Fields, Problem, load_problems
 from opsd.divergence import DivergenceKind, Estimator, chunked_divergence
-from opsd.errors import UserError
+from opsd.errors import UserError, require
 from opsd.gating import Gating, gate
 from opsd.grading import Grader
 from opsd.metrics import MetricsLog
 from opsd.models import Backbone, ModelConfig, add_lora, causal_lm, load_model, load_tokenizer, output_head
 from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template, render_prompt, teacher_user_message
-from opsd.rollout import Rollout, SamplingConfig, pack, response_hidden, sample
+from opsd.rollout import Rollout, SamplingConfig, check_sampling, pack, response_hidden, sample
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
 
 
@@ -113,38 +113,51 @@ class DistillConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def check_options(config: DistillConfig) -> None:
-    """Contradictory options, refused before any work starts."""
-    if config.loss.estimator == "sampled" and config.loss.clip_tau is not None:
+def check_options(config: DistillConfig, world: int = 1) -> None:
+    """Out-of-range and contradictory options, refused before any work starts."""
+    loss, optim, run, weights = config.loss, config.optim, config.run, config.teacher.weights
+    require(
+        ("loss.beta", 0.0 <= loss.beta <= 1.0, "in [0, 1]"),
+        ("loss.temperature", loss.temperature > 0, "positive"),
+        ("loss.top_k", loss.top_k >= 1, "at least 1"),
+        ("loss.chunk_size", loss.chunk_size >= 1, "at least 1"),
+        ("loss.clip_tau", loss.clip_tau is None or math.isfinite(loss.clip_tau), "a finite number or null"),
+        ("optim.lr", math.isfinite(optim.lr) and optim.lr > 0, "a positive number"),
+        ("optim.betas", len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "two numbers in [0, 1)"),
+        ("optim.weight_decay", optim.weight_decay >= 0, "non-negative"),
+        ("optim.warmup_steps", optim.warmup_steps >= 0, "non-negative"),
+        ("optim.max_grad_norm", optim.max_grad_norm > 0, "positive"),
+        ("optim.micro_batch_size", optim.micro_batch_size >= 1, "at least 1"),
+        ("teacher.weights.refresh_every", weights.refresh_every >= 1, "at least 1"),
+        ("teacher.weights.ema_decay", 0.0 <= weights.ema_decay < 1.0, "in [0, 1)"),
+        ("run.steps", run.steps >= 1, "at least 1"),
+        ("run.problems_per_step", run.problems_per_step >= world, f"at least the number of processes ({world})"),
+        ("run.save_every", run.save_every >= 0, "non-negative"),
+        ("run.grader_timeout_s", run.grader_timeout_s > 0, "positive"),
+    )
+    check_sampling(config.sampling, "sampling")
+    if loss.estimator == "sampled" and loss.clip_tau is not None:
         raise UserError("loss.clip_tau applies to the full and topk estimators, not to loss.estimator=sampled")
-    if config.loss.estimator == "sampled" and config.loss.kind != "reverse_kl":
+    if loss.estimator == "sampled" and loss.kind != "reverse_kl":
         raise UserError("loss.estimator=sampled estimates the reverse KL only; set loss.kind=reverse_kl")
-    if not 0.0 <= config.loss.beta <= 1.0:
-        raise UserError("loss.beta must lie in [0, 1]")
-    if config.loss.temperature <= 0:
-        raise UserError("loss.temperature must be positive")
-    if config.teacher.weights.policy == "refresh" and config.teacher.weights.refresh_every < 1:
-        raise UserError("teacher.weights.refresh_every must be at least 1")
     if config.teacher.context == "template":
         check_template(config.teacher.template, "teacher.template")
-    for name, value in (("run.steps", config.run.steps), ("run.problems_per_step", config.run.problems_per_step),
-                        ("sampling.n", config.sampling.n), ("sampling.max_new_tokens", config.sampling.max_new_tokens),
-                        ("optim.micro_batch_size", config.optim.micro_batch_size), ("loss.chunk_size", config.loss.chunk_size)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1")
+    if config.model.dtype in ("bfloat16", "float16") and config.model.lora_rank == 0:
+        raise UserError(f"model.dtype={config.model.dtype} would train the weights in {config.model.dtype} without a "
+                        "float32 master copy; use model.dtype=float32 (bf16 autocast stays on with optim.bf16) or LoRA")
 
 
 def needs_answers(config: DistillConfig) -> bool:
     return config.gating != "all" or config.loss.kind == "branched" or config.teacher.context == "answer"
 
 
-def run_distill(config: DistillConfig) -> Path:
-    """Train; return the run folder. Everything a user can get wrong is checked before it is created."""
-    check_options(config)
+def run_distill(config: DistillConfig) -> Path | None:
+    """Train; return the run folder (None on ranks other than 0). Everything a user can get wrong is
+    checked before the folder is created."""
+    world = distributed.world_size()
+    check_options(config, world)
     problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config))
-    rank, world = distributed.setup()
     device = distributed.device(config.run.device)
-    torch.manual_seed(config.run.seed + rank)
     tokenizer = load_tokenizer(config.model)
     student_prompts = [render_prompt(tokenizer, p.problem) for p in problems]
     teacher_prompts = [
@@ -152,20 +165,21 @@ def run_distill(config: DistillConfig) -> Path:
                                                       config.teacher.concise_instruction))
         for p in problems
     ]
+    rank = distributed.setup(device)
+    torch.manual_seed(config.run.seed + rank)
     model = load_model(config.model, device)
     if config.optim.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if config.model.lora_rank > 0:
         model = add_lora(model, config.model)
-
-    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
-    if run_dir is not None:
-        save_config(run_dir, to_dict(config))
     teacher = TeacherWeightsState(model, config.teacher.weights, uses_lora=config.model.lora_rank > 0)
     backbone = distributed.wrap(Backbone(model), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas),
                                   weight_decay=config.optim.weight_decay)
+    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
+    if run_dir is not None:
+        save_config(run_dir, to_dict(config))
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
     generator = torch.Generator(device=device).manual_seed(config.run.seed * 1000 + rank)
     skipped = 0
@@ -187,7 +201,7 @@ def run_distill(config: DistillConfig) -> Path:
                                 teacher.state_dict())
     log.close()
     distributed.teardown()
-    return run_dir or Path(config.run.output_dir)
+    return run_dir
 
 
 def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -230,6 +244,8 @@ def train_step(
     kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
     kept_tokens = sum(len(r.response_ids) for r, _ in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
+    # token mean over the whole step: DDP averages gradients over processes, hence the factor world
+    token_weight = distributed.world_size() / max(total_tokens, 1)
 
     optimizer.zero_grad(set_to_none=True)
     sums = {"divergence": 0.0, "entropy": 0.0, "clipped": 0.0}
@@ -245,16 +261,17 @@ def train_step(
             with timer("teacher"):
                 packed_t = pack([teacher_prompts[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
                 model.eval()
-                hidden_t = teacher_hidden(model, packed_t, teacher)
+                with autocast(config.optim, device):
+                    hidden_t = teacher_hidden(model, packed_t, teacher)
             with timer("student"):
                 model.train()
                 packed_s = pack([student_prompts[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.optim.bf16 and device.type == "cuda"):
+                with autocast(config.optim, device):
                     hidden_s = response_hidden(backbone(packed_s.input_ids_B_L, packed_s.attention_mask_B_L), packed_s)
                 reverse_N = torch.tensor([c for _, c in batch], device=device)[packed_s.row_N]
                 result = chunked_divergence(
                     hidden_s, output_head(model), hidden_t, teacher.head(),
-                    torch.full_like(packed_s.targets_N, 1.0 / max(total_tokens, 1), dtype=torch.float32),
+                    torch.full_like(packed_s.targets_N, token_weight, dtype=torch.float32),
                     packed_s.targets_N, reverse_N if config.loss.kind == "branched" else None,
                     chunk_size=config.loss.chunk_size, kind=config.loss.kind, beta=config.loss.beta,
                     temperature=config.loss.temperature, clip_tau=config.loss.clip_tau,
@@ -341,6 +358,11 @@ class Timer:
 
     def total(self, phase: str) -> float:
         return self.seconds.get(phase, 0.0)
+
+
+def autocast(optim: OptimConfig, device: torch.device):
+    """bf16 autocast on GPU for the teacher and the student alike (fp32 weights stay the master copy)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=optim.bf16 and device.type == "cuda")
 
 
 def _sync() -> None:

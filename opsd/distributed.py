@@ -15,13 +15,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from opsd.errors import UserError
 
-def setup() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: torch.device) -> int:
+    """This process's rank, initialising the process group when launched with several processes."""
+    if world_size() == 1:
+        return 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
 
 
 def teardown() -> None:
@@ -30,11 +39,19 @@ def teardown() -> None:
 
 
 def device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """The device named by run.device; `auto` and a bare `cuda` take this process's local GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"run.device={name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"run.device={name!r} but no CUDA GPU is available")
+        if chosen.index is None:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return chosen
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
@@ -57,7 +74,8 @@ def max_over_ranks(value: int) -> int:
 
 
 def _reduce(value: int, op) -> int:
-    tensor = torch.tensor([value], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.long, device=on)
     dist.all_reduce(tensor, op=op)
     return int(tensor.item())
 

@@ -3,3 +3,10 @@
 
 class UserError(Exception):
     """Bad input (file, field, option, model folder): one sentence naming what is wrong."""
+
+
+def require(*checks: tuple[str, bool, str]) -> None:
+    """Raise for the first (option, holds, requirement) whose condition does not hold."""
+    for option, holds, requirement in checks:
+        if not holds:
+            raise UserError(f"{option} must be {requirement}")

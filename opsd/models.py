@@ -23,7 +23,7 @@ BUILTIN_TINY = "builtin:tiny"
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = BUILTIN_TINY  # HF folder or hub name; builtin:tiny = the local tiny model
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto = float32 (bf16 comes from autocast)
     trust_remote_code: bool = False  # run Python code shipped in the model folder (off: never by default)
     allow_pickle: bool = False  # allow .bin (pickle) weights; off: safetensors only
     lora_rank: int = 0  # > 0 trains LoRA adapters of this rank (PEFT) instead of all weights
@@ -31,10 +31,10 @@ class ModelConfig:
     lora_target_modules: str = "all-linear"  # PEFT target_modules ("all-linear" or comma-separated names)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def resolve_dtype(name: str) -> torch.dtype:
+    """Trained weights stay float32 (the optimizer's master copy); compute runs under bf16 autocast
+    on GPU. bfloat16/float16 weights are meant for LoRA, where the base weights never change."""
+    return torch.float32 if name == "auto" else getattr(torch, name)
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -57,7 +57,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype)
     if config.name_or_path == BUILTIN_TINY:
         from opsd.tiny import build_tiny
 
@@ -73,8 +73,9 @@ def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
             )
         except Exception as err:
             raise UserError(f"could not load a model from {config.name_or_path} ({_first_line(err)})") from None
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise UserError(f"{config.name_or_path} uses logit soft-capping, which the chunked divergence does not model")
+    for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(model.config, option, None) not in (None, 1, 1.0):
+            raise UserError(f"{config.name_or_path} transforms its logits ({option}), which the chunked divergence does not model")
     return model.to(device)
 
 
@@ -89,7 +90,13 @@ def add_lora(model: PreTrainedModel, config: ModelConfig) -> nn.Module:
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    try:
+        peft_model = get_peft_model(model, lora)
+    except (ValueError, KeyError, TypeError) as err:  # PEFT's error for targets that match nothing is a ValueError
+        raise UserError(f"model.lora_target_modules={targets!r} cannot be used ({_first_line(err)})") from None
+    if hasattr(causal_lm(peft_model).get_output_embeddings(), "lora_A"):
+        raise UserError("model.lora_target_modules must not adapt the output layer: the chunked divergence reads its plain weight")
+    return peft_model
 
 
 def _check_model_path(name_or_path: str) -> None:

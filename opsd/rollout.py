@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from opsd.errors import require
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -22,6 +24,17 @@ class SamplingConfig:
     max_new_tokens: int = 256  # response budget; longer responses are truncated
     n: int = 1  # samples per problem
     batch_size: int = 64  # sequences decoded together
+
+
+def check_sampling(config: SamplingConfig, prefix: str) -> None:
+    require(
+        (f"{prefix}.temperature", config.temperature >= 0, "non-negative (0 = greedy)"),
+        (f"{prefix}.top_p", 0.0 < config.top_p <= 1.0, "in (0, 1]"),
+        (f"{prefix}.top_k", config.top_k >= 0, "non-negative (0 = off)"),
+        (f"{prefix}.max_new_tokens", config.max_new_tokens >= 1, "at least 1"),
+        (f"{prefix}.n", config.n >= 1, "at least 1"),
+        (f"{prefix}.batch_size", config.batch_size >= 1, "at least 1"),
+    )
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,38 @@ def test_lora_frozen_teacher_is_the_base_and_checkpoint_is_merged(tmp_path):
     initial = build_tiny()[0].state_dict()
     assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], initial["model.layers.0.self_attn.q_proj.weight"])
     AutoModelForCausalLM.from_pretrained(final)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_token_mean_is_over_the_step_not_the_micro_batch(tmp_path):
+    """The same rollouts give the same gradient whatever the micro-batch size."""
+    common = ["run.steps=1", "sampling.max_new_tokens=24", "optim.max_grad_norm=1e9"]
+    one = metrics(distill(tmp_path, *common, "optim.micro_batch_size=1", name="one"))[0]
+    all_ = metrics(distill(tmp_path, *common, "optim.micro_batch_size=8", name="all"))[0]
+    assert one["rollout/response_tokens_mean"] == all_["rollout/response_tokens_mean"]
+    assert one["optim/grad_norm"] == pytest.approx(all_["optim/grad_norm"], rel=1e-5)
+    assert one["loss/divergence"] == pytest.approx(all_["loss/divergence"], rel=1e-5)
+
+
+def test_a_non_finite_gradient_skips_the_step_and_is_counted(tmp_path, monkeypatch):
+    import dataclasses
+
+    import opsd.distill
+
+    real, calls = opsd.distill.chunked_divergence, []
+
+    def poisoned_on_second_step(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, loss=result.loss * float("nan")) if len(calls) == 2 else result
+
+    monkeypatch.setattr(opsd.distill, "chunked_divergence", poisoned_on_second_step)
+    out = distill(tmp_path, "run.steps=3", "run.save_every=1", "optim.micro_batch_size=8")
+    assert len(calls) == 3
+    assert [r["optim/skipped_steps"] for r in metrics(out)] == [0, 1, 1]
+    weights = [model_weights(out / f"checkpoints/step_{s:06d}") for s in (1, 2, 3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 changed nothing
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[0])  # step 3 trained again
