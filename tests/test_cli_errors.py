@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from opsd.cli import main
 from opsd.config import load_config
@@ -59,6 +60,20 @@ def cases(tmp: Path):
         ("model path not a model", [f"model.name_or_path={not_a_model}"], ["not-a-model", "not a model folder"]),
         ("tokenizer without chat template", [f"model.name_or_path={no_template}"], ["no-template", "chat template"]),
         ("zero steps", ["run.steps=0"], ["run.steps"]),
+        ("one beta", ["optim.betas=[0.9]"], ["optim.betas"]),
+        ("negative lr", ["optim.lr=-1"], ["optim.lr"]),
+        ("nan lr", ["optim.lr=nan"], ["optim.lr"]),
+        ("not a device", ["run.device=gpu"], ["run.device", "gpu"]),
+        ("no gpu", ["run.device=cuda:0"], ["run.device", "no CUDA"]) if not torch.cuda.is_available() else
+        ("no gpu", ["run.device=cuda:99"], ["run.device"]),
+        ("zero batch", ["sampling.batch_size=0"], ["sampling.batch_size"]),
+        ("zero top_p", ["sampling.top_p=0"], ["sampling.top_p"]),
+        ("negative temperature", ["sampling.temperature=-1"], ["sampling.temperature"]),
+        ("zero loss top_k", ["loss.estimator=topk", "loss.top_k=0"], ["loss.top_k"]),
+        ("ema decay above one", ["teacher.weights.policy=ema", "teacher.weights.ema_decay=2"], ["teacher.weights.ema_decay"]),
+        ("bf16 full fine-tuning", ["model.dtype=bfloat16"], ["model.dtype=bfloat16", "master copy"]),
+        ("lora targets nothing", ["model.lora_rank=4", "model.lora_target_modules=nope_proj"], ["model.lora_target_modules"]),
+        ("lora on the head", ["model.lora_rank=4", "model.lora_target_modules=q_proj,lm_head"], ["output layer"]),
     ]
 
 
