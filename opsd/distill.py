@@ -22,15 +22,10 @@ kept tokens of all processes. Metrics are rank 0's own rollouts.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import functools
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -43,10 +38,12 @@ from opsd.errors import UserError, require
 from opsd.gating import Gating, gate
 from opsd.grading import Grader
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, add_lora, causal_lm, load_model, load_tokenizer, output_head
+from opsd.models import Backbone, ModelConfig, causal_lm, load_tokenizer, output_head
 from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template, render_prompt, teacher_user_message
 from opsd.rollout import Rollout, SamplingConfig, check_sampling, pack, response_hidden, sample
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
+from opsd.training import (OptimConfig, Timer, autocast, check_optim, guarded_step, load_policy, make_optimizer,
+                           set_lr, step_items)
 
 
 @dataclass(frozen=True)
@@ -73,19 +70,6 @@ class LossConfig:
     estimator: Estimator = "full"  # full | topk | sampled
     top_k: int = 64  # entries kept by estimator=topk
     chunk_size: int = 512  # positions per chunk of the full-vocabulary divergence
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-6  # peak learning rate
-    weight_decay: float = 0.0
-    betas: tuple[float, ...] = (0.9, 0.999)
-    warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"  # after warmup
-    max_grad_norm: float = 1.0  # gradient-norm clip
-    micro_batch_size: int = 8  # rollouts per forward/backward (gradient accumulation inside a step)
-    gradient_checkpointing: bool = False  # recompute activations in the student backward
-    bf16: bool = True  # bf16 autocast (GPU only)
 
 
 @dataclass(frozen=True)
@@ -122,12 +106,6 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
         ("loss.top_k", loss.top_k >= 1, "at least 1"),
         ("loss.chunk_size", loss.chunk_size >= 1, "at least 1"),
         ("loss.clip_tau", loss.clip_tau is None or math.isfinite(loss.clip_tau), "a finite number or null"),
-        ("optim.lr", math.isfinite(optim.lr) and optim.lr > 0, "a positive number"),
-        ("optim.betas", len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "two numbers in [0, 1)"),
-        ("optim.weight_decay", optim.weight_decay >= 0, "non-negative"),
-        ("optim.warmup_steps", optim.warmup_steps >= 0, "non-negative"),
-        ("optim.max_grad_norm", optim.max_grad_norm > 0, "positive"),
-        ("optim.micro_batch_size", optim.micro_batch_size >= 1, "at least 1"),
         ("teacher.weights.refresh_every", weights.refresh_every >= 1, "at least 1"),
         ("teacher.weights.ema_decay", 0.0 <= weights.ema_decay < 1.0, "in [0, 1)"),
         ("run.steps", run.steps >= 1, "at least 1"),
@@ -135,6 +113,7 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
         ("run.save_every", run.save_every >= 0, "non-negative"),
         ("run.grader_timeout_s", run.grader_timeout_s > 0, "positive"),
     )
+    check_optim(optim)
     check_sampling(config.sampling, "sampling")
     if loss.estimator == "sampled" and loss.clip_tau is not None:
         raise UserError("loss.clip_tau applies to the full and topk estimators, not to loss.estimator=sampled")
@@ -167,16 +146,10 @@ def run_distill(config: DistillConfig) -> Path | None:
     ]
     rank = distributed.setup(device)
     torch.manual_seed(config.run.seed + rank)
-    model = load_model(config.model, device)
-    if config.optim.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if config.model.lora_rank > 0:
-        model = add_lora(model, config.model)
+    model = load_policy(config.model, config.optim, device)
     teacher = TeacherWeightsState(model, config.teacher.weights, uses_lora=config.model.lora_rank > 0)
     backbone = distributed.wrap(Backbone(model), device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas),
-                                  weight_decay=config.optim.weight_decay)
+    optimizer = make_optimizer(model, config.optim)
     run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
     if run_dir is not None:
         save_config(run_dir, to_dict(config))
@@ -185,9 +158,8 @@ def run_distill(config: DistillConfig) -> Path | None:
     skipped = 0
     with Grader(timeout_s=config.run.grader_timeout_s) as grader:
         for step in range(1, config.run.steps + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = config.optim.lr * lr_factor(step - 1, config.optim, config.run.steps)
-            indices = step_problems(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
+            set_lr(optimizer, config.optim, step, config.run.steps)
+            indices = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             indices = distributed.shard(indices, rank, world)
             metrics = train_step(config, model, backbone, teacher, optimizer, tokenizer, grader, generator,
                                  [problems[i] for i in indices], [student_prompts[i] for i in indices],
@@ -202,29 +174,6 @@ def run_distill(config: DistillConfig) -> Path | None:
     log.close()
     distributed.teardown()
     return run_dir
-
-
-def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    if optim.schedule == "cosine":
-        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
-
-
-def step_problems(count: int, step: int, per_step: int, shuffle: bool, seed: int) -> list[int]:
-    """Indices of the problems for `step` (1-based): consecutive slices of per-epoch permutations."""
-    picked = []
-    for position in range((step - 1) * per_step, step * per_step):
-        epoch, k = divmod(position, count)
-        picked.append(_epoch_order(count, epoch, shuffle, seed)[k])
-    return picked
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(count: int, epoch: int, shuffle: bool, seed: int) -> list[int]:
-    return random.Random(seed * 100_003 + epoch).sample(range(count), count) if shuffle else list(range(count))
 
 
 def train_step(
@@ -267,7 +216,7 @@ def train_step(
                 model.train()
                 packed_s = pack([student_prompts[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
                 with autocast(config.optim, device):
-                    hidden_s = response_hidden(backbone(packed_s.input_ids_B_L, packed_s.attention_mask_B_L), packed_s)
+                    hidden_s = response_hidden(backbone, packed_s)
                 reverse_N = torch.tensor([c for _, c in batch], device=device)[packed_s.row_N]
                 result = chunked_divergence(
                     hidden_s, output_head(model), hidden_t, teacher.head(),
@@ -282,12 +231,7 @@ def train_step(
             sums["entropy"] += float(result.entropy_N.sum())
             sums["clipped"] += float(result.clipped_N.float().sum())
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm))
-    skipped = total_tokens > 0 and not math.isfinite(grad_norm)
-    if total_tokens > 0 and not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, skipped = guarded_step(model, optimizer, config.optim.max_grad_norm, has_gradient=total_tokens > 0)
 
     lengths = [len(r.response_ids) for r in rollouts]
     per_token = lambda key: sums[key] / kept_tokens if kept_tokens else float("nan")  # noqa: E731
@@ -338,33 +282,3 @@ def grade_rollouts(rollouts: list[Rollout], problems: list[Problem], tokenizer, 
         return [False] * len(rollouts)
     texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
     return grader.grade(texts, [problems[r.problem_index].answer for r in rollouts])
-
-
-class Timer:
-    """Accumulated wall time per phase; CUDA work is synchronised so each phase is charged its own."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = collections.defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        _sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            _sync()
-            self.seconds[phase] += time.perf_counter() - start
-
-    def total(self, phase: str) -> float:
-        return self.seconds.get(phase, 0.0)
-
-
-def autocast(optim: OptimConfig, device: torch.device):
-    """bf16 autocast on GPU for the teacher and the student alike (fp32 weights stay the master copy)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=optim.bf16 and device.type == "cuda")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()

@@ -100,5 +100,5 @@ class TeacherWeightsState:
 def teacher_hidden(model: nn.Module, packed: Packed, teacher: TeacherWeightsState) -> torch.Tensor:
     """[N × H] teacher hidden states at the response positions, computed without autograd."""
     with teacher.active(), torch.inference_mode():
-        hidden_N_H = response_hidden(Backbone(model)(packed.input_ids_B_L, packed.attention_mask_B_L), packed)
+        hidden_N_H = response_hidden(Backbone(model), packed)
     return hidden_N_H.clone()  # a normal tensor, usable next to autograd outside inference mode

@@ -65,6 +65,11 @@ def test_teacher_sees_exactly_the_student_response_after_its_own_prompt(tiny):
     teacher = pack(teacher_prompts, responses, tok.pad_token_id, torch.device("cpu"))
     assert torch.equal(student.targets_N, teacher.targets_N)
     assert student.targets_N.tolist() == responses[0] + responses[1]
+    flat = pack(student_prompts, responses, tok.pad_token_id, torch.device("cpu"), flat=True)
+    assert torch.equal(flat.targets_N, student.targets_N)
+    assert torch.equal(flat.input_ids_B_L.flatten()[flat.predict_index_N + 1], flat.targets_N)
+    assert flat.position_ids_B_L.tolist()[0] == [*range(len(student_prompts[0]) + len(responses[0])),
+                                                 *range(len(student_prompts[1]) + len(responses[1]))]
     for packed, prompts in ((student, student_prompts), (teacher, teacher_prompts)):
         flat = packed.input_ids_B_L.flatten()
         assert torch.equal(flat[packed.predict_index_N + 1], packed.targets_N)  # hidden at i predicts token i+1
@@ -83,12 +88,14 @@ def test_padding_changes_nothing(tiny):
     together = pack(prompts, responses, tok.pad_token_id, torch.device("cpu"))
     backbone = Backbone(model)
     with torch.no_grad():
-        batched = response_hidden(backbone(together.input_ids_B_L, together.attention_mask_B_L), together)
+        batched = response_hidden(backbone, together)
+        flat = response_hidden(backbone, pack(prompts, responses, tok.pad_token_id, torch.device("cpu"), flat=True))
         alone = []
         for prompt, response in zip(prompts, responses):
             single = pack([prompt], [response], tok.pad_token_id, torch.device("cpu"))
-            alone.append(response_hidden(backbone(single.input_ids_B_L, single.attention_mask_B_L), single))
+            alone.append(response_hidden(backbone, single))
     torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat, torch.cat(alone), atol=1e-5, rtol=1e-5)  # padding-free = one at a time
     logits = model(together.input_ids_B_L, attention_mask=together.attention_mask_B_L).logits
     flat_logits = logits.reshape(-1, logits.shape[-1])[together.predict_index_N]
     torch.testing.assert_close(batched @ output_head(model).T, flat_logits, atol=1e-4, rtol=1e-4)
