@@ -33,18 +33,36 @@ class Fields:
 
 def load_problems(path: str | Path, fields: Fields = Fields(), require_answer: bool = True) -> list[Problem]:
     """Read every row of a .jsonl/.json or .parquet file into `Problem`s."""
+    rows = read_rows(path)
+    problems = [_to_problem(row, where, fields, require_answer) for where, row in rows]
+    seen: set[str] = set()
+    for problem in problems:
+        if problem.id in seen:
+            raise UserError(f"data file {path} has the id '{problem.id}' more than once")
+        seen.add(problem.id)
+    return problems
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row of a JSONL or Parquet file; `where` names the file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
     rows = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
     if not rows:
         raise UserError(f"data file {path} holds no rows")
-    problems = [_to_problem(row, where, fields, require_answer) for where, row in rows]
-    ids = [p.id for p in problems]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"data file {path} has the id '{duplicate}' more than once")
-    return problems
+    return rows
+
+
+def load_pairs(path: str | Path, problem_field: str = "problem", response_field: str = "response") -> list[tuple[str, str]]:
+    """(problem, response) pairs for supervised fine-tuning."""
+    pairs = []
+    for where, row in read_rows(path):
+        for name in (problem_field, response_field):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise UserError(f"{where} has no '{name}' text")
+        pairs.append((row[problem_field], row[response_field]))
+    return pairs
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:

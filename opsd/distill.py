@@ -167,7 +167,8 @@ def run_distill(config: DistillConfig) -> Path | None:
             skipped += int(metrics.pop("skipped"))
             teacher_changed = teacher.after_step(step)
             metrics.update({"optim/skipped_steps": skipped, "teacher/updated": teacher_changed})
-            log.write(step, metrics)
+            log.write(step, metrics, postfix={"div": metrics["loss/divergence"], "acc": metrics["rollout/accuracy"],
+                                              "len": metrics["rollout/response_tokens_mean"]})
             if run_dir is not None and (step == config.run.steps or (config.run.save_every and step % config.run.save_every == 0)):
                 save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step},
                                 teacher.state_dict())

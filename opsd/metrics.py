@@ -16,7 +16,8 @@ class MetricsLog:
         self.board = _summary_writer(run_dir / "tensorboard") if run_dir and tensorboard else None
         self.bar = tqdm(total=total_steps, disable=run_dir is None, dynamic_ncols=True, desc="opsd")
 
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
+    def write(self, step: int, metrics: dict[str, Any], postfix: dict[str, float] | None = None) -> None:
+        """Append one step's metrics; `postfix` is what the progress bar shows."""
         if self.file is not None:
             row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
             self.file.write(json.dumps(row) + "\n")
@@ -26,12 +27,7 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.board.add_scalar(key, value, step)
         self.bar.update(1)
-        self.bar.set_postfix(
-            div=f"{metrics.get('loss/divergence', float('nan')):.4f}",
-            acc=f"{metrics.get('rollout/accuracy', float('nan')):.2f}",
-            len=f"{metrics.get('rollout/response_tokens_mean', 0):.0f}",
-            refresh=False,
-        )
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in (postfix or {}).items()}, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

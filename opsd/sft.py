@@ -1,0 +1,138 @@
+"""`opsd sft`: supervised fine-tuning on (problem, response) pairs, the loss on response tokens only.
+
+The first stage of SFT → RLVR → OPSD (METHODS.md §3, §5). Each pair is rendered with the model's chat
+template (user turn: the problem; assistant turn: the response, then EOS). The loss is the token mean
+of −log p(response token) over the step's response tokens, computed in chunks of positions from the
+final hidden states (opsd/logprobs.py). Batches are padding-free: a micro-batch's sequences lie back to
+back in one row, position ids restarting at each, attention kept inside each sequence.
+
+    opsd sft configs/sft.yaml data.path=pairs.jsonl model.name_or_path=MODEL
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opsd import distributed
+from opsd.checkpoint import prepare_run_dir, save_checkpoint, save_config
+from opsd.config import to_dict
+from opsd.data import load_pairs
+from opsd.errors import require
+from opsd.logprobs import chunked_token_logprobs
+from opsd.metrics import MetricsLog
+from opsd.models import Backbone, ModelConfig, load_tokenizer, output_head
+from opsd.prompts import render_prompt
+from opsd.rollout import pack, response_hidden
+from opsd.training import OptimConfig, autocast, check_optim, guarded_step, load_policy, make_optimizer, set_lr, step_items
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    path: str = ""  # JSONL/Parquet file with a problem and a response per row
+    problem_field: str = "problem"  # column of the user turn
+    response_field: str = "response"  # column of the assistant turn (the training target)
+    shuffle: bool = True  # reshuffle every epoch
+    max_length: int = 2048  # tokens per sequence (prompt + response); longer responses are cut
+
+
+@dataclass(frozen=True)
+class SFTRunConfig:
+    output_dir: str = "runs/sft"  # run folder: config.yaml, metrics.jsonl, checkpoints/
+    overwrite: bool = False  # replace an existing run folder
+    steps: int = 1000  # optimizer steps
+    sequences_per_step: int = 32  # sequences per optimizer step
+    save_every: int = 0  # checkpoint every k steps (0: only at the end)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    chunk_size: int = 1024  # positions per chunk of the vocabulary projection
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, micro_batch_size=16))
+    run: SFTRunConfig = field(default_factory=SFTRunConfig)
+
+
+def check_options(config: SFTConfig, world: int = 1) -> None:
+    check_optim(config.optim)
+    run = config.run
+    require(
+        ("data.path", bool(config.data.path), "set to a JSONL/Parquet file of problem/response pairs"),
+        ("data.max_length", config.data.max_length >= 2, "at least 2"),
+        ("run.steps", run.steps >= 1, "at least 1"),
+        ("run.sequences_per_step", run.sequences_per_step >= world, f"at least the number of processes ({world})"),
+        ("run.save_every", run.save_every >= 0, "non-negative"),
+        ("run.chunk_size", run.chunk_size >= 1, "at least 1"),
+    )
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(prompt ids, response ids + EOS) per pair, cut to max_length; and how many were cut."""
+    examples, cut = [], 0
+    for problem, response in pairs:
+        prompt = render_prompt(tokenizer, problem)
+        target = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        room = max_length - len(prompt)
+        if room < len(target):
+            cut += 1
+            target = target[: max(room, 1)]
+        examples.append((prompt, target))
+    return examples, cut
+
+
+def run_sft(config: SFTConfig) -> Path | None:
+    """Train; return the run folder (None on ranks other than 0)."""
+    world = distributed.world_size()
+    check_options(config, world)
+    pairs = load_pairs(config.data.path, config.data.problem_field, config.data.response_field)
+    device = distributed.device(config.run.device)
+    tokenizer = load_tokenizer(config.model)
+    examples, cut = tokenize_pairs(pairs, tokenizer, config.data.max_length)
+    rank = distributed.setup(device)
+    torch.manual_seed(config.run.seed + rank)
+    model = load_policy(config.model, config.optim, device)
+    backbone = distributed.wrap(Backbone(model), device)
+    optimizer = make_optimizer(model, config.optim)
+    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
+    if run_dir is not None:
+        save_config(run_dir, to_dict(config))
+    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
+    model.train()
+    for step in range(1, config.run.steps + 1):
+        started = time.perf_counter()
+        set_lr(optimizer, config.optim, step, config.run.steps)
+        indices = step_items(len(examples), step, config.run.sequences_per_step, config.data.shuffle, config.run.seed)
+        batch = [examples[i] for i in distributed.shard(indices, rank, world)]
+        tokens = sum(len(target) for _, target in batch)
+        total_tokens = distributed.sum_over_ranks(tokens)
+        loss_sum = 0.0
+        micro = config.optim.micro_batch_size
+        for index in range(0, len(batch), micro):
+            part = batch[index : index + micro]
+            with distributed.no_sync_unless(backbone, last=index + micro >= len(batch)):
+                packed = pack([p for p, _ in part], [t for _, t in part], tokenizer.pad_token_id, device, flat=True)
+                with autocast(config.optim, device):
+                    hidden_N_H = response_hidden(backbone, packed)
+                logp_N = chunked_token_logprobs(hidden_N_H, output_head(model), packed.targets_N,
+                                                chunk_size=config.run.chunk_size)
+                # token mean over the whole step (DDP averages over processes, hence the factor world)
+                (-logp_N.sum() * (world / total_tokens)).backward()
+                loss_sum -= float(logp_N.detach().sum())
+        grad_norm, skipped = guarded_step(model, optimizer, config.optim.max_grad_norm)
+        seconds = time.perf_counter() - started
+        log.write(step, {"loss/nll": loss_sum / tokens, "optim/grad_norm": grad_norm, "optim/skipped": skipped,
+                         "optim/lr": optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
+                         "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
+                  postfix={"nll": loss_sum / tokens})
+        if run_dir is not None and (step == config.run.steps or (config.run.save_every and step % config.run.save_every == 0)):
+            save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, "stage": "sft"})
+    log.close()
+    distributed.teardown()
+    return run_dir
