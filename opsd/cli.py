@@ -1,6 +1,8 @@
 """The `opsd` command.
 
     opsd distill CONFIG [key=value ...]   on-policy self-distillation (opsd/distill.py)
+    opsd sft CONFIG [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
+    opsd eval [CONFIG] [key=value ...]    accuracy/length/marker table on benchmark files (opsd/eval.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
 
 Mistakes a user can make end with one sentence on stderr and exit status 2, never a stack trace.
@@ -21,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     distill = commands.add_parser("distill", help="post-train a model with on-policy self-distillation")
     distill.add_argument("config", help="YAML config file (see configs/)")
     distill.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.kind=forward_kl")
+    evaluate = commands.add_parser("eval", help="accuracy, lengths and reflective markers on benchmark files")
+    evaluate.add_argument("arguments", nargs="*", metavar="[CONFIG] key=value",
+                          help="optional YAML config (the first argument without '='), then overrides, "
+                               "e.g. data=[a.jsonl] responses=r.jsonl")
+    sft = commands.add_parser("sft", help="supervised fine-tuning on problem/response pairs")
+    sft.add_argument("config", help="YAML config file")
+    sft.add_argument("overrides", nargs="*", help="key=value overrides")
     tiny = commands.add_parser("tiny-model", help="write the local tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -29,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "distill":
-            return _distill(args)
+        if args.command in STAGES:
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "tiny-model":
             from opsd.tiny import save_tiny
 
@@ -45,15 +56,36 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _distill(args: argparse.Namespace) -> int:
+STAGES = ("distill", "sft")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Load the stage's config from the file and overrides, run it, say where its run folder is."""
     _quiet_libraries()
     from opsd.config import load_config
-    from opsd.distill import DistillConfig, run_distill
 
-    config = load_config(DistillConfig, args.config, args.overrides)
-    run_dir = run_distill(config)
+    if args.command == "distill":
+        from opsd.distill import DistillConfig as Config, run_distill as run
+    elif args.command == "sft":
+        from opsd.sft import SFTConfig as Config, run_sft as run
+    else:
+        raise ValueError(args.command)
+    run_dir = run(load_config(Config, args.config, args.overrides))
     if run_dir is not None:  # rank 0 under torchrun
         print(f"run folder: {run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from opsd.config import load_config
+    from opsd.eval import EvalConfig, run_eval
+
+    has_config = bool(args.arguments) and "=" not in args.arguments[0]
+    config_path, overrides = (args.arguments[0], args.arguments[1:]) if has_config else (None, args.arguments)
+    out = run_eval(load_config(EvalConfig, config_path, overrides))
+    print((out / "eval.md").read_text(encoding="utf-8"), end="")
+    print(f"eval folder: {out}")
     return 0
 
 

@@ -38,9 +38,9 @@ from opsd.errors import UserError, require
 from opsd.gating import Gating, gate
 from opsd.grading import Grader
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, causal_lm, load_tokenizer, output_head
+from opsd.models import Backbone, ModelConfig, load_tokenizer, output_head
 from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template, render_prompt, teacher_user_message
-from opsd.rollout import Rollout, SamplingConfig, check_sampling, pack, response_hidden, sample
+from opsd.rollout import SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, has_answers, pack, response_hidden
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
 from opsd.training import (OptimConfig, Timer, autocast, check_optim, guarded_step, load_policy, make_optimizer,
                            set_lr, step_items)
@@ -259,27 +259,3 @@ def train_step(
         "throughput/train_tokens_per_s": kept_tokens / (teacher_s + student_s) if kept_tokens else float("nan"),
         "skipped": skipped,
     }
-
-
-def collect_rollouts(model, prompts: list[list[int]], sampling: SamplingConfig, tokenizer,
-                     generator: torch.Generator) -> list[Rollout]:
-    """`sampling.n` rollouts per prompt, in prompt order."""
-    repeated = [i for i in range(len(prompts)) for _ in range(sampling.n)]
-    eos_ids = sorted({tokenizer.eos_token_id, *getattr(tokenizer, "additional_eos_ids", [])} - {None})
-    samples = sample(causal_lm(model), [prompts[i] for i in repeated], sampling, eos_ids,
-                     tokenizer.pad_token_id, generator)
-    return [
-        Rollout(problem_index=i, prompt_ids=prompts[i], response_ids=ids, sample_logprobs=logprobs, truncated=truncated)
-        for i, (ids, logprobs, truncated) in zip(repeated, samples)
-    ]
-
-
-def has_answers(problems: list[Problem]) -> bool:
-    return all(p.answer for p in problems)
-
-
-def grade_rollouts(rollouts: list[Rollout], problems: list[Problem], tokenizer, grader: Grader) -> list[bool]:
-    if not has_answers(problems):
-        return [False] * len(rollouts)
-    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-    return grader.grade(texts, [problems[r.problem_index].answer for r in rollouts])

@@ -26,6 +26,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto = float32 (bf16 comes from autocast)
     trust_remote_code: bool = False  # run Python code shipped in the model folder (off: never by default)
     allow_pickle: bool = False  # allow .bin (pickle) weights; off: safetensors only
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (when installed)
     lora_rank: int = 0  # > 0 trains LoRA adapters of this rank (PEFT) instead of all weights
     lora_alpha: float = 16.0  # LoRA scaling numerator
     lora_target_modules: str = "all-linear"  # PEFT target_modules ("all-linear" or comma-separated names)
@@ -70,6 +71,7 @@ def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
                 dtype=dtype,
                 trust_remote_code=config.trust_remote_code,
                 use_safetensors=None if config.allow_pickle else True,
+                attn_implementation=config.attn_implementation,
             )
         except Exception as err:
             raise UserError(f"could not load a model from {config.name_or_path} ({_first_line(err)})") from None

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from opsd.data import Problem
 from opsd.errors import require
+from opsd.grading import Grader
+from opsd.models import causal_lm
 
 
 @dataclass(frozen=True)
@@ -181,3 +184,35 @@ def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     """The [N × H] final hidden states that predict the response tokens, padding-free."""
     hidden_B_L_H = backbone(packed.input_ids_B_L, packed.attention_mask_B_L, packed.position_ids_B_L)
     return hidden_B_L_H.reshape(-1, hidden_B_L_H.shape[-1]).index_select(0, packed.predict_index_N)
+
+
+def collect_rollouts(model: nn.Module, prompts: list[list[int]], sampling: SamplingConfig, tokenizer,
+                     generator: torch.Generator | None) -> list[Rollout]:
+    """`sampling.n` rollouts per prompt, in prompt order, from the model under any PEFT/DDP wrapper."""
+    repeated = [i for i in range(len(prompts)) for _ in range(sampling.n)]
+    policy = causal_lm(model)
+    samples = sample(policy, [prompts[i] for i in repeated], sampling, stop_ids(policy, tokenizer),
+                     tokenizer.pad_token_id, generator)
+    return [
+        Rollout(problem_index=i, prompt_ids=prompts[i], response_ids=ids, sample_logprobs=logprobs, truncated=truncated)
+        for i, (ids, logprobs, truncated) in zip(repeated, samples)
+    ]
+
+
+def stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS and the model's generation-config EOS (int or list)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
+def has_answers(problems: list[Problem]) -> bool:
+    return all(p.answer for p in problems)
+
+
+def grade_rollouts(rollouts: list[Rollout], problems: list[Problem], tokenizer, grader: Grader) -> list[bool]:
+    """Correctness of each rollout against its problem's gold answer (all False when answers are missing)."""
+    if not has_answers(problems) or not rollouts:
+        return [False] * len(rollouts)
+    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    return grader.grade(texts, [problems[r.problem_index].answer for r in rollouts])

@@ -3,8 +3,10 @@
 The first stage of SFT → RLVR → OPSD (METHODS.md §3, §5). Each pair is rendered with the model's chat
 template (user turn: the problem; assistant turn: the response, then EOS). The loss is the token mean
 of −log p(response token) over the step's response tokens, computed in chunks of positions from the
-final hidden states (opsd/logprobs.py). Batches are padding-free: a micro-batch's sequences lie back to
-back in one row, position ids restarting at each, attention kept inside each sequence.
+final hidden states (opsd/logprobs.py). A step's sequences are sorted by length before they are cut
+into micro-batches, so padding stays small; `data.padding_free=true` instead lays each micro-batch's
+sequences back to back in one row (position ids restarting at each, attention kept inside each
+sequence), which pays with flash-attention.
 
     opsd sft configs/sft.yaml data.path=pairs.jsonl model.name_or_path=MODEL
 """
@@ -37,6 +39,9 @@ class SFTDataConfig:
     response_field: str = "response"  # column of the assistant turn (the training target)
     shuffle: bool = True  # reshuffle every epoch
     max_length: int = 2048  # tokens per sequence (prompt + response); longer responses are cut
+    padding_free: bool = False  # one row per micro-batch, sequences back to back; pays only with an
+    #   attention that skips the masked blocks (model.attn_implementation=flash_attention_2): with sdpa
+    #   or eager the block-diagonal mask is dense and attention cost grows with the row's length squared
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def run_sft(config: SFTConfig) -> Path | None:
         started = time.perf_counter()
         set_lr(optimizer, config.optim, step, config.run.steps)
         indices = step_items(len(examples), step, config.run.sequences_per_step, config.data.shuffle, config.run.seed)
-        batch = [examples[i] for i in distributed.shard(indices, rank, world)]
+        batch = sorted((examples[i] for i in distributed.shard(indices, rank, world)), key=lambda e: len(e[0]) + len(e[1]))
         tokens = sum(len(target) for _, target in batch)
         total_tokens = distributed.sum_over_ranks(tokens)
         loss_sum = 0.0
@@ -117,7 +122,8 @@ def run_sft(config: SFTConfig) -> Path | None:
         for index in range(0, len(batch), micro):
             part = batch[index : index + micro]
             with distributed.no_sync_unless(backbone, last=index + micro >= len(batch)):
-                packed = pack([p for p, _ in part], [t for _, t in part], tokenizer.pad_token_id, device, flat=True)
+                packed = pack([p for p, _ in part], [t for _, t in part], tokenizer.pad_token_id, device,
+                              flat=config.data.padding_free)
                 with autocast(config.optim, device):
                     hidden_N_H = response_hidden(backbone, packed)
                 logp_N = chunked_token_logprobs(hidden_N_H, output_head(model), packed.targets_N,

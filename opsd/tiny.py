@@ -43,13 +43,13 @@ def char_tokenizer(alphabet: str = string.printable) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(
-    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+    vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, intermediate_size: int = 0
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama with tied embeddings (a few hundred thousand parameters)."""
+    """A randomly initialised Llama with tied embeddings (intermediate size 2×hidden unless given)."""
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -63,15 +63,17 @@ def tiny_model(
     return LlamaForCausalLM(config)
 
 
-def build_tiny(hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+def build_tiny(hidden_size: int = 64, num_layers: int = 2, seed: int = 0, alphabet: str = string.printable,
+               intermediate_size: int = 0):
     """(model, tokenizer) pair, in memory."""
-    tokenizer = char_tokenizer()
-    return tiny_model(len(tokenizer), hidden_size, num_layers, seed), tokenizer
+    tokenizer = char_tokenizer(alphabet)
+    return tiny_model(len(tokenizer), hidden_size, num_layers, seed, intermediate_size), tokenizer
 
 
-def save_tiny(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+def save_tiny(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+              alphabet: str = string.printable, intermediate_size: int = 0) -> Path:
     """Write a tiny model + tokenizer as a folder that `from_pretrained` loads."""
-    model, tokenizer = build_tiny(hidden_size, num_layers, seed)
+    model, tokenizer = build_tiny(hidden_size, num_layers, seed, alphabet, intermediate_size)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,377 @@
+"""`opsd eval`: accuracy, length and reflection statistics of a policy on benchmark files.
+
+For each benchmark file: put the optional `instruction` before every problem (e.g. the conciseness
+instruction of OPSDC), render it with the chat template, sample k = `sampling.n` responses per
+problem (and one greedy response with `greedy=true`), grade them with one math-verify `Grader`, and
+report, overall and per difficulty level when the problems carry one (MATH-500's `level`):
+
+  mean@k     mean over problems of the fraction of its k samples that are correct, ± the standard
+             error of that mean (sample std of the per-problem fractions / sqrt(P));
+  maj@k      majority vote over the extracted answers, grouped by normalized string; responses
+             without an answer do not vote; ties go to the answer seen first; correct when the
+             first sample giving the voted answer is;
+  lengths    mean / median response tokens over all samples and over the correct ones only;
+  truncated  fraction of samples that hit max_new_tokens;
+  markers    reflective markers ("wait", "hmm", ...) per 1,000 response tokens, the re-checking that
+             OPSDC and "OPSD compresses what RLVR teaches" report shrinking;
+  tok/s      generated tokens per second of decoding.
+
+`responses=FILE` scores responses made elsewhere instead, without loading a model: JSONL rows
+{"id", "response", optional "truncated"}, several rows per id = several samples. Their tokens are
+counted by the tokenizer of `model.name_or_path`, or by whitespace when it is left at builtin:tiny.
+Writes `eval.json` (every number and the resolved config) and `eval.md` (the printed table).
+
+    opsd eval model.name_or_path=runs/tiny/checkpoints/step_000010 data=[configs/examples/arithmetic.jsonl]
+    opsd eval [config.yaml] data=[../shared/data/math500_test.jsonl] responses=responses.jsonl
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd import distributed
+from opsd.config import to_dict
+from opsd.data import Fields, Problem, load_problems, read_rows
+from opsd.errors import UserError, require
+from opsd.grading import Grader, extract_answer, normalize_answer
+from opsd.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer
+from opsd.prompts import render_prompt
+from opsd.rollout import SamplingConfig, check_sampling, sample, stop_ids
+
+REFLECTIVE_MARKERS = ("wait", "hmm", "let me check", "let me re-check", "double-check", "actually")
+
+
+@dataclass(frozen=True)
+class EvalSamplingConfig(SamplingConfig):
+    """SamplingConfig with evaluation defaults (a subclass, so that `sampling.top_p=0.9` alone keeps them)."""
+
+    temperature: float = 0.6  # 0 = greedy
+    top_p: float = 0.95  # nucleus sampling mass
+    max_new_tokens: int = 4096  # response budget; longer responses count as truncated
+    n: int = 4  # k: samples per problem
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy: checkpoint folder, hub name, builtin:tiny
+    data: tuple[str, ...] = ()  # benchmark files (JSONL/Parquet), e.g. [../shared/data/math500_test.jsonl]
+    fields: Fields = field(default_factory=Fields)  # column names, the same for every file
+    level_field: str = "level"  # extra column with a difficulty level; per-level rows when present
+    limit: int = 0  # the first N problems of each file; 0 = all
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)  # sampling.n = k samples per problem
+    greedy: bool = False  # also decode one greedy response per problem (greedy accuracy)
+    instruction: str = ""  # text put before each problem in the user turn (blank line between)
+    reflective_markers: tuple[str, ...] = REFLECTIVE_MARKERS  # words/phrases counted case-insensitively
+    responses: str | None = None  # JSONL of {id, response} rows to score instead of generating
+    output_dir: str = "runs/eval"  # folder receiving eval.json and eval.md
+    overwrite: bool = False  # replace an earlier eval.json/eval.md in output_dir
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One problem's graded samples (K may differ between problems in responses mode)."""
+
+    level: str | None  # value of the level field, None when the problem has none
+    answers_K: tuple[str | None, ...]  # extracted final answers (None: no answer found)
+    correct_K: tuple[bool, ...]
+    tokens_K: tuple[int, ...]  # response lengths in tokens
+    truncated_K: tuple[bool, ...]
+    markers_K: tuple[int, ...]  # reflective markers in each response
+    greedy_correct: bool | None = None  # grade of the greedy response; None without greedy=true
+
+
+# --- metrics: pure functions ------------------------------------------------------------------
+
+
+def mean_at_k(correct_P_K: Sequence[Sequence[bool]]) -> tuple[float, float]:
+    """(mean over problems of the fraction correct, its standard error); stderr is nan for P < 2."""
+    fraction_P = [sum(c) / len(c) for c in correct_P_K]
+    if len(fraction_P) < 2:
+        return (fraction_P[0] if fraction_P else math.nan), math.nan
+    return statistics.fmean(fraction_P), statistics.stdev(fraction_P) / math.sqrt(len(fraction_P))
+
+
+def majority_correct(answers_K: Sequence[str | None], correct_K: Sequence[bool]) -> bool:
+    """Whether the most frequent answer (ties: seen first) is correct; False when no sample has one."""
+    first: dict[str, int] = {}
+    votes: collections.Counter[str] = collections.Counter()
+    for index, answer in enumerate(answers_K):
+        if answer is not None:
+            key = normalize_answer(answer)
+            first.setdefault(key, index)
+            votes[key] += 1
+    if not votes:
+        return False
+    winner = max(votes, key=lambda key: (votes[key], -first[key]))
+    return bool(correct_K[first[winner]])
+
+
+def maj_at_k(answers_P_K: Sequence[Sequence[str | None]], correct_P_K: Sequence[Sequence[bool]]) -> float:
+    votes_P = [majority_correct(a, c) for a, c in zip(answers_P_K, correct_P_K)]
+    return sum(votes_P) / len(votes_P) if votes_P else math.nan
+
+
+def mean_median(values: Sequence[float]) -> tuple[float, float]:
+    return (sum(values) / len(values), float(statistics.median(values))) if values else (math.nan, math.nan)
+
+
+def marker_pattern(markers: Sequence[str]) -> re.Pattern[str] | None:
+    """Whole words/phrases, any case, any whitespace between words; `wait` not in `await`/`wait-list`."""
+    phrases = sorted({m.strip().lower() for m in markers if m.strip()}, key=len, reverse=True)
+    if not phrases:
+        return None
+    alternatives = "|".join(r"\s+".join(re.escape(word) for word in p.split()) for p in phrases)
+    return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
+
+
+def count_markers(text: str, pattern: re.Pattern[str] | None) -> int:
+    return 0 if pattern is None else sum(1 for _ in pattern.finditer(text))
+
+
+def per_thousand(count: int, tokens: int) -> float:
+    """Markers per 1,000 response tokens, pooled over responses (long responses weigh more)."""
+    return 1000.0 * count / tokens if tokens else math.nan
+
+
+def summarize(scored: Sequence[Scored]) -> dict[str, Any]:
+    """Accuracy, length, truncation and marker numbers of a group of problems (nan → None)."""
+    mean, stderr = mean_at_k([s.correct_K for s in scored])
+    tokens = [t for s in scored for t in s.tokens_K]
+    correct_tokens = [t for s in scored for t, c in zip(s.tokens_K, s.correct_K) if c]
+    greedy = [s.greedy_correct for s in scored if s.greedy_correct is not None]
+    row = {
+        "problems": len(scored),
+        "samples": len(tokens),
+        "mean_at_k": mean,
+        "mean_at_k_stderr": stderr,
+        "maj_at_k": maj_at_k([s.answers_K for s in scored], [s.correct_K for s in scored]),
+        "greedy_accuracy": sum(greedy) / len(greedy) if greedy else math.nan,
+        "response_tokens_mean": mean_median(tokens)[0],
+        "response_tokens_median": mean_median(tokens)[1],
+        "correct_response_tokens_mean": mean_median(correct_tokens)[0],
+        "correct_response_tokens_median": mean_median(correct_tokens)[1],
+        "truncation_rate": sum(t for s in scored for t in s.truncated_K) / len(tokens) if tokens else math.nan,
+        "markers_per_1k_tokens": per_thousand(sum(m for s in scored for m in s.markers_K), sum(tokens)),
+    }
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def group_by_level(scored: Sequence[Scored]) -> list[tuple[str, list[Scored]]]:
+    """Problems grouped by level, numeric levels in numeric order; [] when no problem has a level."""
+    if all(s.level is None for s in scored):
+        return []
+    groups: dict[str, list[Scored]] = collections.defaultdict(list)
+    for s in scored:
+        groups["none" if s.level is None else s.level].append(s)
+    return [(level, groups[level]) for level in sorted(groups, key=_level_order)]
+
+
+def _level_order(level: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(level), "") if math.isfinite(float(level)) else (1, 0.0, level)
+    except ValueError:
+        return (1, 0.0, level)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def check_options(config: EvalConfig) -> None:
+    require(
+        ("data", len(config.data) >= 1, "a list of at least one benchmark file, e.g. data=[math500.jsonl]"),
+        ("limit", config.limit >= 0, "non-negative (0 = all problems)"),
+        ("model.lora_rank", config.model.lora_rank == 0, "0: eval loads plain (merged) checkpoints"),
+        ("greedy", not (config.greedy and config.responses), "false with responses (nothing is decoded)"),
+    )
+    check_sampling(config.sampling, "sampling")
+
+
+def run_eval(config: EvalConfig) -> Path:
+    """Evaluate and write eval.json / eval.md; return the output folder. User mistakes are found
+    (data, responses, model) before the folder is touched."""
+    check_options(config)
+    benchmarks = [(path, load_problems(path, config.fields)) for path in config.data]
+    selected = [problems[: config.limit or None] for _, problems in benchmarks]
+    responses = read_responses(Path(config.responses), benchmarks, selected) if config.responses else None
+    counts_with_tokenizer = responses is None or config.model.name_or_path != BUILTIN_TINY
+    tokenizer = load_tokenizer(config.model) if counts_with_tokenizer else None
+    device = distributed.device(config.device)
+    model = load_model(config.model, device).eval() if responses is None else None
+    out = prepare_output_dir(Path(config.output_dir), config.overwrite)
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    pattern = marker_pattern(config.reflective_markers)
+    rows = []
+    with Grader() as grader:
+        for index, ((path, _), problems) in enumerate(zip(benchmarks, selected)):
+            print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
+            if responses is None:
+                texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s = generate(
+                    model, tokenizer, problems, config, generator)
+            else:
+                texts_P_K = [[text for text, _ in responses[index][p.id]] for p in problems]
+                truncated_P_K = [[cut for _, cut in responses[index][p.id]] for p in problems]
+                tokens_P_K = [count_tokens(texts, tokenizer) for texts in texts_P_K]
+                greedy_P, tokens_per_s = None, None
+            scored = score(problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_P, grader, pattern,
+                           config.level_field)
+            levels = [{"level": level, **summarize(group)} for level, group in group_by_level(scored)]
+            rows.append({"file": path, "name": Path(path).stem, **summarize(scored),
+                         "generate_tokens_per_s": tokens_per_s, "levels": levels})
+    counted = f"tokenizer of {config.model.name_or_path}" if tokenizer is not None else "whitespace split"
+    report = {"mode": "generate" if responses is None else "responses", "response_tokens_counted_by": counted,
+              "k": None if responses else config.sampling.n, "benchmarks": rows, "config": to_dict(config)}
+    table = markdown_table(rows, report["mode"], counted)
+    _write_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(out / "eval.md", table)
+    return out
+
+
+def generate(model, tokenizer, problems: list[Problem], config: EvalConfig, generator: torch.Generator):
+    """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second)."""
+    prompts = [render_prompt(tokenizer, f"{config.instruction}\n\n{p.problem}" if config.instruction else p.problem)
+               for p in problems]
+    k = config.sampling.n
+    repeated = [prompt for prompt in prompts for _ in range(k)]
+    ids, truncated, seconds = decode(model, tokenizer, repeated, config.sampling, generator)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    generated = sum(len(i) for i in ids)
+    greedy_texts = None
+    if config.greedy:
+        greedy = replace(config.sampling, temperature=0.0, n=1)
+        greedy_ids, _, greedy_seconds = decode(model, tokenizer, prompts, greedy, generator)
+        greedy_texts = tokenizer.batch_decode(greedy_ids, skip_special_tokens=True)
+        generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
+    per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
+    return (per_problem(texts), per_problem([len(i) for i in ids]), per_problem(truncated), greedy_texts,
+            generated / seconds if seconds > 0 else None)
+
+
+def decode(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfig,
+           generator: torch.Generator) -> tuple[list[list[int]], list[bool], float]:
+    """Response ids (ending with EOS unless truncated), truncation flags and seconds, one `sample` call."""
+    start = time.perf_counter()  # `sample` ends by copying to the CPU, so GPU work is done when it returns
+    samples = sample(model, prompts, sampling, stop_ids(model, tokenizer), tokenizer.pad_token_id, generator)
+    return [ids for ids, _, _ in samples], [cut for _, _, cut in samples], time.perf_counter() - start
+
+
+def score(problems: list[Problem], texts_P_K: list[list[str]], tokens_P_K: list[list[int]],
+          truncated_P_K: list[list[bool]], greedy_P: list[str] | None, grader: Grader,
+          pattern: re.Pattern[str] | None, level_field: str) -> list[Scored]:
+    """Grade every response (one Grader call per file) and count its markers."""
+    texts = [t for texts in texts_P_K for t in texts]
+    golds = [p.answer for p, texts in zip(problems, texts_P_K) for _ in texts]
+    correct = iter(grader.grade(texts, golds))
+    greedy_correct = grader.grade(greedy_P, [p.answer for p in problems]) if greedy_P else [None] * len(problems)
+    scored = []
+    for problem, texts, tokens, truncated, greedy in zip(
+            problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_correct):
+        level = problem.extra.get(level_field)
+        scored.append(Scored(
+            level=None if level is None else str(level),
+            answers_K=tuple(extract_answer(t) for t in texts),
+            correct_K=tuple(next(correct) for _ in texts),
+            tokens_K=tuple(tokens),
+            truncated_K=tuple(truncated),
+            markers_K=tuple(count_markers(t, pattern) for t in texts),
+            greedy_correct=greedy,
+        ))
+    return scored
+
+
+def count_tokens(texts: list[str], tokenizer) -> list[int]:
+    if tokenizer is None:
+        return [len(t.split()) for t in texts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def read_responses(path: Path, benchmarks: list[tuple[str, list[Problem]]],
+                   selected: list[list[Problem]]) -> list[dict[str, list[tuple[str, bool]]]]:
+    """For each benchmark file, {problem id: [(response, truncated), ...]} over its selected problems.
+    Rows for problems past `limit` are skipped; an id in no benchmark file is an error, and so is a
+    selected problem without a response."""
+    if not path.is_file():
+        raise UserError(f"responses file {path} does not exist")
+    owner: dict[str, int] = {}  # problem id -> index of its benchmark file
+    for index, (file, problems) in enumerate(benchmarks):
+        for problem in problems:
+            if owner.setdefault(problem.id, index) != index:
+                raise UserError(f"problem id '{problem.id}' is in {file} and in another benchmark file; "
+                                "responses cannot tell them apart")
+    wanted = [{p.id for p in problems} for problems in selected]
+    found: list[dict[str, list[tuple[str, bool]]]] = [collections.defaultdict(list) for _ in benchmarks]
+    for where, row in read_rows(path):  # JSONL or Parquet; a malformed line is an error naming it
+        row_id, text, truncated = row.get("id"), row.get("response"), row.get("truncated", False)
+        if row_id is None:
+            raise UserError(f"{where} has no 'id'")
+        row_id = str(row_id)
+        if not isinstance(text, str):
+            raise UserError(f"{where} has no 'response' text")
+        if not isinstance(truncated, bool):
+            raise UserError(f"{where} has a 'truncated' that is not true/false")
+        if row_id not in owner:
+            raise UserError(f"{where} has the id '{row_id}', which is in none of the benchmark files")
+        if row_id in wanted[owner[row_id]]:
+            found[owner[row_id]][row_id].append((text, truncated))
+    for (file, _), problems, responses in zip(benchmarks, selected, found):
+        for problem in problems:
+            if problem.id not in responses:
+                raise UserError(f"{path} has no response for problem '{problem.id}' of {file}")
+    return found
+
+
+def markdown_table(rows: list[dict[str, Any]], mode: str, counted: str) -> str:
+    lines = ["| benchmark | problems | samples | mean@k ± se | maj@k | greedy | tokens mean / median "
+             "| correct tokens mean / median | truncated | markers /1k tokens | tok/s |", "|---" * 11 + "|"]
+    for row in rows:
+        lines.append(_table_line(row["name"], row))
+        lines += [_table_line(f"{row['name']} · level {level['level']}", level) for level in row["levels"]]
+    return "\n".join(lines) + f"\n\n{mode}; response tokens counted by the {counted}.\n"
+
+
+def _table_line(name: str, row: dict[str, Any]) -> str:
+    def cell(key: str, spec: str = ".3f") -> str:
+        return "–" if row.get(key) is None else format(row[key], spec)
+
+    cells = [name, cell("problems", "d"), cell("samples", "d"), f"{cell('mean_at_k')} ± {cell('mean_at_k_stderr')}",
+             cell("maj_at_k"), cell("greedy_accuracy"),
+             f"{cell('response_tokens_mean', '.1f')} / {cell('response_tokens_median', '.1f')}",
+             f"{cell('correct_response_tokens_mean', '.1f')} / {cell('correct_response_tokens_median', '.1f')}",
+             cell("truncation_rate"), cell("markers_per_1k_tokens", ".2f"), cell("generate_tokens_per_s", ".1f")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> Path:
+    """Create `out` (only eval.json/eval.md are ever replaced in it, so it may be a checkpoint folder)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file")
+    if (out / "eval.json").exists() and not overwrite:
+        raise UserError(f"{out / 'eval.json'} already exists; choose another output_dir or set overwrite=true")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / ".write-test", "")
+        (out / ".write-test").unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {out} cannot be written ({err.strerror})") from None
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
