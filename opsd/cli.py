@@ -2,6 +2,7 @@
 
     opsd distill CONFIG [key=value ...]   on-policy self-distillation (opsd/distill.py)
     opsd sft CONFIG [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
+    opsd rlvr CONFIG [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
     opsd eval [CONFIG] [key=value ...]    accuracy/length/marker table on benchmark files (opsd/eval.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     sft = commands.add_parser("sft", help="supervised fine-tuning on problem/response pairs")
     sft.add_argument("config", help="YAML config file")
     sft.add_argument("overrides", nargs="*", help="key=value overrides")
+    rlvr = commands.add_parser("rlvr", help="GRPO/DAPO with the verifiable math reward")
+    rlvr.add_argument("config", help="YAML config file")
+    rlvr.add_argument("overrides", nargs="*", help="key=value overrides")
     tiny = commands.add_parser("tiny-model", help="write the local tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-STAGES = ("distill", "sft")
+STAGES = ("distill", "sft", "rlvr")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -68,6 +72,8 @@ def _train(args: argparse.Namespace) -> int:
         from opsd.distill import DistillConfig as Config, run_distill as run
     elif args.command == "sft":
         from opsd.sft import SFTConfig as Config, run_sft as run
+    elif args.command == "rlvr":
+        from opsd.rlvr import RLVRConfig as Config, run_rlvr as run
     else:
         raise ValueError(args.command)
     run_dir = run(load_config(Config, args.config, args.overrides))

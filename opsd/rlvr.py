@@ -1,0 +1,241 @@
+"""`opsd rlvr`: reinforcement learning with a verifiable math reward, GRPO with DAPO's choices.
+
+One step, top to bottom (METHODS.md §3, the RLVR stage of Kim & Lee; DAPO, Yu et al. 2025):
+  1. sample G responses for each of P problems from the policy;
+  2. reward = 1 if math-verify judges the final answer correct, else 0, plus DAPO's soft overlong
+     penalty when `overlong_buffer` > 0;
+  3. group-normalised advantages (r − mean)/std per problem; groups whose rewards are all equal carry
+     no signal and are dropped (DAPO's dynamic-sampling filter, without re-sampling);
+  4. old log-probabilities of the kept responses with the sampling policy's weights (no autograd);
+  5. `updates_per_step` passes over the kept rollouts in micro-batches: token-mean over the step of
+     −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) (+ kl_coef · k3-KL to the initial policy when asked);
+     log-probabilities at the sampling temperature, in chunks from final hidden states;
+  6. clip the gradient norm, skip a non-finite step, AdamW; metrics; checkpoints.
+
+Deviations: no re-sampling to refill filtered groups (the step just trains on fewer rollouts); the
+old log-probabilities are recomputed with a forward pass rather than taken from the sampler, so they
+use exactly the training computation (the sampler's top-p/top-k filtering is not part of them).
+
+    opsd rlvr configs/rlvr-tiny.yaml model.name_or_path=runs/sft/checkpoints/step_001000
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opsd import distributed
+from opsd.checkpoint import prepare_run_dir, save_checkpoint, save_config
+from opsd.config import to_dict
+from opsd.data import Fields, load_problems
+from opsd.errors import require
+from opsd.grading import Grader
+from opsd.logprobs import chunked_token_logprobs
+from opsd.metrics import MetricsLog
+from opsd.models import Backbone, ModelConfig, load_tokenizer, output_head
+from opsd.policy_loss import clipped_policy_loss, group_advantages, informative_groups, kl_k3, overlong_penalty
+from opsd.prompts import render_prompt
+from opsd.rollout import Rollout, SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, pack, response_hidden
+from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState
+from opsd.training import (OptimConfig, Timer, autocast, check_optim, guarded_step, load_policy, make_optimizer,
+                           set_lr, step_items)
+
+
+@dataclass(frozen=True)
+class RLVRDataConfig:
+    path: str = "configs/examples/arithmetic.jsonl"  # JSONL/Parquet problems with gold answers
+    fields: Fields = field(default_factory=Fields)
+    shuffle: bool = True
+    instruction: str = ""  # text put before every problem in the prompt (empty: the bare problem)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    eps_low: float = 0.2  # lower clip of the importance ratio (DAPO)
+    eps_high: float = 0.28  # upper clip (DAPO's clip-higher)
+    scale_by_std: bool = True  # divide advantages by the group's std (GRPO); false: mean-centred only
+    filter_equal_groups: bool = True  # drop groups whose rewards are all equal (DAPO)
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last k tokens of the budget (0: off)
+    kl_coef: float = 0.0  # weight of the k3 KL to the initial policy (DAPO: 0)
+    updates_per_step: int = 1  # optimizer updates per batch of rollouts (> 1: ratios move off 1)
+
+
+@dataclass(frozen=True)
+class RLVRRunConfig:
+    output_dir: str = "runs/rlvr"
+    overwrite: bool = False
+    steps: int = 100
+    problems_per_step: int = 32  # P; each gets sampling.n = G rollouts
+    save_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    chunk_size: int = 1024  # positions per chunk of the vocabulary projection
+    grader_timeout_s: float = 5.0
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class RLVRConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RLVRDataConfig = field(default_factory=RLVRDataConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=16))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RLVRRunConfig = field(default_factory=RLVRRunConfig)
+
+
+def check_options(config: RLVRConfig, world: int = 1) -> None:
+    check_optim(config.optim)
+    check_sampling(config.sampling, "sampling")
+    grpo, run = config.grpo, config.run
+    require(
+        ("sampling.n", config.sampling.n >= 2, "at least 2 (advantages compare samples of one problem)"),
+        ("sampling.temperature", config.sampling.temperature > 0, "positive (log-probabilities are taken at it)"),
+        ("grpo.eps_low", 0 <= grpo.eps_low < 1, "in [0, 1)"),
+        ("grpo.eps_high", grpo.eps_high >= 0, "non-negative"),
+        ("grpo.overlong_buffer", 0 <= grpo.overlong_buffer <= config.sampling.max_new_tokens,
+         "between 0 and sampling.max_new_tokens"),
+        ("grpo.kl_coef", grpo.kl_coef >= 0, "non-negative"),
+        ("grpo.updates_per_step", grpo.updates_per_step >= 1, "at least 1"),
+        ("run.steps", run.steps >= 1, "at least 1"),
+        ("run.problems_per_step", run.problems_per_step >= world, f"at least the number of processes ({world})"),
+        ("run.save_every", run.save_every >= 0, "non-negative"),
+        ("run.chunk_size", run.chunk_size >= 1, "at least 1"),
+    )
+
+
+def run_rlvr(config: RLVRConfig) -> Path | None:
+    """Train; return the run folder (None on ranks other than 0)."""
+    world = distributed.world_size()
+    check_options(config, world)
+    problems = load_problems(config.data.path, config.data.fields, require_answer=True)
+    device = distributed.device(config.run.device)
+    tokenizer = load_tokenizer(config.model)
+    prefix = f"{config.data.instruction}\n\n" if config.data.instruction else ""
+    prompts = [render_prompt(tokenizer, prefix + p.problem) for p in problems]
+    rank = distributed.setup(device)
+    torch.manual_seed(config.run.seed + rank)
+    model = load_policy(config.model, config.optim, device)
+    reference = TeacherWeightsState(model, TeacherWeightsConfig("frozen"), uses_lora=config.model.lora_rank > 0) \
+        if config.grpo.kl_coef > 0 else None
+    backbone = distributed.wrap(Backbone(model), device)
+    optimizer = make_optimizer(model, config.optim)
+    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
+    if run_dir is not None:
+        save_config(run_dir, to_dict(config))
+    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
+    generator = torch.Generator(device=device).manual_seed(config.run.seed * 1000 + rank)
+    skipped = 0
+    with Grader(timeout_s=config.run.grader_timeout_s) as grader:
+        for step in range(1, config.run.steps + 1):
+            set_lr(optimizer, config.optim, step, config.run.steps)
+            indices = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
+            indices = distributed.shard(indices, rank, world)
+            metrics = rlvr_step(config, model, backbone, reference, optimizer, tokenizer, grader, generator,
+                                [problems[i] for i in indices], [prompts[i] for i in indices], device)
+            skipped += int(metrics.pop("skipped"))
+            metrics["optim/skipped_steps"] = skipped
+            log.write(step, metrics, postfix={"reward": metrics["reward/mean"], "acc": metrics["rollout/accuracy"],
+                                              "len": metrics["rollout/response_tokens_mean"]})
+            if run_dir is not None and (step == config.run.steps or (config.run.save_every and step % config.run.save_every == 0)):
+                save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, "stage": "rlvr"})
+    log.close()
+    distributed.teardown()
+    return run_dir
+
+
+def rlvr_step(config: RLVRConfig, model, backbone, reference: TeacherWeightsState | None, optimizer, tokenizer,
+              grader: Grader, generator: torch.Generator, problems, prompts: list[list[int]],
+              device: torch.device) -> dict[str, float]:
+    """Sample → reward → advantages → filter → old log-probs → clipped policy-gradient updates."""
+    timer, started, grpo = Timer(), time.perf_counter(), config.grpo
+    model.eval()
+    with timer("generate"):
+        rollouts = collect_rollouts(model, prompts, config.sampling, tokenizer, generator)
+    with timer("grade"):
+        correct = grade_rollouts(rollouts, problems, tokenizer, grader)
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts])
+    rewards = torch.tensor(correct, dtype=torch.float32) + overlong_penalty(
+        lengths, config.sampling.max_new_tokens, grpo.overlong_buffer)
+    rewards_P_G = rewards.view(len(prompts), config.sampling.n)
+    advantages = group_advantages(rewards_P_G, grpo.scale_by_std).flatten()
+    keep_P = informative_groups(rewards_P_G) if grpo.filter_equal_groups else torch.ones(len(prompts), dtype=torch.bool)
+    kept = [(r, float(a)) for r, a, k in zip(rollouts, advantages, keep_P.repeat_interleave(config.sampling.n)) if k]
+    kept_tokens = sum(len(r.response_ids) for r, _ in kept)
+    total_tokens = distributed.sum_over_ranks(kept_tokens)
+    token_weight = distributed.world_size() / max(total_tokens, 1)
+    micro = config.optim.micro_batch_size
+    batches = [kept[i : i + micro] for i in range(0, len(kept), micro)]
+    n_micro = distributed.max_over_ranks(len(batches))
+
+    with timer("old_logprobs"), torch.no_grad():
+        old = [policy_logprobs(backbone, model, b, tokenizer, config, device) for b in batches]
+        ref = [policy_logprobs(backbone, model, b, tokenizer, config, device, reference) for b in batches] \
+            if reference is not None else [None] * len(batches)
+    sums: dict[str, float] = collections.defaultdict(float)
+    grad_norm, skipped = float("nan"), False
+    model.train()
+    for _ in range(grpo.updates_per_step):
+        with timer("train"):
+            for index in range(n_micro):
+                with distributed.no_sync_unless(backbone, last=index == n_micro - 1):
+                    if index >= len(batches):  # this process has run out: keep DDP's collectives in step
+                        distributed.idle_backward(backbone, output_head(model), tokenizer.pad_token_id, device)
+                        continue
+                    batch = batches[index]
+                    logp_N, packed = policy_logprobs(backbone, model, batch, tokenizer, config, device, with_packed=True)
+                    advantage_N = torch.tensor([a for _, a in batch], device=device)[packed.row_N]
+                    loss_N, clipped_N = clipped_policy_loss(logp_N, old[index], advantage_N, grpo.eps_low, grpo.eps_high)
+                    if ref[index] is not None:
+                        kl_N = kl_k3(logp_N, ref[index])
+                        loss_N = loss_N + grpo.kl_coef * kl_N
+                        sums["kl"] += float(kl_N.detach().sum())
+                    (loss_N.sum() * token_weight).backward()
+                    sums["clipped"] += float(clipped_N.float().sum())
+                    sums["ratio"] += float(torch.exp(logp_N.detach() - old[index]).sum())
+        grad_norm, was_skipped = guarded_step(model, optimizer, config.optim.max_grad_norm, has_gradient=total_tokens > 0)
+        skipped = skipped or was_skipped
+
+    updates = grpo.updates_per_step * max(kept_tokens, 1)
+    generate_s = timer.total("generate")
+    return {
+        "reward/mean": float(rewards.mean()),
+        "rollout/accuracy": sum(correct) / len(correct),
+        "rollout/count": len(rollouts),
+        "rollout/kept": len(kept),
+        "rollout/kept_groups": int(keep_P.sum()),
+        "rollout/response_tokens_mean": float(lengths.float().mean()),
+        "rollout/response_tokens_max": int(lengths.max()),
+        "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
+        "policy/clipped_ratio": sums["clipped"] / updates if kept_tokens else float("nan"),
+        "policy/ratio_mean": sums["ratio"] / updates if kept_tokens else float("nan"),
+        "policy/kl": sums["kl"] / updates if reference is not None and kept_tokens else float("nan"),
+        "optim/grad_norm": grad_norm,
+        "optim/lr": optimizer.param_groups[0]["lr"],
+        "optim/empty_step": total_tokens == 0,
+        "time/generate_s": generate_s,
+        "time/grade_s": timer.total("grade"),
+        "time/old_logprobs_s": timer.total("old_logprobs"),
+        "time/train_s": timer.total("train"),
+        "time/step_s": time.perf_counter() - started,
+        "throughput/generate_tokens_per_s": float(lengths.sum()) / generate_s if generate_s else float("nan"),
+        "skipped": skipped,
+    }
+
+
+def policy_logprobs(backbone, model, batch: list[tuple[Rollout, float]], tokenizer, config: RLVRConfig,
+                    device: torch.device, weights: TeacherWeightsState | None = None, with_packed: bool = False):
+    """[N] log-probabilities of the batch's response tokens at the sampling temperature; with `weights`,
+    under those weights (the KL reference) and without autograd."""
+    packed = pack([r.prompt_ids for r, _ in batch], [r.response_ids for r, _ in batch], tokenizer.pad_token_id, device)
+    context = weights.active() if weights is not None else contextlib.nullcontext()
+    with context, autocast(config.optim, device):
+        hidden_N_H = response_hidden(backbone, packed)
+    head = weights.head() if weights is not None else output_head(model)
+    logp_N = chunked_token_logprobs(hidden_N_H, head, packed.targets_N, config.sampling.temperature, config.run.chunk_size)
+    return (logp_N, packed) if with_packed else logp_N.detach()
