@@ -3,6 +3,7 @@
     opsd distill CONFIG [key=value ...]   on-policy self-distillation (opsd/distill.py)
     opsd sft CONFIG [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
     opsd rlvr CONFIG [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
+    opsd pipeline CONFIG [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
     opsd eval [CONFIG] [key=value ...]    accuracy/length/marker table on benchmark files (opsd/eval.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     rlvr = commands.add_parser("rlvr", help="GRPO/DAPO with the verifiable math reward")
     rlvr.add_argument("config", help="YAML config file")
     rlvr.add_argument("overrides", nargs="*", help="key=value overrides")
+    pipeline = commands.add_parser("pipeline", help="run stages in order, evaluate each, write a summary table")
+    pipeline.add_argument("config", help="YAML config file (see configs/pipeline-tiny.yaml)")
+    pipeline.add_argument("overrides", nargs="*", help="key=value overrides")
     tiny = commands.add_parser("tiny-model", help="write the local tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             return _train(args)
+        if args.command == "pipeline":
+            return _pipeline(args)
         if args.command == "eval":
             return _eval(args)
         if args.command == "tiny-model":
@@ -92,6 +98,17 @@ def _eval(args: argparse.Namespace) -> int:
     out = run_eval(load_config(EvalConfig, config_path, overrides))
     print((out / "eval.md").read_text(encoding="utf-8"), end="")
     print(f"eval folder: {out}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from opsd.config import load_config
+    from opsd.pipeline import PipelineConfig, run_pipeline
+
+    out = run_pipeline(load_config(PipelineConfig, args.config, args.overrides))
+    print((out / "summary.md").read_text())
+    print(f"run folder: {out}")
     return 0
 
 

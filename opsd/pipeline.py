@@ -1,0 +1,170 @@
+"""`opsd pipeline`: stages in order (SFT → RLVR → OPSD, or any list of them), each starting from an
+earlier stage's final checkpoint, every checkpoint evaluated on the same held-out set, and a summary:
+accuracy (mean@k ± standard error), maj@k, mean response tokens, and compression against the stage it
+started from (1 − tokens / tokens of that stage). Stages hand work to each other only through
+checkpoint folders. Every stage's config is loaded and checked before the first one runs.
+
+    opsd pipeline configs/pipeline-tiny.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from opsd.checkpoint import prepare_run_dir, save_config
+from opsd.config import load_config, to_dict
+from opsd.errors import UserError
+from opsd.eval import EvalConfig, EvalSamplingConfig, run_eval
+from opsd.models import ModelConfig
+
+Command = Literal["sft", "rlvr", "distill"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str = ""  # row label and sub-folder name
+    command: Command = "distill"  # sft | rlvr | distill
+    config: str = ""  # YAML config of that command ("" = its defaults)
+    overrides: tuple[str, ...] = ()  # key=value overrides of that config
+    start: str = ""  # stage whose checkpoint it starts from; "" = the previous stage (the first: `model`)
+
+
+@dataclass(frozen=True)
+class PipelineEvalConfig:
+    data: tuple[str, ...] = ("configs/examples/arithmetic.jsonl",)  # held-out benchmark files
+    limit: int = 0  # first N problems of each file (0: all)
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)  # k = sampling.n
+    instruction: str = ""  # text before each problem (empty: the bare problem)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the starting checkpoint
+    evaluate_start: bool = True  # evaluate the starting checkpoint too (row "start")
+    stages: tuple[StageSpec, ...] = ()
+    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    output_dir: str = "runs/pipeline"
+    overwrite: bool = False
+    device: str = "auto"
+
+
+def stage_runner(command: Command):
+    """(config class, run function) of a training command."""
+    if command == "sft":
+        from opsd.sft import SFTConfig, run_sft
+
+        return SFTConfig, run_sft
+    if command == "rlvr":
+        from opsd.rlvr import RLVRConfig, run_rlvr
+
+        return RLVRConfig, run_rlvr
+    from opsd.distill import DistillConfig, run_distill
+
+    return DistillConfig, run_distill
+
+
+def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
+    """(stage, start name, loaded stage config) for every stage, checked before anything runs."""
+    if not config.stages:
+        raise UserError("the pipeline lists no stages")
+    names = ["start"]
+    planned = []
+    for index, stage in enumerate(config.stages):
+        name = stage.name or f"{index + 1}-{stage.command}"
+        if name in names:
+            raise UserError(f"two pipeline stages are named '{name}'")
+        start = stage.start or names[-1]
+        if start not in names:
+            raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage")
+        cls, _ = stage_runner(stage.command)
+        overrides = [*stage.overrides, f"run.output_dir={out / name}", "run.overwrite=true", f"run.device={config.device}"]
+        stage_config = load_config(cls, stage.config or None, overrides)
+        planned.append((StageSpec(name, stage.command, stage.config, stage.overrides, start), start, stage_config))
+        names.append(name)
+    return planned
+
+
+def run_pipeline(config: PipelineConfig) -> Path:
+    out = Path(config.output_dir)
+    stages = plan(config, out)
+    for path in config.eval.data:
+        if not Path(path).is_file():
+            raise UserError(f"evaluation file {path} does not exist")
+    out = prepare_run_dir(out, config.overwrite)
+    save_config(out, to_dict(config))
+    checkpoints = {"start": config.model.name_or_path}
+    rows = [evaluate(config, "start", "", config.model, out, 0.0)] if config.evaluate_start else []
+    for stage, start, stage_config in stages:
+        _, run = stage_runner(stage.command)
+        stage_config = _with_model(stage_config, checkpoints[start])
+        started = time.perf_counter()
+        run_dir = run(stage_config)
+        checkpoints[stage.name] = str(final_checkpoint(run_dir))
+        model = ModelConfig(name_or_path=checkpoints[stage.name])
+        rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
+    rows = add_compression(rows)
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "checkpoints": checkpoints}, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_table(rows))
+    return out
+
+
+def _with_model(stage_config, name_or_path: str):
+    return dataclasses.replace(stage_config, model=dataclasses.replace(stage_config.model, name_or_path=name_or_path))
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    folders = sorted((run_dir / "checkpoints").glob("step_*"))
+    if not folders:
+        raise RuntimeError(f"{run_dir} holds no checkpoint")
+    return folders[-1]
+
+
+def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig, out: Path, train_s: float) -> dict:
+    """Evaluate one checkpoint; one summary row per benchmark file."""
+    eval_dir = out / "eval" / stage
+    if eval_dir.exists():
+        shutil.rmtree(eval_dir)
+    started = time.perf_counter()
+    run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit, sampling=config.eval.sampling,
+                        instruction=config.eval.instruction, output_dir=str(eval_dir), seed=config.eval.seed,
+                        device=config.device))
+    report = json.loads((eval_dir / "eval.json").read_text())
+    benchmarks = [{key: b[key] for key in ("name", "problems", "mean_at_k", "mean_at_k_stderr", "maj_at_k",
+                                           "response_tokens_mean", "correct_response_tokens_mean",
+                                           "truncation_rate", "markers_per_1k_tokens")} | {"levels": b["levels"]}
+                  for b in report["benchmarks"]]
+    return {"stage": stage, "start": start, "train_s": train_s, "eval_s": time.perf_counter() - started,
+            "k": report["k"], "benchmarks": benchmarks}
+
+
+def add_compression(rows: list[dict]) -> list[dict]:
+    """compression = 1 − mean response tokens / those of the stage it started from, per benchmark."""
+    by_stage = {row["stage"]: row for row in rows}
+    for row in rows:
+        origin = by_stage.get(row["start"])
+        for index, bench in enumerate(row["benchmarks"]):
+            before = origin["benchmarks"][index]["response_tokens_mean"] if origin else None
+            bench["compression"] = 1.0 - bench["response_tokens_mean"] / before if before else None
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = ["| stage | from | benchmark | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | compression | truncated |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    num = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    for row in rows:
+        for b in row["benchmarks"]:
+            accuracy = f"{100 * b['mean_at_k']:.1f} ± {100 * (b['mean_at_k_stderr'] or 0):.1f}"
+            lines.append(f"| {row['stage']} | {row['start'] or '–'} | {b['name']} | {accuracy} | {pct(b['maj_at_k'])} | "
+                         f"{num(b['response_tokens_mean'])} | {num(b['correct_response_tokens_mean'])} | "
+                         f"{pct(b['compression'])} | {pct(b['truncation_rate'])} |")
+    k = rows[0]["k"] if rows else None
+    return "\n".join(lines) + f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error.\n"

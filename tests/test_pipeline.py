@@ -1,0 +1,45 @@
+"""`opsd pipeline`: stages chained through checkpoints, each evaluated; mistakes caught before any stage runs."""
+
+import json
+from pathlib import Path
+
+from opsd.cli import main
+from opsd.pipeline import add_compression
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_pipeline_writes_a_summary_with_every_field(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"output_dir={out}", "eval.limit=4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["stage"] for r in summary["rows"]] == ["start", "sft", "rlvr", "opsd"]
+    assert [r["start"] for r in summary["rows"]] == ["", "start", "sft", "rlvr"]
+    for row in summary["rows"]:
+        bench = row["benchmarks"][0]
+        for key in ("mean_at_k", "mean_at_k_stderr", "maj_at_k", "response_tokens_mean", "compression", "truncation_rate"):
+            assert key in bench
+    # each stage started from the previous stage's final checkpoint
+    config = (out / "rlvr" / "config.yaml").read_text()
+    assert str(out / "sft" / "checkpoints" / "step_000020") in config
+    assert summary["checkpoints"]["opsd"].endswith("step_000002")
+    assert "| opsd | rlvr |" in capsys.readouterr().out
+
+
+def test_a_mistake_in_a_later_stage_stops_the_pipeline_before_it_starts(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"output_dir={out}",
+                 "stages=[{command: sft, config: configs/sft-tiny.yaml}, {command: distill, overrides: [loss.kindd=1]}]"])
+    assert code == 2 and "loss.kindd" in capsys.readouterr().err
+    assert not out.exists()
+    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"output_dir={out}",
+                 "stages=[{name: a, command: sft}, {name: b, command: rlvr, start: nowhere}]"])
+    assert code == 2 and "'nowhere'" in capsys.readouterr().err
+
+
+def test_compression_is_against_the_stage_it_started_from():
+    rows = [{"stage": "rlvr", "start": "", "benchmarks": [{"response_tokens_mean": 200.0}]},
+            {"stage": "all", "start": "rlvr", "benchmarks": [{"response_tokens_mean": 50.0}]},
+            {"stage": "inc", "start": "rlvr", "benchmarks": [{"response_tokens_mean": 190.0}]}]
+    add_compression(rows)
+    assert [r["benchmarks"][0]["compression"] for r in rows] == [None, 0.75, 0.050000000000000044]
