@@ -77,35 +77,39 @@ def _sample_batch(model, prompts, config, eos_ids, pad_id, generator):
     eos_E = torch.tensor(eos_ids, device=device)
 
     out = model(input_ids=ids_B_L, attention_mask=mask_B_L, position_ids=positions_B_L, use_cache=True, logits_to_keep=1)
-    cache, logits_B_V = out.past_key_values, out.logits[:, -1]
-    next_position_B = positions_B_L[:, -1] + 1
-    tokens, logprobs = [], []
-    done_B = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(config.max_new_tokens):
-        token_B, logprob_B = sample_token(logits_B_V, config, generator)
-        token_B = torch.where(done_B, pad_id, token_B)
-        tokens.append(token_B)
-        logprobs.append(logprob_B)
-        done_B = done_B | torch.isin(token_B, eos_E)
-        if bool(done_B.all()) or len(tokens) == config.max_new_tokens:
+    cache, logits_A_V = out.past_key_values, out.logits[:, -1]
+    next_position_A = positions_B_L[:, -1] + 1
+    # A = the rows still decoding; `active_A` maps them to rows of the batch
+    active_A = torch.arange(batch, device=device)
+    tokens_B_T = torch.full((batch, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs_B_T = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
+    lengths_B = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+    for step in range(config.max_new_tokens):
+        token_A, logprob_A = sample_token(logits_A_V, config, generator)
+        tokens_B_T[active_A, step] = token_A
+        logprobs_B_T[active_A, step] = logprob_A.float()
+        ended_A = torch.isin(token_A, eos_E)
+        lengths_B[active_A[ended_A]] = step + 1
+        if step + 1 == config.max_new_tokens or bool(ended_A.all()):
             break
+        if bool(ended_A.any()):
+            # drop finished rows from the batch (and their KV cache) so later steps do less work
+            keep_A = (~ended_A).nonzero().squeeze(-1)
+            cache.reorder_cache(keep_A)
+            active_A, token_A, mask_B_L, next_position_A = (
+                active_A[keep_A], token_A[keep_A], mask_B_L[keep_A], next_position_A[keep_A])
         mask_B_L = torch.cat([mask_B_L, torch.ones_like(mask_B_L[:, :1])], dim=-1)
         out = model(
-            input_ids=token_B[:, None], attention_mask=mask_B_L, position_ids=next_position_B[:, None],
+            input_ids=token_A[:, None], attention_mask=mask_B_L, position_ids=next_position_A[:, None],
             past_key_values=cache, use_cache=True,
         )
-        cache, logits_B_V = out.past_key_values, out.logits[:, -1]
-        next_position_B = next_position_B + 1
+        cache, logits_A_V = out.past_key_values, out.logits[:, -1]
+        next_position_A = next_position_A + 1
 
-    tokens_B_T = torch.stack(tokens, dim=1).cpu()
-    logprobs_B_T = torch.stack(logprobs, dim=1).float().cpu()
-    eos_B_T = torch.isin(tokens_B_T, eos_E.cpu())
-    results = []
-    for row in range(batch):
-        hits = eos_B_T[row].nonzero()
-        length = int(hits[0]) + 1 if len(hits) else tokens_B_T.shape[1]
-        results.append((tokens_B_T[row, :length].tolist(), logprobs_B_T[row, :length], not len(hits)))
-    return results
+    tokens_B_T, logprobs_B_T, lengths = tokens_B_T.cpu(), logprobs_B_T.cpu(), lengths_B.tolist()
+    ended = torch.isin(tokens_B_T, eos_E.cpu()).any(-1).tolist()
+    return [(tokens_B_T[row, : lengths[row]].tolist(), logprobs_B_T[row, : lengths[row]], not ended[row])
+            for row in range(batch)]
 
 
 def sample_token(

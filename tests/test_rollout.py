@@ -128,3 +128,26 @@ def test_templates_refuse_anything_but_plain_named_fields(bad):
 def test_fill_does_not_interpret_field_values():
     p = Problem("x", "What is {answer}?", "{problem.__class__}", None)
     assert fill("{problem} -> {answer}", p) == "What is {answer}? -> {problem.__class__}"
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny):
+    """A frequent token as 'EOS' makes greedy rows end at different steps: the batch compacts as they
+    do, and every row still matches decoding it alone with transformers' generate."""
+    model, tok = build_tiny(seed=4)
+    torch.manual_seed(4)
+    with torch.no_grad():  # large random weights: varied greedy continuations
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.eval()
+    prompts = [render_prompt(tok, f"Compute {i} + {i * 7 % 10}{'!' * i}") for i in range(8)]
+    probe = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [-1], tok.pad_token_id)
+    first = lambda t, ids: ids.index(t) if t in ids else len(ids)  # noqa: E731
+    stop = max({t for ids, _, _ in probe for t in ids}, key=lambda t: len({first(t, ids) for ids, _, _ in probe}))
+    results = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [stop], tok.pad_token_id)
+    lengths = {len(ids) for ids, _, _ in results}
+    assert len(lengths) > 2  # rows really did finish at different steps
+    for prompt, (ids, logprobs, truncated) in zip(prompts, results):
+        alone = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               do_sample=False, max_new_tokens=12, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+        assert ids == alone[0, len(prompt):].tolist()[: len(ids)]
+        assert truncated == (stop not in ids) and len(logprobs) == len(ids)
