@@ -4,6 +4,8 @@
     opsd sft CONFIG [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
     opsd rlvr CONFIG [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
     opsd pipeline CONFIG [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
+    opsd demo [--quick] [--ablation] [--from-scratch]
+                                           the built-in SFT → RLVR → OPSD demo (opsd/demo.py)
     opsd eval [CONFIG] [key=value ...]    accuracy/length/marker table on benchmark files (opsd/eval.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
 
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = commands.add_parser("pipeline", help="run stages in order, evaluate each, write a summary table")
     pipeline.add_argument("config", help="YAML config file (see configs/pipeline-tiny.yaml)")
     pipeline.add_argument("overrides", nargs="*", help="key=value overrides")
+    demo = commands.add_parser("demo", help="SFT → RLVR → OPSD on the built-in synthetic world, with its table")
+    demo.add_argument("--quick", action="store_true", help="a 2-minute smoke run of every stage")
+    demo.add_argument("--ablation", action="store_true", help="also OPSD with gating all and incorrect_only")
+    demo.add_argument("--from-scratch", action="store_true", help="re-run SFT from random weights first")
+    demo.add_argument("--output-dir", default="runs/demo", help="run folder (replaced)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
     tiny = commands.add_parser("tiny-model", help="write the local tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -48,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             return _train(args)
+        if args.command == "demo":
+            return _demo(args)
         if args.command == "pipeline":
             return _pipeline(args)
         if args.command == "eval":
@@ -107,6 +117,19 @@ def _pipeline(args: argparse.Namespace) -> int:
     from opsd.pipeline import PipelineConfig, run_pipeline
 
     out = run_pipeline(load_config(PipelineConfig, args.config, args.overrides))
+    print((out / "summary.md").read_text())
+    print(f"run folder: {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    _quiet_libraries()
+    from opsd.demo import run_demo
+
+    torch.set_num_threads(args.threads)
+    out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch)
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")
     return 0

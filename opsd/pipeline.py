@@ -47,7 +47,8 @@ class PipelineEvalConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the starting checkpoint
-    evaluate_start: bool = True  # evaluate the starting checkpoint too (row "start")
+    start_name: str = "start"  # row label of the starting checkpoint
+    evaluate_start: bool = True  # evaluate the starting checkpoint too
     stages: tuple[StageSpec, ...] = ()
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     output_dir: str = "runs/pipeline"
@@ -74,7 +75,7 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
     """(stage, start name, loaded stage config) for every stage, checked before anything runs."""
     if not config.stages:
         raise UserError("the pipeline lists no stages")
-    names = ["start"]
+    names = [config.start_name]
     planned = []
     for index, stage in enumerate(config.stages):
         name = stage.name or f"{index + 1}-{stage.command}"
@@ -99,8 +100,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
             raise UserError(f"evaluation file {path} does not exist")
     out = prepare_run_dir(out, config.overwrite)
     save_config(out, to_dict(config))
-    checkpoints = {"start": config.model.name_or_path}
-    rows = [evaluate(config, "start", "", config.model, out, 0.0)] if config.evaluate_start else []
+    checkpoints = {config.start_name: config.model.name_or_path}
+    rows = [evaluate(config, config.start_name, "", config.model, out, 0.0)] if config.evaluate_start else []
     for stage, start, stage_config in stages:
         _, run = stage_runner(stage.command)
         stage_config = _with_model(stage_config, checkpoints[start])
