@@ -7,6 +7,7 @@ sees half a checkpoint. LoRA runs are saved merged: the folder loads with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -42,6 +43,21 @@ def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
     except OSError as err:
         raise UserError(f"output folder {run_dir} cannot be written ({err.strerror})") from None
     return run_dir
+
+
+def open_run_dir(config: Any, rank: int) -> Path | None:
+    """Rank 0 creates the run folder of a stage config (with `run.output_dir`/`run.overwrite`) and saves
+    the resolved config in it; other ranks write nothing and get None."""
+    if rank != 0:
+        return None
+    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite)
+    save_config(run_dir, dataclasses.asdict(config))
+    return run_dir
+
+
+def checkpoint_due(step: int, steps: int, every: int) -> bool:
+    """Checkpoint after the last step and every `every` steps (0: only the last)."""
+    return step == steps or (every > 0 and step % every == 0)
 
 
 def save_config(run_dir: Path, config: dict[str, Any]) -> None:

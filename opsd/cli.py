@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("eval", help="accuracy, lengths and reflective markers on benchmark files")
     evaluate.add_argument("arguments", nargs="*", metavar="[CONFIG] key=value",
                           help="optional YAML config (the first argument without '='), then overrides, "
-                               "e.g. data=[a.jsonl] responses=r.jsonl")
+                               "e.g. data=[a.jsonl] --responses r.jsonl (or responses=r.jsonl)")
     sft = commands.add_parser("sft", help="supervised fine-tuning on problem/response pairs")
     sft.add_argument("config", help="YAML config file")
     sft.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_responses_flag(sys.argv[1:] if argv is None else argv))
 
     try:
         if args.command in STAGES:
@@ -96,6 +96,14 @@ def _train(args: argparse.Namespace) -> int:
     if run_dir is not None:  # rank 0 under torchrun
         print(f"run folder: {run_dir}")
     return 0
+
+
+def _responses_flag(argv: list[str]) -> list[str]:
+    """`opsd eval ... --responses FILE` anywhere among the key=value arguments → `responses=FILE`."""
+    if not argv or argv[0] != "eval" or "--responses" not in argv[:-1]:
+        return argv
+    at = argv.index("--responses")
+    return [*argv[:at], f"responses={argv[at + 1]}", *argv[at + 2 :]]
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import prepare_run_dir, save_checkpoint, save_config
-from opsd.config import to_dict
+from opsd.checkpoint import checkpoint_due, open_run_dir, save_checkpoint
 from opsd.data import Fields, Problem, load_problems
 from opsd.divergence import DivergenceKind, Estimator, chunked_divergence
 from opsd.errors import UserError, require
@@ -150,9 +149,7 @@ def run_distill(config: DistillConfig) -> Path | None:
     teacher = TeacherWeightsState(model, config.teacher.weights, uses_lora=config.model.lora_rank > 0)
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
-    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
-    if run_dir is not None:
-        save_config(run_dir, to_dict(config))
+    run_dir = open_run_dir(config, rank)
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
     generator = torch.Generator(device=device).manual_seed(config.run.seed * 1000 + rank)
     skipped = 0
@@ -169,7 +166,7 @@ def run_distill(config: DistillConfig) -> Path | None:
             metrics.update({"optim/skipped_steps": skipped, "teacher/updated": teacher_changed})
             log.write(step, metrics, postfix={"div": metrics["loss/divergence"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
-            if run_dir is not None and (step == config.run.steps or (config.run.save_every and step % config.run.save_every == 0)):
+            if run_dir is not None and checkpoint_due(step, config.run.steps, config.run.save_every):
                 save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step},
                                 teacher.state_dict())
     log.close()

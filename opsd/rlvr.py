@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import prepare_run_dir, save_checkpoint, save_config
-from opsd.config import to_dict
+from opsd.checkpoint import checkpoint_due, open_run_dir, save_checkpoint
 from opsd.data import Fields, load_problems
 from opsd.errors import require
 from opsd.grading import Grader
@@ -125,9 +124,7 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
         if config.grpo.kl_coef > 0 else None
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
-    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
-    if run_dir is not None:
-        save_config(run_dir, to_dict(config))
+    run_dir = open_run_dir(config, rank)
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
     generator = torch.Generator(device=device).manual_seed(config.run.seed * 1000 + rank)
     skipped = 0
@@ -142,7 +139,7 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
             metrics["optim/skipped_steps"] = skipped
             log.write(step, metrics, postfix={"reward": metrics["reward/mean"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
-            if run_dir is not None and (step == config.run.steps or (config.run.save_every and step % config.run.save_every == 0)):
+            if run_dir is not None and checkpoint_due(step, config.run.steps, config.run.save_every):
                 save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, "stage": "rlvr"})
     log.close()
     distributed.teardown()

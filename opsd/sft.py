@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import prepare_run_dir, save_checkpoint, save_config
-from opsd.config import to_dict
+from opsd.checkpoint import checkpoint_due, open_run_dir, save_checkpoint
 from opsd.data import load_pairs
 from opsd.errors import require
 from opsd.logprobs import chunked_token_logprobs
@@ -105,9 +104,7 @@ def run_sft(config: SFTConfig) -> Path | None:
     model = load_policy(config.model, config.optim, device)
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
-    run_dir = prepare_run_dir(config.run.output_dir, config.run.overwrite) if rank == 0 else None
-    if run_dir is not None:
-        save_config(run_dir, to_dict(config))
+    run_dir = open_run_dir(config, rank)
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
     model.train()
     for step in range(1, config.run.steps + 1):
@@ -137,7 +134,7 @@ def run_sft(config: SFTConfig) -> Path | None:
                          "optim/lr": optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
                          "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
                   postfix={"nll": loss_sum / tokens})
-        if run_dir is not None and (step == config.run.steps or (config.run.save_every and step % config.run.save_every == 0)):
+        if run_dir is not None and checkpoint_due(step, config.run.steps, config.run.save_every):
             save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, "stage": "sft"})
     log.close()
     distributed.teardown()

@@ -241,3 +241,11 @@ def test_user_mistakes_name_the_file_and_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("opsd: error: ") and "\n" not in err and all(w in err for w in words), err
     assert not (tmp_path / "never").exists()
+
+
+def test_responses_flag_is_accepted_anywhere():
+    from opsd.cli import _responses_flag
+
+    assert _responses_flag(["eval", "--responses", "r.jsonl", "data=[a]"]) == ["eval", "responses=r.jsonl", "data=[a]"]
+    assert _responses_flag(["eval", "data=[a]", "--responses", "r.jsonl"]) == ["eval", "data=[a]", "responses=r.jsonl"]
+    assert _responses_flag(["distill", "c.yaml"]) == ["distill", "c.yaml"]
