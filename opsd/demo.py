@@ -1,7 +1,7 @@
 """`opsd demo`: the whole SFT → RLVR → OPSD pipeline on a synthetic reasoning world, on a laptop CPU.
 
 The world (opsd/toyworld.py): chains of one-digit additions and subtractions, difficulty = number of
-operations (1–4). The model: a ~0.8M-parameter Llama with a character-level tokenizer, trained from
+operations (1–4). The model: a 0.8M-parameter Llama with a character-level tokenizer, trained from
 scratch by `opsd sft` to think verbosely by default (restating, checking each step, detours,
 self-corrections) and to answer concisely after "Be concise.". The shipped SFT checkpoint
 (opsd/assets/toyworld-sft) was made by `opsd demo --from-scratch`; the demo starts from it, then runs
