@@ -22,6 +22,7 @@ kept tokens of all processes. Metrics are rank 0's own rollouts.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,15 +33,18 @@ import torch
 from opsd import distributed
 from opsd.checkpoint import checkpoint_due, open_run_dir, save_checkpoint
 from opsd.data import Fields, Problem, load_problems
-from opsd.divergence import DivergenceKind, Estimator, chunked_divergence
+from opsd.divergence import DivergenceKind, Estimator, chunked_divergence_to
 from opsd.errors import UserError, require
 from opsd.gating import Gating, gate
 from opsd.grading import Grader
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, load_tokenizer, output_head
-from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template, render_prompt, teacher_user_message
+from opsd.memo import MEMO_INSTRUCTION, memo_teacher_message, write_memos
+from opsd.models import Backbone, ModelConfig, causal_lm, load_model, load_tokenizer, output_head
+from opsd.purified import PurifiedTarget
+from opsd.prompts import (CONCISE_INSTRUCTION, TeacherContext, check_template, reference_only_message, render_prompt,
+                          teacher_user_message)
 from opsd.rollout import SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, has_answers, pack, response_hidden
-from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
+from opsd.teacher import ExternalTeacher, TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
 from opsd.training import (OptimConfig, Timer, autocast, check_optim, guarded_step, load_policy, make_optimizer,
                            set_lr, step_items)
 
@@ -54,10 +58,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    context: TeacherContext = "reference"  # reference | answer | concise | template
+    context: TeacherContext = "reference"  # reference | answer | concise | template | memo | purified
     template: str = "{problem}\n\nReference solution:\n{solution}"  # user turn for context=template
     concise_instruction: str = CONCISE_INSTRUCTION  # instruction for context=concise
+    memo_instruction: str = MEMO_INSTRUCTION  # what the model is asked to write (context=memo)
+    memo_max_tokens: int = 256  # length budget of a memo
+    purified_clip: float = 10.0  # c of Purified OPSD's soft clip c·tanh(Δ/c)
+    purified_beta: float = 1.0  # β of the purified target softmax(log P0 + Δ̃/β)
     weights: TeacherWeightsConfig = field(default_factory=TeacherWeightsConfig)
+    model: ModelConfig | None = None  # an external teacher checkpoint (same tokenizer); null = the student's network
+    device: str = ""  # device of the external teacher ("" = the student's)
 
 
 @dataclass(frozen=True)
@@ -120,13 +130,25 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
         raise UserError("loss.estimator=sampled estimates the reverse KL only; set loss.kind=reverse_kl")
     if config.teacher.context == "template":
         check_template(config.teacher.template, "teacher.template")
+    teacher = config.teacher
+    require(
+        ("teacher.memo_max_tokens", teacher.memo_max_tokens >= 1, "at least 1"),
+        ("teacher.purified_clip", teacher.purified_clip > 0, "positive"),
+        ("teacher.purified_beta", teacher.purified_beta > 0, "positive"),
+    )
+    if teacher.context == "purified" and teacher.weights.policy != "frozen":
+        raise UserError("teacher.context=purified uses three frozen views; set teacher.weights.policy=frozen")
+    if teacher.model is not None and teacher.weights.policy != "frozen":
+        raise UserError("an external teacher (teacher.model) is frozen; set teacher.weights.policy=frozen")
+    if teacher.model is not None and teacher.model.lora_rank > 0:
+        raise UserError("teacher.model.lora_rank must be 0: the external teacher is not trained")
     if config.model.dtype in ("bfloat16", "float16") and config.model.lora_rank == 0:
         raise UserError(f"model.dtype={config.model.dtype} would train the weights in {config.model.dtype} without a "
                         "float32 master copy; use model.dtype=float32 (bf16 autocast stays on with optim.bf16) or LoRA")
 
 
 def needs_answers(config: DistillConfig) -> bool:
-    return config.gating != "all" or config.loss.kind == "branched" or config.teacher.context == "answer"
+    return config.gating != "all" or config.loss.kind == "branched" or config.teacher.context in ("answer", "memo")
 
 
 def run_distill(config: DistillConfig) -> Path | None:
@@ -143,9 +165,13 @@ def run_distill(config: DistillConfig) -> Path | None:
                                                       config.teacher.concise_instruction))
         for p in problems
     ]
+    reference_prompts = [render_prompt(tokenizer, reference_only_message(p)) for p in problems] \
+        if config.teacher.context == "purified" else None
+    external = load_external_teacher(config.teacher, tokenizer, device) if config.teacher.model else None
     rank = distributed.setup(device)
     torch.manual_seed(config.run.seed + rank)
     model = load_policy(config.model, config.optim, device)
+    check_same_vocabulary(model, external)
     teacher = TeacherWeightsState(model, config.teacher.weights, uses_lora=config.model.lora_rank > 0)
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
@@ -158,9 +184,10 @@ def run_distill(config: DistillConfig) -> Path | None:
             set_lr(optimizer, config.optim, step, config.run.steps)
             indices = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             indices = distributed.shard(indices, rank, world)
-            metrics = train_step(config, model, backbone, teacher, optimizer, tokenizer, grader, generator,
-                                 [problems[i] for i in indices], [student_prompts[i] for i in indices],
-                                 [teacher_prompts[i] for i in indices], device)
+            prompts = StepPrompts([student_prompts[i] for i in indices], [teacher_prompts[i] for i in indices],
+                                  [reference_prompts[i] for i in indices] if reference_prompts else None)
+            metrics = train_step(config, model, backbone, teacher, external, optimizer, tokenizer, grader, generator,
+                                 [problems[i] for i in indices], prompts, device)
             skipped += int(metrics.pop("skipped"))
             teacher_changed = teacher.after_step(step)
             metrics.update({"optim/skipped_steps": skipped, "teacher/updated": teacher_changed})
@@ -174,50 +201,71 @@ def run_distill(config: DistillConfig) -> Path | None:
     return run_dir
 
 
+@dataclass(frozen=True)
+class StepPrompts:
+    """Token ids of a step's prompts, one per problem."""
+
+    student: list[list[int]]
+    teacher: list[list[int]]
+    reference_only: list[list[int]] | None  # Purified OPSD's πR view
+
+
 def train_step(
-    config: DistillConfig, model, backbone, teacher: TeacherWeightsState, optimizer, tokenizer,
-    grader: Grader, generator: torch.Generator, problems: list[Problem],
-    student_prompts: list[list[int]], teacher_prompts: list[list[int]], device: torch.device,
+    config: DistillConfig, model, backbone, teacher: TeacherWeightsState, external: ExternalTeacher | None,
+    optimizer, tokenizer, grader: Grader, generator: torch.Generator, problems: list[Problem],
+    prompts: StepPrompts, device: torch.device,
 ) -> dict[str, float]:
     """One optimizer step (sample → grade → gate → teacher/student → backward → step); its metrics."""
     timer = Timer()
     started = time.perf_counter()
     model.eval()
     with timer("generate"):
-        rollouts = collect_rollouts(model, student_prompts, config.sampling, tokenizer, generator)
+        rollouts = collect_rollouts(model, prompts.student, config.sampling, tokenizer, generator)
     with timer("grade"):
         correct = grade_rollouts(rollouts, problems, tokenizer, grader)
     keep = gate(correct, [r.truncated for r in rollouts], config.gating)
     kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
+    with timer("memo"):
+        teacher_prompts = rollout_teacher_prompts(config.teacher, model, tokenizer, kept, problems, prompts.teacher, generator)
     kept_tokens = sum(len(r.response_ids) for r, _ in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
     # token mean over the whole step: DDP averages gradients over processes, hence the factor world
     token_weight = distributed.world_size() / max(total_tokens, 1)
 
     optimizer.zero_grad(set_to_none=True)
-    sums = {"divergence": 0.0, "entropy": 0.0, "clipped": 0.0}
+    sums = collections.defaultdict(float)
     micro = config.optim.micro_batch_size
     n_micro = distributed.max_over_ranks(math.ceil(len(kept) / micro))
     for index in range(n_micro):
         batch = kept[index * micro : (index + 1) * micro]
+        batch_teacher_prompts = teacher_prompts[index * micro : (index + 1) * micro]
         with distributed.no_sync_unless(backbone, last=index == n_micro - 1):
             if not batch:  # this process has run out: a zero-weight pass keeps DDP's collectives in step
                 distributed.idle_backward(backbone, output_head(model), tokenizer.pad_token_id, device)
                 continue
             responses = [r.response_ids for r, _ in batch]
             with timer("teacher"):
-                packed_t = pack([teacher_prompts[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
                 model.eval()
+                views = [batch_teacher_prompts]
+                if config.teacher.context == "purified":
+                    views += [[prompts.reference_only[r.problem_index] for r, _ in batch],
+                              [prompts.student[r.problem_index] for r, _ in batch]]
                 with autocast(config.optim, device):
-                    hidden_t = teacher_hidden(model, packed_t, teacher)
+                    hidden_views = [view_hidden(model, teacher, external, view, responses, tokenizer.pad_token_id, device)
+                                    for view in views]
+                head_t = external.head() if external is not None else teacher.head()
+                if config.teacher.context == "purified":
+                    target = PurifiedTarget(*hidden_views, head_t, config.teacher.purified_clip, config.teacher.purified_beta)
+                else:
+                    target = lambda part, h=hidden_views[0]: h[part] @ head_t.T  # noqa: E731
             with timer("student"):
                 model.train()
-                packed_s = pack([student_prompts[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
+                packed_s = pack([prompts.student[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
                 with autocast(config.optim, device):
                     hidden_s = response_hidden(backbone, packed_s)
                 reverse_N = torch.tensor([c for _, c in batch], device=device)[packed_s.row_N]
-                result = chunked_divergence(
-                    hidden_s, output_head(model), hidden_t, teacher.head(),
+                result = chunked_divergence_to(
+                    hidden_s, output_head(model), target,
                     torch.full_like(packed_s.targets_N, token_weight, dtype=torch.float32),
                     packed_s.targets_N, reverse_N if config.loss.kind == "branched" else None,
                     chunk_size=config.loss.chunk_size, kind=config.loss.kind, beta=config.loss.beta,
@@ -228,6 +276,9 @@ def train_step(
             sums["divergence"] += float(result.value_N.sum())
             sums["entropy"] += float(result.entropy_N.sum())
             sums["clipped"] += float(result.clipped_N.float().sum())
+            if isinstance(target, PurifiedTarget):
+                sums["gap_cosine"] += float(torch.cat(target.cosines).sum())
+                sums["gap_norm_ratio"] += float(torch.cat(target.norm_ratios).sum())
 
     grad_norm, skipped = guarded_step(model, optimizer, config.optim.max_grad_norm, has_gradient=total_tokens > 0)
 
@@ -238,6 +289,8 @@ def train_step(
         "loss/divergence": per_token("divergence"),
         "loss/clipped_ratio": per_token("clipped"),
         "loss/student_entropy": per_token("entropy"),
+        **({"purified/gap_cosine": per_token("gap_cosine"), "purified/gap_norm_ratio": per_token("gap_norm_ratio")}
+           if config.teacher.context == "purified" else {}),
         "rollout/accuracy": sum(correct) / len(correct) if has_answers(problems) else float("nan"),
         "rollout/count": len(rollouts),
         "rollout/kept": len(kept),
@@ -249,6 +302,7 @@ def train_step(
         "optim/empty_step": total_tokens == 0,
         "time/generate_s": generate_s,
         "time/grade_s": timer.total("grade"),
+        "time/memo_s": timer.total("memo"),
         "time/teacher_s": teacher_s,
         "time/student_s": student_s,
         "time/step_s": time.perf_counter() - started,
@@ -256,3 +310,42 @@ def train_step(
         "throughput/train_tokens_per_s": kept_tokens / (teacher_s + student_s) if kept_tokens else float("nan"),
         "skipped": skipped,
     }
+
+
+def rollout_teacher_prompts(teacher: TeacherConfig, model, tokenizer, kept, problems: list[Problem],
+                            per_problem: list[list[int]], generator) -> list[list[int]]:
+    """The teacher prompt of each kept rollout: its problem's, or (context=memo) one holding the memo
+    the model writes about this very attempt."""
+    if teacher.context != "memo":
+        return [per_problem[r.problem_index] for r, _ in kept]
+    memos = write_memos(causal_lm(model), tokenizer, [r for r, _ in kept], [c for _, c in kept], problems,
+                        teacher.memo_instruction, teacher.memo_max_tokens, 1.0, generator)
+    return [render_prompt(tokenizer, memo_teacher_message(problems[r.problem_index], memo))
+            for (r, _), memo in zip(kept, memos)]
+
+
+def view_hidden(model, teacher: TeacherWeightsState, external: ExternalTeacher | None, prompts: list[list[int]],
+                responses: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """[N × H] hidden states of one teacher view (prompts ‖ the student's responses), no autograd."""
+    if external is not None:
+        return external.hidden(pack(prompts, responses, pad_id, external.device))
+    return teacher_hidden(model, pack(prompts, responses, pad_id, device), teacher)
+
+
+def load_external_teacher(config: TeacherConfig, student_tokenizer, student_device: torch.device) -> ExternalTeacher:
+    """The external teacher on its device, after checking it shares the student's tokenizer."""
+    teacher_tokenizer = load_tokenizer(config.model)
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UserError(f"the teacher's vocabulary ({len(teacher_tokenizer)} tokens) differs from the student's "
+                        f"({len(student_tokenizer)} tokens): on-policy distillation needs the same tokenizer")
+    teacher_device = distributed.device(config.device) if config.device else student_device
+    return ExternalTeacher(load_model(config.model, teacher_device), student_device)
+
+
+def check_same_vocabulary(student, external: ExternalTeacher | None) -> None:
+    if external is None:
+        return
+    rows_s, rows_t = output_head(student).shape[0], external.head().shape[0]
+    if rows_s != rows_t:
+        raise UserError(f"the teacher's output layer has {rows_t} rows and the student's {rows_s}: "
+                        "the vocabularies differ")

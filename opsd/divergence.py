@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -152,11 +153,30 @@ def chunked_divergence(
     only) and stored for the backward pass, which just scales it: O(N·H + V·H) extra memory and
     no recomputation. The teacher tensors never receive gradient.
     """
-    options = dict(divergence_options, chunk_size=chunk_size, targets_N=targets_N, reverse_N=reverse_N)
-    loss, value_N, entropy_N, clipped_N = _FusedChunkedDivergence.apply(
-        student_hidden_N_H, student_head_V_H, teacher_hidden_N_H.detach(),
-        teacher_head_V_H.detach(), token_weight_N.detach(), options,
+    hidden_t, head_t = teacher_hidden_N_H.detach(), teacher_head_V_H.detach()
+    return chunked_divergence_to(
+        student_hidden_N_H, student_head_V_H, lambda part: hidden_t[part] @ head_t.T, token_weight_N, targets_N,
+        reverse_N, chunk_size=chunk_size, **divergence_options,
     )
+
+
+def chunked_divergence_to(
+    student_hidden_N_H: torch.Tensor,
+    student_head_V_H: torch.Tensor,
+    teacher_logits: Callable[[slice], torch.Tensor],
+    token_weight_N: torch.Tensor,
+    targets_N: torch.Tensor,
+    reverse_N: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 512,
+    **divergence_options,
+) -> ChunkedDivergence:
+    """The same, toward any teacher whose [C × V] logits (or log-probabilities) for a slice of
+    positions `teacher_logits(part)` computes on demand, e.g. the purified target of opsd/purified.py."""
+    options = dict(divergence_options, chunk_size=chunk_size, targets_N=targets_N, reverse_N=reverse_N,
+                   teacher_logits=teacher_logits)
+    loss, value_N, entropy_N, clipped_N = _FusedChunkedDivergence.apply(
+        student_hidden_N_H, student_head_V_H, token_weight_N.detach(), options)
     return ChunkedDivergence(loss, value_N, entropy_N, clipped_N)
 
 
@@ -166,8 +186,9 @@ class _FusedChunkedDivergence(torch.autograd.Function):
     head. Nothing of size [V × H] is allocated per chunk."""
 
     @staticmethod
-    def forward(ctx, hidden_s, head_s, hidden_t, head_t, weight_N, options):  # type: ignore[override]
+    def forward(ctx, hidden_s, head_s, weight_N, options):  # type: ignore[override]
         options = dict(options)
+        teacher_logits = options.pop("teacher_logits")
         chunk_size = options.pop("chunk_size")
         targets_N = options.pop("targets_N")
         reverse_N = options.pop("reverse_N")
@@ -183,7 +204,7 @@ class _FusedChunkedDivergence(torch.autograd.Function):
             student_logits = (h @ head_s.T).requires_grad_(need_h or need_w)
             with torch.enable_grad():
                 result = token_divergence(
-                    student_logits, hidden_t[part] @ head_t.T, targets_N[part],
+                    student_logits, teacher_logits(part).detach(), targets_N[part],
                     None if reverse_N is None else reverse_N[part], **options,
                 )
                 chunk_loss = (result.loss_N * weight_N[part]).sum()
@@ -211,4 +232,4 @@ class _FusedChunkedDivergence(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # the saved gradients are used once: scale them in place rather than allocating copies
         scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731
-        return scale(grad_h), scale(grad_w), None, None, None, None
+        return scale(grad_h), scale(grad_w), None, None

@@ -15,12 +15,15 @@ from transformers import PreTrainedTokenizerBase
 from opsd.data import Problem
 from opsd.errors import UserError
 
-TeacherContext = Literal["reference", "answer", "concise", "template"]
+TeacherContext = Literal["reference", "answer", "concise", "template", "memo", "purified"]
 TEMPLATE_FIELDS = ("problem", "solution", "answer")
 
 REFERENCE_TEMPLATE = (
     "{problem}\n\nHere is a reference solution to this problem:\n{solution}\n\n"
     "Having understood the reference solution, solve the problem in your own words."
+)
+REFERENCE_ONLY_TEMPLATE = (  # Purified OPSD's πR view: the reference without the problem
+    "Here is a reference solution to a problem:\n{solution}\n\nSolve the problem in your own words."
 )
 ANSWER_TEMPLATE = "{problem}\n\nThe correct final answer is {answer}. Solve the problem and reach this answer."
 CONCISE_INSTRUCTION = (
@@ -58,8 +61,9 @@ def fill(template: str, problem: Problem) -> str:
 def teacher_user_message(
     problem: Problem, context: TeacherContext, template: str, concise_instruction: str
 ) -> str:
-    """The teacher's user turn for one problem."""
-    if context == "reference":
+    """The teacher's user turn for one problem (`purified`: its πT view, the same as `reference`;
+    `memo` needs the memo and is built by opsd.memo.memo_teacher_message)."""
+    if context in ("reference", "purified"):
         if not problem.solution:
             raise UserError(f"problem '{problem.id}' has no reference solution, which teacher.context=reference needs")
         return fill(REFERENCE_TEMPLATE, problem)
@@ -69,7 +73,13 @@ def teacher_user_message(
         return f"{concise_instruction}\n\n{problem.problem}"
     if context == "template":
         return fill(template, problem)
+    if context == "memo":
+        return problem.problem  # placeholder: replaced per rollout once the memo is written
     raise ValueError(f"unknown teacher context {context!r}")
+
+
+def reference_only_message(problem: Problem) -> str:
+    return fill(REFERENCE_ONLY_TEMPLATE, problem)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> list[int]:

@@ -102,3 +102,22 @@ def teacher_hidden(model: nn.Module, packed: Packed, teacher: TeacherWeightsStat
     with teacher.active(), torch.inference_mode():
         hidden_N_H = response_hidden(Backbone(model), packed)
     return hidden_N_H.clone()  # a normal tensor, usable next to autograd outside inference mode
+
+
+class ExternalTeacher:
+    """A different checkpoint as the teacher (e.g. a larger one), frozen, possibly on another device
+    or in another dtype. Its hidden states and head come back on the student's device."""
+
+    def __init__(self, model: nn.Module, student_device: torch.device):
+        self.model = model.eval().requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.student_device = student_device
+        self._head = output_head(model).detach().to(student_device)
+
+    def hidden(self, packed_on_teacher_device: Packed) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden_N_H = response_hidden(Backbone(self.model), packed_on_teacher_device)
+        return hidden_N_H.to(self.student_device).clone()
+
+    def head(self) -> torch.Tensor:
+        return self._head

@@ -144,14 +144,14 @@ def test_a_non_finite_gradient_skips_the_step_and_is_counted(tmp_path, monkeypat
 
     import opsd.distill
 
-    real, calls = opsd.distill.chunked_divergence, []
+    real, calls = opsd.distill.chunked_divergence_to, []
 
     def poisoned_on_second_step(*args, **kwargs):
         calls.append(1)
         result = real(*args, **kwargs)
         return dataclasses.replace(result, loss=result.loss * float("nan")) if len(calls) == 2 else result
 
-    monkeypatch.setattr(opsd.distill, "chunked_divergence", poisoned_on_second_step)
+    monkeypatch.setattr(opsd.distill, "chunked_divergence_to", poisoned_on_second_step)
     out = distill(tmp_path, "run.steps=3", "run.save_every=1", "optim.micro_batch_size=8")
     assert len(calls) == 3
     assert [r["optim/skipped_steps"] for r in metrics(out)] == [0, 1, 1]
