@@ -152,3 +152,13 @@ def test_chunked_divergence_to_a_linear_teacher_is_the_plain_one():
     a = chunked_divergence(hs, head, ht, head, w, y, chunk_size=3)
     b = chunked_divergence_to(hs, head, lambda part: ht[part] @ head.T, w, y, chunk_size=3)
     torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_external_teacher_in_another_dtype(tmp_path):
+    folder = save_tiny(tmp_path / "teacher")
+    common = [str(ROOT / "configs/tiny.yaml"), "run.steps=1", "run.tensorboard=false", "sampling.max_new_tokens=12",
+              f"teacher.model.name_or_path={folder}"]
+    assert main(["distill", *common, f"run.output_dir={tmp_path / 'fp32'}"]) == 0
+    assert main(["distill", *common, f"run.output_dir={tmp_path / 'bf16'}", "teacher.model.dtype=bfloat16"]) == 0
+    fp32, bf16 = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("fp32", "bf16"))
+    assert bf16["loss/divergence"] == pytest.approx(fp32["loss/divergence"], rel=0.2, abs=1e-3)
