@@ -245,19 +245,8 @@ def train_step(
                 continue
             responses = [r.response_ids for r, _ in batch]
             with timer("teacher"):
-                model.eval()
-                views = [batch_teacher_prompts]
-                if config.teacher.context == "purified":
-                    views += [[prompts.reference_only[r.problem_index] for r, _ in batch],
-                              [prompts.student[r.problem_index] for r, _ in batch]]
-                with autocast(config.optim, device):
-                    hidden_views = [view_hidden(model, teacher, external, view, responses, tokenizer.pad_token_id, device)
-                                    for view in views]
-                head_t = external.head() if external is not None else teacher.head()
-                if config.teacher.context == "purified":
-                    target = PurifiedTarget(*hidden_views, head_t, config.teacher.purified_clip, config.teacher.purified_beta)
-                else:
-                    target = lambda part, h=hidden_views[0]: h[part] @ head_t.T  # noqa: E731
+                target = teacher_target(config, model, teacher, external, batch, batch_teacher_prompts, prompts,
+                                        tokenizer.pad_token_id, device)
             with timer("student"):
                 model.train()
                 packed_s = pack([prompts.student[r.problem_index] for r, _ in batch], responses, tokenizer.pad_token_id, device)
@@ -310,6 +299,25 @@ def train_step(
         "throughput/train_tokens_per_s": kept_tokens / (teacher_s + student_s) if kept_tokens else float("nan"),
         "skipped": skipped,
     }
+
+
+def teacher_target(config: DistillConfig, model, teacher: TeacherWeightsState, external: ExternalTeacher | None,
+                   batch, teacher_prompts: list[list[int]], prompts: StepPrompts, pad_id: int, device: torch.device):
+    """The teacher of one micro-batch as a function from a slice of response positions to [C × V]
+    logits: one view (its prompt ‖ the responses) projected by the teacher's head, or Purified OPSD's
+    target from three views. Hidden states are computed here, once, without autograd."""
+    responses = [r.response_ids for r, _ in batch]
+    views = [teacher_prompts]
+    if config.teacher.context == "purified":
+        views += [[prompts.reference_only[r.problem_index] for r, _ in batch],
+                  [prompts.student[r.problem_index] for r, _ in batch]]
+    model.eval()
+    with autocast(config.optim, device):
+        hidden = [view_hidden(model, teacher, external, view, responses, pad_id, device) for view in views]
+    head = external.head() if external is not None else teacher.head()
+    if config.teacher.context == "purified":
+        return PurifiedTarget(*hidden, head, config.teacher.purified_clip, config.teacher.purified_beta)
+    return lambda part: hidden[0][part] @ head.T
 
 
 def rollout_teacher_prompts(teacher: TeacherConfig, model, tokenizer, kept, problems: list[Problem],
