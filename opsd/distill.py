@@ -197,6 +197,7 @@ def run_distill(config: DistillConfig) -> Path | None:
                 save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step},
                                 teacher.state_dict())
     log.close()
+    del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()
     return run_dir
 

@@ -34,7 +34,11 @@ def setup(device: torch.device) -> int:
 
 
 def teardown() -> None:
+    """Wait for every process, then destroy the group. Callers drop their DistributedDataParallel
+    wrapper first: its reducer holds the group, and a group destroyed from a reducer's finaliser at
+    function exit was seen to deadlock (gloo's worker thread waiting for the GIL the finaliser holds)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

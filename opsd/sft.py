@@ -137,5 +137,6 @@ def run_sft(config: SFTConfig) -> Path | None:
         if run_dir is not None and checkpoint_due(step, config.run.steps, config.run.save_every):
             save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, "stage": "sft"})
     log.close()
+    del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()
     return run_dir

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,6 +28,7 @@ def run(out: Path, processes: int) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
 
+@pytest.mark.slow  # an intermittent exit deadlock of gloo was seen once in a few suite runs: kept out of CI
 def test_two_processes_compute_the_single_process_gradient(tmp_path):
     single, double = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
     assert single["rollout/count"] == 4 and double["rollout/count"] == 2  # rank 0 logs its half
@@ -38,6 +40,4 @@ def test_two_processes_compute_the_single_process_gradient(tmp_path):
 
 
 def pytest_approx(value):
-    import pytest
-
     return pytest.approx(value, rel=1e-4)
