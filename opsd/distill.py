@@ -78,7 +78,7 @@ class LossConfig:
     clip_tau: float | None = None  # cap on each (position, vocab) term before summing (OPSD: 0.05)
     estimator: Estimator = "full"  # full | topk | sampled
     top_k: int = 64  # entries kept by estimator=topk
-    chunk_size: int = 512  # positions per chunk of the full-vocabulary divergence
+    chunk_size: int = 256  # positions per chunk of the full-vocabulary divergence
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def chunked_divergence(
     targets_N: torch.Tensor,
     reverse_N: torch.Tensor | None = None,
     *,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     **divergence_options,
 ) -> ChunkedDivergence:
     """Σ_n w_n·D_n from final hidden states, never holding more than C × V logits per side.
@@ -168,7 +168,7 @@ def chunked_divergence_to(
     targets_N: torch.Tensor,
     reverse_N: torch.Tensor | None = None,
     *,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     **divergence_options,
 ) -> ChunkedDivergence:
     """The same, toward any teacher whose [C × V] logits (or log-probabilities) for a slice of
@@ -181,9 +181,13 @@ def chunked_divergence_to(
 
 
 class _FusedChunkedDivergence(torch.autograd.Function):
-    """Per chunk: logits → divergence → d(loss)/d(logits) by autograd on the [C × V] block only,
-    then the two small matmuls that carry it to the hidden states and (accumulated in place) to the
-    head. Nothing of size [V × H] is allocated per chunk."""
+    """Per chunk: logits → divergence → d(loss)/d(logits) on the [C × V] block only, then the two
+    matmuls that carry it to the hidden states and (accumulated in place) to the head. Nothing of
+    size [V × H] is allocated per chunk.
+
+    The full-vocabulary estimator takes the gradient analytically (`_divergence_and_gradient`),
+    writing it over the chunk's student logits a few rows at a time, so a chunk costs two [C × V]
+    buffers; the top-k and sampled estimators take it by autograd on the chunk."""
 
     @staticmethod
     def forward(ctx, hidden_s, head_s, weight_N, options):  # type: ignore[override]
@@ -192,6 +196,9 @@ class _FusedChunkedDivergence(torch.autograd.Function):
         chunk_size = options.pop("chunk_size")
         targets_N = options.pop("targets_N")
         reverse_N = options.pop("reverse_N")
+        if options.get("kind") == "branched" and reverse_N is None:
+            raise ValueError("kind='branched' needs reverse_N")
+        analytic = options.get("estimator", "full") == "full"
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         accumulate = torch.promote_types(head_s.dtype, torch.float32)
         grad_h = torch.zeros_like(hidden_s) if need_h else None
@@ -201,25 +208,27 @@ class _FusedChunkedDivergence(torch.autograd.Function):
         for start in range(0, hidden_s.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             h = hidden_s[part]
-            student_logits = (h @ head_s.T).requires_grad_(need_h or need_w)
-            with torch.enable_grad():
-                result = token_divergence(
-                    student_logits, teacher_logits(part).detach(), targets_N[part],
-                    None if reverse_N is None else reverse_N[part], **options,
-                )
-                chunk_loss = (result.loss_N * weight_N[part]).sum()
-            values.append(result.value_N)
-            entropies.append(result.entropy_N)
-            clipped.append(result.clipped_N)
-            total += chunk_loss.detach()
-            if need_h or need_w:
-                (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
-                del result, chunk_loss, student_logits  # free the chunk's buffers before the matmuls
-                if need_h:
-                    grad_h[part] = grad_logits @ head_s
-                if need_w:
-                    grad_w.addmm_(grad_logits.T.to(accumulate), h.to(accumulate))
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(head_s.dtype))
+            reverse_C = None if reverse_N is None else reverse_N[part]
+            if analytic:
+                grad_logits = h @ head_s.T  # becomes the gradient in place
+                value_C, entropy_C, clipped_C = _divergence_and_gradient(
+                    grad_logits, teacher_logits(part), weight_N[part], reverse_C, **options)
+                chunk_loss = (value_C * weight_N[part]).sum()
+            else:
+                grad_logits, chunk_loss, (value_C, entropy_C, clipped_C) = _autograd_chunk(
+                    h @ head_s.T, teacher_logits(part), weight_N[part], targets_N[part], reverse_C, options)
+            values.append(value_C)
+            entropies.append(entropy_C)
+            clipped.append(clipped_C)
+            total += chunk_loss
+            if need_h:
+                grad_h[part] = grad_logits @ head_s
+            if need_w:
+                grad_w.addmm_(grad_logits.T.to(accumulate), h.to(accumulate))
+            del grad_logits  # free the chunk's logits before the next chunk allocates its own
+        # kept as plain attributes (they are neither inputs nor outputs) so that backward can hand
+        # over the only reference and autograd stores them as .grad without copying
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(head_s.dtype))
         if not values:  # no response positions at all
             empty = hidden_s.new_zeros(0, dtype=total.dtype)
             values, entropies, clipped = [empty], [empty], [empty.bool()]
@@ -229,7 +238,91 @@ class _FusedChunkedDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        # the saved gradients are used once: scale them in place rather than allocating copies
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        # the gradients are used once: scale them in place rather than allocating copies
         scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731
         return scale(grad_h), scale(grad_w), None, None
+
+
+def _autograd_chunk(student_logits, teacher_logits, weight_C, targets_C, reverse_C, options):
+    """d(Σ w·D)/d(logits) of one chunk by autograd through `token_divergence` (any estimator)."""
+    student_logits.requires_grad_(True)
+    with torch.enable_grad():
+        result = token_divergence(student_logits, teacher_logits.detach(), targets_C, reverse_C, **options)
+        chunk_loss = (result.loss_N * weight_C).sum()
+        (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
+    return grad_logits, chunk_loss.detach(), (result.value_N, result.entropy_N, result.clipped_N)
+
+
+ROWS_PER_BLOCK = {"cpu": 8, "cuda": 128}  # rows whose [rows × V] temporaries live at once
+
+
+def _divergence_and_gradient(
+    logits_C_V: torch.Tensor,
+    teacher_logits_C_V: torch.Tensor,
+    weight_C: torch.Tensor,
+    reverse_C: torch.Tensor | None,
+    *,
+    kind: DivergenceKind = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip_tau: float | None = None,
+    estimator: Estimator = "full",
+    top_k: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full-vocabulary divergence of each row, with d(Σ w·D)/d(logits) written over `logits_C_V`.
+
+    Works a few rows at a time (fp32 temporaries of [rows × V]); returns value, entropy and clipped
+    per row. Each divergence term t_v depends on the student only through its own log pS_v, so with
+    slope_v = m_v·∂t_v/∂log pS_v (m_v = 0 where the clip caps t_v) the softmax chain rule gives
+    ∂D/∂logits_v = (slope_v − pS_v·Σ_u slope_u)/T.
+    """
+    del estimator, top_k  # full vocabulary only
+    rows = ROWS_PER_BLOCK.get(logits_C_V.device.type, 32)
+    values, entropies, clipped = [], [], []
+    for start in range(0, logits_C_V.shape[0], rows):
+        block = slice(start, start + rows)
+        logp_s = _finite_log_softmax(logits_C_V[block], temperature)
+        logp_t = _finite_log_softmax(teacher_logits_C_V[block], temperature)
+        p_s = logp_s.exp()
+        entropies.append(-(p_s * logp_s).sum(-1))
+        reverse_R = None if reverse_C is None else reverse_C[block, None]
+        terms, slopes = _terms_and_slopes(logp_s, p_s, logp_t, kind, beta, reverse_R)
+        if clip_tau is None:
+            clipped.append(torch.zeros(terms.shape[0], dtype=torch.bool, device=terms.device))
+        else:
+            capped = terms > clip_tau
+            clipped.append(capped.any(-1))
+            terms, slopes = terms.clamp(max=clip_tau), slopes.masked_fill(capped, 0.0)
+        values.append(terms.sum(-1))
+        grad = slopes.sub_(p_s * slopes.sum(-1, keepdim=True)).mul_(weight_C[block, None] / temperature)
+        logits_C_V[block] = grad
+    return torch.cat(values), torch.cat(entropies), torch.cat(clipped)
+
+
+def _finite_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 log-softmax with −inf (masked entries) raised to the lowest finite float, so that
+    0·log 0 terms come out as 0 instead of nan."""
+    logp = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
+    return logp.clamp_(min=torch.finfo(logp.dtype).min)
+
+
+def _terms_and_slopes(logp_s, p_s, logp_t, kind: DivergenceKind, beta: float, reverse_R):
+    """Per-entry terms t_v of the divergence (summing to it) and ∂t_v/∂log pS_v."""
+    if kind == "branched":
+        reverse = _terms_and_slopes(logp_s, p_s, logp_t, "reverse_kl", beta, None)
+        forward = _terms_and_slopes(logp_s, p_s, logp_t, "forward_kl", beta, None)
+        return tuple(torch.where(reverse_R, r, f) for r, f in zip(reverse, forward))
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        log_ratio = logp_s - logp_t
+        return p_s * log_ratio, p_s * (log_ratio + 1.0)
+    p_t = logp_t.exp()
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return p_t * (logp_t - logp_s), -p_t
+    if kind == "jsd":
+        logp_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log(1.0 - beta))
+        student_side = (1.0 - beta) * p_s * (logp_s - logp_m)
+        # ∂/∂log pS of β·pT·log(pT/M) + (1−β)·pS·log(pS/M) collapses to (1−β)·pS·log(pS/M)
+        return beta * p_t * (logp_t - logp_m) + student_side, student_side
+    raise ValueError(f"unknown divergence kind {kind!r}")
