@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_due, open_run_dir, save_checkpoint
+from opsd.checkpoint import checkpoint_due, crash_point, open_run_dir, restore, resume_point, save_run_checkpoint
 from opsd.data import Fields, Problem, load_problems
 from opsd.divergence import DivergenceKind, Estimator, chunked_divergence_to
 from opsd.errors import UserError, require
@@ -45,8 +45,8 @@ from opsd.prompts import (CONCISE_INSTRUCTION, TeacherContext, check_template, r
                           teacher_user_message)
 from opsd.rollout import SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, has_answers, pack, response_hidden
 from opsd.teacher import ExternalTeacher, TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
-from opsd.training import (OptimConfig, Timer, autocast, check_optim, guarded_step, load_policy, make_optimizer,
-                           set_lr, step_items)
+from opsd.training import (OptimConfig, Timer, advance, autocast, check_not_diverged, check_optim, guarded_step,
+                           load_policy, make_optimizer, new_progress, set_lr, step_items, step_seed)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ class RunConfig:
     steps: int = 100  # optimizer steps
     problems_per_step: int = 32  # problems sampled per step (× sampling.n rollouts)
     save_every: int = 0  # checkpoint every k steps (0: only at the end)
+    keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all)
+    resume: bool = False  # insist on continuing the run in output_dir (it continues anyway when there is one)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     grader_timeout_s: float = 5.0  # per-answer limit of the math-verify worker
@@ -120,6 +122,7 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
         ("run.steps", run.steps >= 1, "at least 1"),
         ("run.problems_per_step", run.problems_per_step >= world, f"at least the number of processes ({world})"),
         ("run.save_every", run.save_every >= 0, "non-negative"),
+        ("run.keep_last", run.keep_last >= 0, "non-negative"),
         ("run.grader_timeout_s", run.grader_timeout_s > 0, "positive"),
     )
     check_optim(optim)
@@ -156,6 +159,7 @@ def run_distill(config: DistillConfig) -> Path | None:
     checked before the folder is created."""
     world = distributed.world_size()
     check_options(config, world)
+    resume_from = resume_point(config)
     problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config))
     device = distributed.device(config.run.device)
     tokenizer = load_tokenizer(config.model)
@@ -175,12 +179,13 @@ def run_distill(config: DistillConfig) -> Path | None:
     teacher = TeacherWeightsState(model, config.teacher.weights, uses_lora=config.model.lora_rank > 0)
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
-    run_dir = open_run_dir(config, rank)
-    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
-    generator = torch.Generator(device=device).manual_seed(config.run.seed * 1000 + rank)
-    skipped = 0
+    progress = restore(resume_from, model, optimizer, teacher) if resume_from else new_progress()
+    run_dir = open_run_dir(config, rank, resume_from)
+    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
+    generator = torch.Generator(device=device)
     with Grader(timeout_s=config.run.grader_timeout_s) as grader:
-        for step in range(1, config.run.steps + 1):
+        for step in range(progress["step"] + 1, config.run.steps + 1):
+            generator.manual_seed(step_seed(config.run.seed, rank, step))
             set_lr(optimizer, config.optim, step, config.run.steps)
             indices = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             indices = distributed.shard(indices, rank, world)
@@ -188,14 +193,17 @@ def run_distill(config: DistillConfig) -> Path | None:
                                   [reference_prompts[i] for i in indices] if reference_prompts else None)
             metrics = train_step(config, model, backbone, teacher, external, optimizer, tokenizer, grader, generator,
                                  [problems[i] for i in indices], prompts, device)
-            skipped += int(metrics.pop("skipped"))
+            progress = advance(progress, step, metrics.pop("skipped"))
             teacher_changed = teacher.after_step(step)
-            metrics.update({"optim/skipped_steps": skipped, "teacher/updated": teacher_changed})
+            metrics.update({"optim/skipped_steps": progress["skipped"], "teacher/updated": teacher_changed})
             log.write(step, metrics, postfix={"div": metrics["loss/divergence"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
-            if run_dir is not None and checkpoint_due(step, config.run.steps, config.run.save_every):
-                save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step},
-                                teacher.state_dict())
+            crash_point("step")
+            stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
+            if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
+                save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": "distill"},
+                                    config.run.keep_last, teacher.state_dict())
+            check_not_diverged(progress, config.optim, config.run.output_dir)
     log.close()
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()

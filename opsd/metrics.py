@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path | None, total_steps: int, tensorboard: bool = True):
+    def __init__(self, run_dir: Path | None, total_steps: int, tensorboard: bool = True, done: int = 0):
         self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if run_dir else None
         self.board = _summary_writer(run_dir / "tensorboard") if run_dir and tensorboard else None
-        self.bar = tqdm(total=total_steps, disable=run_dir is None, dynamic_ncols=True, desc="opsd")
+        self.bar = tqdm(total=total_steps, initial=done, disable=run_dir is None, dynamic_ncols=True, desc="opsd")
 
     def write(self, step: int, metrics: dict[str, Any], postfix: dict[str, float] | None = None) -> None:
         """Append one step's metrics; `postfix` is what the progress bar shows."""

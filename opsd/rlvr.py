@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_due, open_run_dir, save_checkpoint
+from opsd.checkpoint import checkpoint_due, open_run_dir, restore, resume_point, save_run_checkpoint
+from opsd.faults import crash_point
 from opsd.data import Fields, load_problems
 from opsd.errors import require
 from opsd.grading import Grader
@@ -41,8 +42,8 @@ from opsd.policy_loss import clipped_policy_loss, group_advantages, informative_
 from opsd.prompts import render_prompt
 from opsd.rollout import Rollout, SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, pack, response_hidden
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState
-from opsd.training import (OptimConfig, Timer, autocast, check_optim, guarded_step, load_policy, make_optimizer,
-                           set_lr, step_items)
+from opsd.training import (OptimConfig, Timer, advance, autocast, check_not_diverged, check_optim, guarded_step,
+                           load_policy, make_optimizer, new_progress, set_lr, step_items, step_seed)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class RLVRRunConfig:
     steps: int = 100
     problems_per_step: int = 32  # P; each gets sampling.n = G rollouts
     save_every: int = 0
+    keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all)
+    resume: bool = False  # insist on continuing the run in output_dir (it continues anyway when there is one)
     seed: int = 0
     device: str = "auto"
     chunk_size: int = 1024  # positions per chunk of the vocabulary projection
@@ -104,6 +107,7 @@ def check_options(config: RLVRConfig, world: int = 1) -> None:
         ("run.steps", run.steps >= 1, "at least 1"),
         ("run.problems_per_step", run.problems_per_step >= world, f"at least the number of processes ({world})"),
         ("run.save_every", run.save_every >= 0, "non-negative"),
+        ("run.keep_last", run.keep_last >= 0, "non-negative"),
         ("run.chunk_size", run.chunk_size >= 1, "at least 1"),
     )
 
@@ -112,6 +116,7 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
     """Train; return the run folder (None on ranks other than 0)."""
     world = distributed.world_size()
     check_options(config, world)
+    resume_from = resume_point(config)
     problems = load_problems(config.data.path, config.data.fields, require_answer=True)
     device = distributed.device(config.run.device)
     tokenizer = load_tokenizer(config.model)
@@ -124,23 +129,27 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
         if config.grpo.kl_coef > 0 else None
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
-    run_dir = open_run_dir(config, rank)
-    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
-    generator = torch.Generator(device=device).manual_seed(config.run.seed * 1000 + rank)
-    skipped = 0
+    progress = restore(resume_from, model, optimizer, reference) if resume_from else new_progress()
+    run_dir = open_run_dir(config, rank, resume_from)
+    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
+    generator = torch.Generator(device=device)
     with Grader(timeout_s=config.run.grader_timeout_s) as grader:
-        for step in range(1, config.run.steps + 1):
+        for step in range(progress["step"] + 1, config.run.steps + 1):
+            generator.manual_seed(step_seed(config.run.seed, rank, step))
             set_lr(optimizer, config.optim, step, config.run.steps)
             indices = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             indices = distributed.shard(indices, rank, world)
             metrics = rlvr_step(config, model, backbone, reference, optimizer, tokenizer, grader, generator,
                                 [problems[i] for i in indices], [prompts[i] for i in indices], device)
-            skipped += int(metrics.pop("skipped"))
-            metrics["optim/skipped_steps"] = skipped
+            progress = advance(progress, step, metrics.pop("skipped"))
+            metrics["optim/skipped_steps"] = progress["skipped"]
             log.write(step, metrics, postfix={"reward": metrics["reward/mean"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
-            if run_dir is not None and checkpoint_due(step, config.run.steps, config.run.save_every):
-                save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, "stage": "rlvr"})
+            crash_point("step")
+            stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
+            if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
+                save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": "rlvr"}, config.run.keep_last)
+            check_not_diverged(progress, config.optim, config.run.output_dir)
     log.close()
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()

@@ -15,6 +15,7 @@ from torch import nn
 
 from opsd.data import Problem
 from opsd.errors import require
+from opsd.faults import crash_point
 from opsd.grading import Grader
 from opsd.models import causal_lm
 
@@ -92,6 +93,7 @@ def _sample_batch(model, prompts, config, eos_ids, pad_id, generator):
         lengths_B[active_A[ended_A]] = step + 1
         if step + 1 == config.max_new_tokens or bool(ended_A.all()):
             break
+        crash_point("decode")
         if bool(ended_A.any()):
             # drop finished rows from the batch (and their KV cache) so later steps do less work
             keep_A = (~ended_A).nonzero().squeeze(-1)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_due, open_run_dir, save_checkpoint
+from opsd.checkpoint import checkpoint_due, open_run_dir, restore, resume_point, save_run_checkpoint
+from opsd.faults import crash_point
 from opsd.data import load_pairs
 from opsd.errors import require
 from opsd.logprobs import chunked_token_logprobs
@@ -28,7 +29,8 @@ from opsd.metrics import MetricsLog
 from opsd.models import Backbone, ModelConfig, load_tokenizer, output_head
 from opsd.prompts import render_prompt
 from opsd.rollout import pack, response_hidden
-from opsd.training import OptimConfig, autocast, check_optim, guarded_step, load_policy, make_optimizer, set_lr, step_items
+from opsd.training import (OptimConfig, advance, autocast, check_not_diverged, check_optim, guarded_step, load_policy,
+                           make_optimizer, new_progress, set_lr, step_items)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class SFTRunConfig:
     steps: int = 1000  # optimizer steps
     sequences_per_step: int = 32  # sequences per optimizer step
     save_every: int = 0  # checkpoint every k steps (0: only at the end)
+    keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all)
+    resume: bool = False  # insist on continuing the run in output_dir (it continues anyway when there is one)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     chunk_size: int = 1024  # positions per chunk of the vocabulary projection
@@ -73,6 +77,7 @@ def check_options(config: SFTConfig, world: int = 1) -> None:
         ("run.steps", run.steps >= 1, "at least 1"),
         ("run.sequences_per_step", run.sequences_per_step >= world, f"at least the number of processes ({world})"),
         ("run.save_every", run.save_every >= 0, "non-negative"),
+        ("run.keep_last", run.keep_last >= 0, "non-negative"),
         ("run.chunk_size", run.chunk_size >= 1, "at least 1"),
     )
 
@@ -95,6 +100,7 @@ def run_sft(config: SFTConfig) -> Path | None:
     """Train; return the run folder (None on ranks other than 0)."""
     world = distributed.world_size()
     check_options(config, world)
+    resume_from = resume_point(config)
     pairs = load_pairs(config.data.path, config.data.problem_field, config.data.response_field)
     device = distributed.device(config.run.device)
     tokenizer = load_tokenizer(config.model)
@@ -104,10 +110,11 @@ def run_sft(config: SFTConfig) -> Path | None:
     model = load_policy(config.model, config.optim, device)
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
-    run_dir = open_run_dir(config, rank)
-    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard)
+    progress = restore(resume_from, model, optimizer) if resume_from else new_progress()
+    run_dir = open_run_dir(config, rank, resume_from)
+    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
     model.train()
-    for step in range(1, config.run.steps + 1):
+    for step in range(progress["step"] + 1, config.run.steps + 1):
         started = time.perf_counter()
         set_lr(optimizer, config.optim, step, config.run.steps)
         indices = step_items(len(examples), step, config.run.sequences_per_step, config.data.shuffle, config.run.seed)
@@ -129,13 +136,17 @@ def run_sft(config: SFTConfig) -> Path | None:
                 (-logp_N.sum() * (world / total_tokens)).backward()
                 loss_sum -= float(logp_N.detach().sum())
         grad_norm, skipped = guarded_step(model, optimizer, config.optim.max_grad_norm)
+        progress = advance(progress, step, skipped)
         seconds = time.perf_counter() - started
         log.write(step, {"loss/nll": loss_sum / tokens, "optim/grad_norm": grad_norm, "optim/skipped": skipped,
                          "optim/lr": optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
                          "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
                   postfix={"nll": loss_sum / tokens})
-        if run_dir is not None and checkpoint_due(step, config.run.steps, config.run.save_every):
-            save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, "stage": "sft"})
+        crash_point("step")
+        stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
+        if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
+            save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": "sft"}, config.run.keep_last)
+        check_not_diverged(progress, config.optim, config.run.output_dir)
     log.close()
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()

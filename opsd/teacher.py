@@ -84,6 +84,14 @@ class TeacherWeightsState:
         return {name: saved.detach().contiguous() for name, saved in zip(self.names, self.snapshot)}
 
     @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back a snapshot saved by `state_dict` (resuming a run)."""
+        if self.snapshot is None:
+            return
+        for name, saved in zip(self.names, self.snapshot):
+            saved.copy_(tensors[name])
+
+    @torch.no_grad()
     def after_step(self, step: int) -> bool:
         """Update after optimizer step `step` (1-based); True when the teacher changed."""
         if self.config.policy == "refresh" and step % self.config.refresh_every == 0:

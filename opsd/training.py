@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from opsd.errors import require
+from opsd.errors import UserError, require
 from opsd.models import ModelConfig, add_lora, load_model
 
 
@@ -33,6 +33,7 @@ class OptimConfig:
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a step)
     gradient_checkpointing: bool = False  # recompute activations in the backward
     bf16: bool = True  # bf16 autocast (GPU only)
+    max_skipped_in_a_row: int = 5  # stop the run after this many non-finite steps in a row
 
 
 def check_optim(optim: OptimConfig) -> None:
@@ -43,6 +44,7 @@ def check_optim(optim: OptimConfig) -> None:
         ("optim.warmup_steps", optim.warmup_steps >= 0, "non-negative"),
         ("optim.max_grad_norm", optim.max_grad_norm > 0, "positive"),
         ("optim.micro_batch_size", optim.micro_batch_size >= 1, "at least 1"),
+        ("optim.max_skipped_in_a_row", optim.max_skipped_in_a_row >= 1, "at least 1"),
     )
 
 
@@ -92,6 +94,31 @@ def guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
 def autocast(optim: OptimConfig, device: torch.device):
     """bf16 autocast on GPU, for every forward of a stage alike (fp32 weights stay the master copy)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=optim.bf16 and device.type == "cuda")
+
+
+def new_progress() -> dict[str, int]:
+    """Where a run stands: optimizer steps done, steps skipped as non-finite (in all, and in a row)."""
+    return {"step": 0, "skipped": 0, "skipped_in_a_row": 0}
+
+
+def advance(progress: dict[str, int], step: int, skipped: bool) -> dict[str, int]:
+    return {"step": step, "skipped": progress["skipped"] + int(skipped),
+            "skipped_in_a_row": progress["skipped_in_a_row"] + 1 if skipped else 0}
+
+
+def check_not_diverged(progress: dict[str, int], optim: OptimConfig, output_dir: str) -> None:
+    """After `optim.max_skipped_in_a_row` non-finite steps in a row the run stops (its last
+    checkpoint, written just before, holds the weights of the last good step)."""
+    if progress["skipped_in_a_row"] >= optim.max_skipped_in_a_row:
+        raise UserError(f"training stopped after step {progress['step']}: {progress['skipped_in_a_row']} steps in a row "
+                        f"had a non-finite loss or gradient (try a lower optim.lr); the last good weights are in "
+                        f"{output_dir}/checkpoints/step_{progress['step']:06d}")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The sampling generator's seed for one step of one process: a run resumed at any step draws
+    the same samples as one that never stopped, with no generator state to save."""
+    return (seed * 1_000_003 + rank) * 1_000_003 + step
 
 
 def step_items(count: int, step: int, per_step: int, shuffle: bool, seed: int) -> list[int]:

@@ -68,7 +68,7 @@ def test_frozen_teacher_stays_at_the_initial_weights(tmp_path):
 
 
 def test_refresh_teacher_copies_the_student_every_m_steps(tmp_path):
-    out = distill(tmp_path, "run.steps=5", "run.save_every=1", "teacher.weights.policy=refresh",
+    out = distill(tmp_path, "run.steps=5", "run.save_every=1", "run.keep_last=0", "teacher.weights.policy=refresh",
                   "teacher.weights.refresh_every=2")
     initial = dict(build_tiny()[0].named_parameters())
     student = {s: model_weights(out / "checkpoints" / f"step_{s:06d}") for s in range(1, 6)}

@@ -1,0 +1,22 @@
+"""A testing hook for crash safety: the tests kill runs with SIGKILL at chosen moments (mid-generation,
+after a step, while a checkpoint is being written) and check that the resumed run ends where an
+uninterrupted one does."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_crash_counts: Counter[str] = Counter()
+
+
+def crash_point(name: str) -> None:
+    """Testing hook: with OPSD_CRASH_AT=name:N in the environment, the process kills itself (SIGKILL,
+    as a cluster would) the N-th time it passes this point. Does nothing otherwise."""
+    wanted = os.environ.get("OPSD_CRASH_AT")
+    if not wanted or wanted.rpartition(":")[0] != name:
+        return
+    _crash_counts[name] += 1
+    if _crash_counts[name] == int(wanted.rpartition(":")[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
