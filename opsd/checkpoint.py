@@ -82,7 +82,7 @@ def resume_point(config: Any) -> Path | None:
         if config.run.resume:
             raise UserError(f"run.resume: {run_dir} holds no run to resume")
         return None
-    _check_same_config(run_dir, config)
+    check_same_config(run_dir, dataclasses.asdict(config), CHANGEABLE_ON_RESUME)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None and config.run.resume:
         raise UserError(f"run.resume: {run_dir} holds no complete checkpoint to resume from")
@@ -93,11 +93,11 @@ def _holds_run(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file()
 
 
-def _check_same_config(run_dir: Path, config: Any) -> None:
+def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...]) -> None:
+    """Refuse to continue the run in `run_dir` under a config that differs in other keys than `changeable`."""
     saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
-    current = _flatten(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config))))
-    differ = [k for k in sorted(saved.keys() | current.keys())
-              if k not in CHANGEABLE_ON_RESUME and saved.get(k) != current.get(k)]
+    current = _flatten(yaml.safe_load(yaml.safe_dump(config)))
+    differ = [k for k in sorted(saved.keys() | current.keys()) if k not in changeable and saved.get(k) != current.get(k)]
     if differ:
         key = differ[0]
         raise UserError(f"output folder {run_dir} holds a run of another config ({key} is {saved.get(key)!r} there, "

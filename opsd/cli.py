@@ -1,6 +1,7 @@
 """The `opsd` command.
 
-    opsd distill CONFIG [key=value ...]   on-policy self-distillation (opsd/distill.py)
+    opsd distill CONFIG [--resume] [key=value ...]
+                                           on-policy self-distillation (opsd/distill.py)
     opsd sft CONFIG [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
     opsd rlvr CONFIG [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
     opsd pipeline CONFIG [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser("distill", help="post-train a model with on-policy self-distillation")
     distill.add_argument("config", help="YAML config file (see configs/)")
+    distill.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")
     distill.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.kind=forward_kl")
     evaluate = commands.add_parser("eval", help="accuracy, lengths and reflective markers on benchmark files")
     evaluate.add_argument("arguments", nargs="*", metavar="[CONFIG] key=value",
@@ -33,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
                                "e.g. data=[a.jsonl] --responses r.jsonl (or responses=r.jsonl)")
     sft = commands.add_parser("sft", help="supervised fine-tuning on problem/response pairs")
     sft.add_argument("config", help="YAML config file")
+    sft.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")
     sft.add_argument("overrides", nargs="*", help="key=value overrides")
     rlvr = commands.add_parser("rlvr", help="GRPO/DAPO with the verifiable math reward")
     rlvr.add_argument("config", help="YAML config file")
+    rlvr.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")
     rlvr.add_argument("overrides", nargs="*", help="key=value overrides")
     pipeline = commands.add_parser("pipeline", help="run stages in order, evaluate each, write a summary table")
     pipeline.add_argument("config", help="YAML config file (see configs/pipeline-tiny.yaml)")
+    pipeline.add_argument("--resume", action="store_true", help="continue the pipeline in output_dir (refused if none)")
     pipeline.add_argument("overrides", nargs="*", help="key=value overrides")
     demo = commands.add_parser("demo", help="SFT → RLVR → OPSD on the built-in synthetic world, with its table")
     demo.add_argument("--quick", action="store_true", help="a 2-minute smoke run of every stage")
@@ -92,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
         from opsd.rlvr import RLVRConfig as Config, run_rlvr as run
     else:
         raise ValueError(args.command)
-    run_dir = run(load_config(Config, args.config, args.overrides))
+    run_dir = run(load_config(Config, args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])]))
     if run_dir is not None:  # rank 0 under torchrun
         print(f"run folder: {run_dir}")
     return 0
@@ -124,7 +129,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from opsd.config import load_config
     from opsd.pipeline import PipelineConfig, run_pipeline
 
-    out = run_pipeline(load_config(PipelineConfig, args.config, args.overrides))
+    out = run_pipeline(load_config(PipelineConfig, args.config, [*args.overrides, *(["resume=true"] if args.resume else [])]))
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")
     return 0

@@ -4,7 +4,10 @@ accuracy (mean@k ± standard error), maj@k, mean response tokens, and compressio
 started from (1 − tokens / tokens of that stage). Stages hand work to each other only through
 checkpoint folders. Every stage's config is loaded and checked before the first one runs.
 
-    opsd pipeline configs/pipeline-tiny.yaml
+Started again on its own folder (same config), a pipeline resumes: finished stages and evaluations
+are kept, the stage it was in continues from its latest checkpoint.
+
+    opsd pipeline configs/pipeline-tiny.yaml [--resume]
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from opsd.checkpoint import prepare_run_dir, save_config
+from opsd.checkpoint import check_same_config, latest_checkpoint, prepare_run_dir, save_config
 from opsd.config import load_config, to_dict
 from opsd.errors import UserError
 from opsd.eval import EvalConfig, EvalSamplingConfig, run_eval
@@ -52,7 +55,8 @@ class PipelineConfig:
     stages: tuple[StageSpec, ...] = ()
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     output_dir: str = "runs/pipeline"
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing pipeline folder (otherwise one of the same config is resumed)
+    resume: bool = False  # insist on resuming the pipeline in output_dir
     device: str = "auto"
 
 
@@ -85,7 +89,7 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         if start not in names:
             raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage")
         cls, _ = stage_runner(stage.command)
-        overrides = [*stage.overrides, f"run.output_dir={out / name}", "run.overwrite=true", f"run.device={config.device}"]
+        overrides = [*stage.overrides, f"run.output_dir={out / name}", f"run.device={config.device}"]
         stage_config = load_config(cls, stage.config or None, overrides)
         planned.append((StageSpec(name, stage.command, stage.config, stage.overrides, start), start, stage_config))
         names.append(name)
@@ -98,7 +102,12 @@ def run_pipeline(config: PipelineConfig) -> Path:
     for path in config.eval.data:
         if not Path(path).is_file():
             raise UserError(f"evaluation file {path} does not exist")
-    out = prepare_run_dir(out, config.overwrite)
+    if (out / "config.yaml").is_file() and not config.overwrite:
+        check_same_config(out, to_dict(config), ("overwrite", "resume"))
+    elif config.resume:
+        raise UserError(f"resume: {out} holds no pipeline to resume")
+    else:
+        out = prepare_run_dir(out, config.overwrite)
     save_config(out, to_dict(config))
     checkpoints = {config.start_name: config.model.name_or_path}
     rows = [evaluate(config, config.start_name, "", config.model, out, 0.0)] if config.evaluate_start else []
@@ -121,15 +130,18 @@ def _with_model(stage_config, name_or_path: str):
 
 
 def final_checkpoint(run_dir: Path) -> Path:
-    folders = sorted((run_dir / "checkpoints").glob("step_*"))
-    if not folders:
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
         raise RuntimeError(f"{run_dir} holds no checkpoint")
-    return folders[-1]
+    return checkpoint
 
 
 def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig, out: Path, train_s: float) -> dict:
-    """Evaluate one checkpoint; one summary row per benchmark file."""
+    """Evaluate one checkpoint; one summary row per benchmark file (kept in row.json: a resumed
+    pipeline does not evaluate a checkpoint twice)."""
     eval_dir = out / "eval" / stage
+    if (eval_dir / "row.json").is_file():
+        return json.loads((eval_dir / "row.json").read_text())
     if eval_dir.exists():
         shutil.rmtree(eval_dir)
     started = time.perf_counter()
@@ -141,8 +153,10 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
                                            "response_tokens_mean", "correct_response_tokens_mean",
                                            "truncation_rate", "markers_per_1k_tokens")} | {"levels": b["levels"]}
                   for b in report["benchmarks"]]
-    return {"stage": stage, "start": start, "train_s": train_s, "eval_s": time.perf_counter() - started,
-            "k": report["k"], "benchmarks": benchmarks}
+    row = {"stage": stage, "start": start, "train_s": train_s, "eval_s": time.perf_counter() - started,
+           "k": report["k"], "benchmarks": benchmarks}
+    (eval_dir / "row.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
 
 
 def add_compression(rows: list[dict]) -> list[dict]:
