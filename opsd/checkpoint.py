@@ -95,7 +95,10 @@ def _holds_run(run_dir: Path) -> bool:
 
 def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...]) -> None:
     """Refuse to continue the run in `run_dir` under a config that differs in other keys than `changeable`."""
-    saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+    try:
+        saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, AttributeError):
+        raise UserError(f"{run_dir / 'config.yaml'} is not the config of an opsd run") from None
     current = _flatten(yaml.safe_load(yaml.safe_dump(config)))
     differ = [k for k in sorted(saved.keys() | current.keys()) if k not in changeable and saved.get(k) != current.get(k)]
     if differ:
@@ -212,15 +215,24 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress:
 
 
 def read_progress(checkpoint: Path) -> dict[str, Any]:
-    state = torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=True)
+    state = _load_state(checkpoint, "cpu")
     return {k: v for k, v in state.items() if k not in ("optimizer", "adapters")}
+
+
+def _load_state(checkpoint: Path, device) -> dict[str, Any]:
+    """training_state.pt through torch's tensors-only unpickler: a crafted file cannot run code."""
+    try:
+        return torch.load(checkpoint / TRAINING_STATE, map_location=device, weights_only=True)
+    except Exception as err:  # UnpicklingError for anything but tensors and plain containers, EOFError, …
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {checkpoint} has an unreadable {TRAINING_STATE} ({message})") from None
 
 
 def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher=None) -> dict[str, int]:
     """Load weights, optimizer state and teacher snapshot of `checkpoint` into a freshly built run;
     return its progress (step and counters). The state file is read with the tensors-only loader."""
     device = next(model.parameters()).device
-    state = torch.load(checkpoint / TRAINING_STATE, map_location=device, weights_only=True)
+    state = _load_state(checkpoint, device)
     with torch.no_grad():
         if _is_peft(model):
             params = dict(model.named_parameters())

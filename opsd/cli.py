@@ -22,9 +22,16 @@ import sys
 from opsd.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported like every other: one line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"opsd: error: {message} (see '{self.prog} --help')\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opsd", description="On-policy self-distillation for reasoning models.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="opsd", description="On-policy self-distillation for reasoning models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     distill = commands.add_parser("distill", help="post-train a model with on-policy self-distillation")
     distill.add_argument("config", help="YAML config file (see configs/)")
     distill.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")

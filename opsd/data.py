@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+import collections
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,11 @@ def load_problems(path: str | Path, fields: Fields = Fields(), require_answer: b
     """Read every row of a .jsonl/.json or .parquet file into `Problem`s."""
     rows = read_rows(path)
     problems = [_to_problem(row, where, fields, require_answer) for where, row in rows]
-    seen: set[str] = set()
-    for problem in problems:
-        if problem.id in seen:
-            raise UserError(f"data file {path} has the id '{problem.id}' more than once")
-        seen.add(problem.id)
+    counts = collections.Counter(problem.id for problem in problems)
+    repeated = [id_ for id_, count in counts.items() if count > 1]
+    if repeated:  # harmless for training; said once, since it often means a file was concatenated twice
+        print(f"opsd: warning: data file {path} has {len(repeated)} id(s) more than once (first: '{repeated[0]}'); "
+              "all rows are used", file=sys.stderr)
     return problems
 
 

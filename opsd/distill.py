@@ -39,7 +39,7 @@ from opsd.gating import Gating, gate
 from opsd.grading import Grader
 from opsd.metrics import MetricsLog
 from opsd.memo import MEMO_INSTRUCTION, memo_teacher_message, write_memos
-from opsd.models import Backbone, ModelConfig, causal_lm, load_model, load_tokenizer, output_head
+from opsd.models import Backbone, ModelConfig, causal_lm, check_fits, load_model, load_tokenizer, output_head
 from opsd.purified import PurifiedTarget
 from opsd.prompts import (CONCISE_INSTRUCTION, TeacherContext, check_template, reference_only_message, render_prompt,
                           teacher_user_message)
@@ -176,6 +176,10 @@ def run_distill(config: DistillConfig) -> Path | None:
     torch.manual_seed(config.run.seed + rank)
     model = load_policy(config.model, config.optim, device)
     check_same_vocabulary(model, external)
+    memo = config.teacher.memo_max_tokens if config.teacher.context == "memo" else 0
+    longest = max(len(p) for p in [*student_prompts, *teacher_prompts, *(reference_prompts or [])]) + memo
+    check_fits(model, longest + config.sampling.max_new_tokens,
+               f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
     teacher = TeacherWeightsState(model, config.teacher.weights, uses_lora=config.model.lora_rank > 0)
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)

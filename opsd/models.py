@@ -143,6 +143,13 @@ class Backbone(nn.Module):
                        use_cache=False).last_hidden_state
 
 
+def check_fits(model: nn.Module, positions: int, what: str) -> None:
+    """Refuse work whose sequences would run past the model's context (position embeddings)."""
+    context = getattr(causal_lm(model).config, "max_position_embeddings", None)
+    if context is not None and positions > context:
+        raise UserError(f"{what} needs {positions} positions, more than the model's context of {context}")
+
+
 def output_head(model: nn.Module) -> torch.Tensor:
     """The [V × H] unembedding matrix; a bias would be silently ignored, so it is refused."""
     head = causal_lm(model).get_output_embeddings()

@@ -37,7 +37,7 @@ from opsd.errors import require
 from opsd.grading import Grader
 from opsd.logprobs import chunked_token_logprobs
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, load_tokenizer, output_head
+from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.policy_loss import clipped_policy_loss, group_advantages, informative_groups, kl_k3, overlong_penalty
 from opsd.prompts import render_prompt
 from opsd.rollout import Rollout, SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, pack, response_hidden
@@ -125,6 +125,9 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
     rank = distributed.setup(device)
     torch.manual_seed(config.run.seed + rank)
     model = load_policy(config.model, config.optim, device)
+    longest = max(len(p) for p in prompts)
+    check_fits(model, longest + config.sampling.max_new_tokens,
+               f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
     reference = TeacherWeightsState(model, TeacherWeightsConfig("frozen"), uses_lora=config.model.lora_rank > 0) \
         if config.grpo.kl_coef > 0 else None
     backbone = distributed.wrap(Backbone(model), device)

@@ -26,7 +26,7 @@ from opsd.data import load_pairs
 from opsd.errors import require
 from opsd.logprobs import chunked_token_logprobs
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, load_tokenizer, output_head
+from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.prompts import render_prompt
 from opsd.rollout import pack, response_hidden
 from opsd.training import (OptimConfig, advance, autocast, check_not_diverged, check_optim, guarded_step, load_policy,
@@ -108,6 +108,8 @@ def run_sft(config: SFTConfig) -> Path | None:
     rank = distributed.setup(device)
     torch.manual_seed(config.run.seed + rank)
     model = load_policy(config.model, config.optim, device)
+    longest = max(len(p) + len(t) for p, t in examples)
+    check_fits(model, longest, f"the longest problem and response (after data.max_length={config.data.max_length})")
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer) if resume_from else new_progress()

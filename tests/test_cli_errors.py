@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from opsd.cli import main
-from opsd.config import load_config
+import yaml
+
+from opsd.config import load_config, to_dict
 from opsd.distill import DistillConfig
 from opsd.errors import UserError
 
@@ -42,13 +44,23 @@ def cases(tmp: Path):
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     not_a_model = tmp / "not-a-model"
     not_a_model.mkdir()
+    other_vocabulary = save_tiny(tmp / "digits-only", alphabet="0123456789")
+    a_file = write(tmp / "a-file", "")
+    other_run = tmp / "other-run"
+    other_run.mkdir()
+    config = to_dict(load_config(DistillConfig, ROOT / "configs/tiny.yaml", [f"run.output_dir={other_run}", "loss.kind=jsd"]))
+    (other_run / "config.yaml").write_text(yaml.safe_dump(config))
     return [
         ("missing data file", [f"data.path={tmp / 'nope.jsonl'}"], ["nope.jsonl", "does not exist"]),
         ("empty data file", [f"data.path={write(tmp / 'empty.jsonl', '')}"], ["empty.jsonl", "no rows"]),
         ("malformed json line", [f"data.path={write(tmp / 'bad.jsonl', rows(GOOD) + BROKEN_LINE)}"], ["bad.jsonl line 2", "not valid JSON"]),
         ("missing problem", [f"data.path={write(tmp / 'np.jsonl', rows(GOOD, {'id': 'b', 'answer': '1'}))}"], ["np.jsonl line 2", "'problem'"]),
         ("missing answer with gating", [f"data.path={write(tmp / 'na.jsonl', rows({**GOOD, 'answer': ''}))}", "gating=correct_only"], ["na.jsonl line 1", "'answer'"]),
-        ("duplicate ids", [f"data.path={write(tmp / 'dup.jsonl', rows(GOOD, GOOD))}"], ["dup.jsonl", "'a' more than once"]),
+        ("missing answer field", [f"data.path={write(tmp / 'nf.jsonl', rows({'id': 'a', 'problem': 'x'}))}", "gating=correct_only"], ["nf.jsonl line 1", "'answer'"]),
+        ("prompt and response past the context", ["sampling.max_new_tokens=5000"], ["sampling.max_new_tokens (5000)", "context of 2048"]),
+        ("unwritable output folder", [f"run.output_dir={a_file / 'run'}"], ["a-file/run", "cannot be written"]),
+        ("another config's run folder", [f"run.output_dir={other_run}"], ["other-run", "another config", "loss.kind"]),
+        ("teacher with another vocabulary", [f"teacher.model.name_or_path={other_vocabulary}"], ["teacher's vocabulary"]),
         ("no reference solution", [f"data.path={write(tmp / 'ns.jsonl', rows({**GOOD, 'solution': None}))}", "teacher.context=reference"], ["'a'", "reference solution"]),
         ("unknown key", ["loss.kindd=reverse_kl"], ["loss.kindd"]),
         ("unknown section", ["nonsense.x=1"], ["nonsense"]),
@@ -89,6 +101,23 @@ def test_each_mistake_is_one_clear_sentence(tmp_path, capsys):
         for word in words:
             assert word in err, (name, word, err)
         assert not out.exists(), name
+
+
+def test_unknown_command_line_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--nope", str(ROOT / "configs/tiny.yaml")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "opsd: error: unrecognized arguments: --nope (see 'opsd --help')"
+
+
+def test_duplicate_ids_are_a_warning(tmp_path, capsys):
+    data = write(tmp_path / "dup.jsonl", rows(GOOD, GOOD, {**GOOD, "id": "b"}))
+    code = main(["distill", str(ROOT / "configs/tiny.yaml"), f"data.path={data}", f"run.output_dir={tmp_path / 'run'}",
+                 "run.steps=1", "run.problems_per_step=2", "sampling.max_new_tokens=4", "run.tensorboard=false"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "opsd: warning: data file" in err and "dup.jsonl has 1 id(s) more than once (first: 'a')" in err
 
 
 def test_missing_config_and_existing_run_folder(tmp_path, capsys):
