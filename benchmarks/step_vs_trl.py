@@ -14,7 +14,8 @@ benchmark-only dependency:
 Equal response lengths: the tokenizer's end-of-sequence token has an id past the model's last output
 row, so neither sampler can ever stop early (TRL's `min_new_tokens` would index that row). Each side
 runs in its own process (peak resident memory from ru_maxrss, reported above the resident size once
-the libraries are imported); the first step is a warm-up. TRL logs no generation time, so its
+the libraries are imported); the first step is a warm-up, and the two sides alternate for
+`--rounds` rounds so that drift in a shared machine's speed falls on both. TRL logs no generation time, so its
 `_generate` and `compute_loss` are wrapped with timers; opsd's come from its metrics.jsonl. What
 differs and is kept: opsd also grades each response (math-verify), its loss is a token mean over
 the step and TRL's a mean of per-sequence means (same work).
@@ -83,7 +84,7 @@ def run_ours(workdir: Path, steps: int, threads: int) -> dict:
         "teacher.context=template", 'teacher.template="{problem}\\n\\n{solution}"', "gating=all",
         f"sampling.n={SAMPLES}", f"sampling.max_new_tokens={RESPONSE_TOKENS}", "sampling.temperature=1.0",
         f"run.problems_per_step={PROBLEMS_PER_STEP}", f"run.steps={steps}", f"run.output_dir={workdir / 'ours'}",
-        "run.tensorboard=false", f"run.seed={SEED}", f"optim.lr={LR}", "optim.max_grad_norm=1.0",
+        "run.overwrite=true", "run.tensorboard=false", f"run.seed={SEED}", f"optim.lr={LR}", "optim.max_grad_norm=1.0",
         f"optim.micro_batch_size={PROBLEMS_PER_STEP * SAMPLES}", "optim.warmup_steps=0", "loss.kind=reverse_kl",
     ]
     run_dir = run_distill(load_config(DistillConfig, None, overrides))
@@ -154,9 +155,12 @@ def measure(side: str, workdir: Path, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summary(r: dict) -> dict:
-    """Means over the measured steps (the first is a warm-up)."""
-    mean = lambda xs: sum(xs[1:]) / len(xs[1:])  # noqa: E731
+def summary(runs: list[dict]) -> dict:
+    """Means over the measured steps of every round (each run's first step is a warm-up)."""
+    r = {key: [x for run in runs for x in run[key][1:]] for key in ("step_s", "generate_s", "response_tokens")}
+    r["peak_bytes"] = max(run["peak_bytes"] for run in runs)
+    r["base_bytes"] = min(run["base_bytes"] for run in runs)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     step, generate = mean(r["step_s"]), mean(r["generate_s"])
     return {"step": step, "generate": generate, "train": step - generate, "tokens": mean(r["response_tokens"]),
             "peak_mib": r["peak_bytes"] / 2**20, "work_mib": (r["peak_bytes"] - r["base_bytes"]) / 2**20}
@@ -166,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per side, the first a warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="ours, TRL, ours, TRL, ...")
     parser.add_argument("--child", choices=["ours", "trl"])
     parser.add_argument("--workdir")
     args = parser.parse_args()
@@ -182,8 +187,11 @@ def main() -> None:
     build_inputs(workdir)
     print(f"model hidden {HIDDEN}, {LAYERS} layers, vocabulary {VOCAB}; {PROBLEMS_PER_STEP} problems x {SAMPLES} "
           f"samples x {RESPONSE_TOKENS} tokens per step; float32 CPU, {args.threads} threads; "
-          f"means over {args.steps - 1} steps after a warm-up")
-    ours, theirs = summary(measure("ours", workdir, args)), summary(measure("trl", workdir, args))
+          f"means over {args.rounds} rounds x {args.steps - 1} steps after a warm-up")
+    rounds = [(measure("ours", workdir, args), measure("trl", workdir, args)) for _ in range(args.rounds)]
+    for index, (a, b) in enumerate(rounds, 1):
+        print(f"round {index}: step time TRL / opsd = {summary([b])['step'] / summary([a])['step']:.2f}")
+    ours, theirs = summary([a for a, _ in rounds]), summary([b for _, b in rounds])
     print(f"{'':<6} {'step s':>7} {'generate s':>10} {'train s':>8} {'tokens':>7} {'peak MiB':>9} {'work MiB':>9}")
     for label, r in (("opsd", ours), ("TRL", theirs)):
         print(f"{label:<6} {r['step']:>7.2f} {r['generate']:>10.2f} {r['train']:>8.2f} {r['tokens']:>7.0f} "
