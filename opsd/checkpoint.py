@@ -57,17 +57,17 @@ def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
     return run_dir
 
 
-def open_run_dir(config: Any, rank: int, resume_from: Path | None) -> Path | None:
+def open_run_dir(config: Any, rank: int, resumed_step: int) -> Path | None:
     """Rank 0 creates the run folder of a stage config (with `run.output_dir`/`run.overwrite`) and saves
     the resolved config in it; other ranks write nothing and get None. A folder holding a run of the
-    same config is continued: its metrics are cut back to the step of `resume_from` (0: none)."""
+    same config is continued: its metrics are cut back to `resumed_step` (0: a fresh start)."""
     if rank != 0:
         return None
     run_dir = Path(config.run.output_dir)
     if _holds_run(run_dir) and not config.run.overwrite:
         for leftover in (run_dir / "checkpoints").glob("*.tmp"):
             shutil.rmtree(leftover)
-        trim_metrics(run_dir, read_progress(resume_from)["step"] if resume_from else 0)
+        trim_metrics(run_dir, resumed_step)
     else:
         run_dir = prepare_run_dir(run_dir, config.run.overwrite)
     save_config(run_dir, dataclasses.asdict(config))
@@ -191,6 +191,23 @@ def save_run_checkpoint(run_dir: Path, model: nn.Module, tokenizer: PreTrainedTo
     return folder
 
 
+def checkpoint_or_stop(run_dir: Path | None, config: Any, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                       optimizer: torch.optim.Optimizer, progress: dict[str, int], stage: str,
+                       teacher_state: dict[str, torch.Tensor] | None = None) -> None:
+    """After a step: its checkpoint when due (rank 0), and when `optim.max_skipped_in_a_row`
+    non-finite steps in a row have passed, a checkpoint of the last good weights and a stop."""
+    crash_point("step")
+    stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
+    step = progress["step"]
+    if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
+        save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, config.run.keep_last,
+                            teacher_state)
+    if stop:
+        raise UserError(f"training stopped after step {step}: {progress['skipped_in_a_row']} steps in a row had a "
+                        f"non-finite loss or gradient (try a lower optim.lr); the last good weights are in "
+                        f"{config.run.output_dir}/checkpoints/step_{step:06d}")
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -212,11 +229,6 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress:
     LoRA runs (whose saved weights are merged), the adapters themselves."""
     adapters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if _is_peft(model) else {}
     return {**progress, "optimizer": optimizer.state_dict(), "adapters": adapters}
-
-
-def read_progress(checkpoint: Path) -> dict[str, Any]:
-    state = _load_state(checkpoint, "cpu")
-    return {k: v for k, v in state.items() if k not in ("optimizer", "adapters")}
 
 
 def _load_state(checkpoint: Path, device) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_due, crash_point, open_run_dir, restore, resume_point, save_run_checkpoint
+from opsd.checkpoint import checkpoint_or_stop, open_run_dir, restore, resume_point
 from opsd.data import Fields, Problem, load_problems
 from opsd.divergence import DivergenceKind, Estimator, chunked_divergence_to
 from opsd.errors import UserError, require
@@ -45,7 +45,7 @@ from opsd.prompts import (CONCISE_INSTRUCTION, TeacherContext, check_template, r
                           teacher_user_message)
 from opsd.rollout import SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, has_answers, pack, response_hidden
 from opsd.teacher import ExternalTeacher, TeacherWeightsConfig, TeacherWeightsState, teacher_hidden
-from opsd.training import (OptimConfig, Timer, advance, autocast, check_not_diverged, check_optim, guarded_step,
+from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step,
                            load_policy, make_optimizer, new_progress, set_lr, step_items, step_seed)
 
 
@@ -184,7 +184,7 @@ def run_distill(config: DistillConfig) -> Path | None:
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, teacher) if resume_from else new_progress()
-    run_dir = open_run_dir(config, rank, resume_from)
+    run_dir = open_run_dir(config, rank, progress["step"])
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
     generator = torch.Generator(device=device)
     with Grader(timeout_s=config.run.grader_timeout_s) as grader:
@@ -202,12 +202,7 @@ def run_distill(config: DistillConfig) -> Path | None:
             metrics.update({"optim/skipped_steps": progress["skipped"], "teacher/updated": teacher_changed})
             log.write(step, metrics, postfix={"div": metrics["loss/divergence"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
-            crash_point("step")
-            stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
-            if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
-                save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": "distill"},
-                                    config.run.keep_last, teacher.state_dict())
-            check_not_diverged(progress, config.optim, config.run.output_dir)
+            checkpoint_or_stop(run_dir, config, model, tokenizer, optimizer, progress, "distill", teacher.state_dict())
     log.close()
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()

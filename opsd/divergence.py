@@ -199,6 +199,7 @@ class _FusedChunkedDivergence(torch.autograd.Function):
         if options.get("kind") == "branched" and reverse_N is None:
             raise ValueError("kind='branched' needs reverse_N")
         analytic = options.get("estimator", "full") == "full"
+        analytic_options = {k: v for k, v in options.items() if k not in ("estimator", "top_k")}
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         accumulate = torch.promote_types(head_s.dtype, torch.float32)
         grad_h = torch.zeros_like(hidden_s) if need_h else None
@@ -212,7 +213,7 @@ class _FusedChunkedDivergence(torch.autograd.Function):
             if analytic:
                 grad_logits = h @ head_s.T  # becomes the gradient in place
                 value_C, entropy_C, clipped_C = _divergence_and_gradient(
-                    grad_logits, teacher_logits(part), weight_N[part], reverse_C, **options)
+                    grad_logits, teacher_logits(part), weight_N[part], reverse_C, **analytic_options)
                 chunk_loss = (value_C * weight_N[part]).sum()
             else:
                 grad_logits, chunk_loss, (value_C, entropy_C, clipped_C) = _autograd_chunk(
@@ -268,8 +269,6 @@ def _divergence_and_gradient(
     beta: float = 0.5,
     temperature: float = 1.0,
     clip_tau: float | None = None,
-    estimator: Estimator = "full",
-    top_k: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The full-vocabulary divergence of each row, with d(Σ w·D)/d(logits) written over `logits_C_V`.
 
@@ -278,7 +277,6 @@ def _divergence_and_gradient(
     slope_v = m_v·∂t_v/∂log pS_v (m_v = 0 where the clip caps t_v) the softmax chain rule gives
     ∂D/∂logits_v = (slope_v − pS_v·Σ_u slope_u)/T.
     """
-    del estimator, top_k  # full vocabulary only
     rows = ROWS_PER_BLOCK.get(logits_C_V.device.type, 32)
     values, entropies, clipped = [], [], []
     for start in range(0, logits_C_V.shape[0], rows):

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_due, open_run_dir, restore, resume_point, save_run_checkpoint
-from opsd.faults import crash_point
+from opsd.checkpoint import checkpoint_or_stop, open_run_dir, restore, resume_point
 from opsd.data import Fields, load_problems
 from opsd.errors import require
 from opsd.grading import Grader
@@ -42,7 +41,7 @@ from opsd.policy_loss import clipped_policy_loss, group_advantages, informative_
 from opsd.prompts import render_prompt
 from opsd.rollout import Rollout, SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, pack, response_hidden
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState
-from opsd.training import (OptimConfig, Timer, advance, autocast, check_not_diverged, check_optim, guarded_step,
+from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step,
                            load_policy, make_optimizer, new_progress, set_lr, step_items, step_seed)
 
 
@@ -133,7 +132,7 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, reference) if resume_from else new_progress()
-    run_dir = open_run_dir(config, rank, resume_from)
+    run_dir = open_run_dir(config, rank, progress["step"])
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
     generator = torch.Generator(device=device)
     with Grader(timeout_s=config.run.grader_timeout_s) as grader:
@@ -148,11 +147,7 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
             metrics["optim/skipped_steps"] = progress["skipped"]
             log.write(step, metrics, postfix={"reward": metrics["reward/mean"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
-            crash_point("step")
-            stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
-            if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
-                save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": "rlvr"}, config.run.keep_last)
-            check_not_diverged(progress, config.optim, config.run.output_dir)
+            checkpoint_or_stop(run_dir, config, model, tokenizer, optimizer, progress, "rlvr")
     log.close()
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()

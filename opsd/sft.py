@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_due, open_run_dir, restore, resume_point, save_run_checkpoint
-from opsd.faults import crash_point
+from opsd.checkpoint import checkpoint_or_stop, open_run_dir, restore, resume_point
 from opsd.data import load_pairs
 from opsd.errors import require
 from opsd.logprobs import chunked_token_logprobs
@@ -29,7 +28,7 @@ from opsd.metrics import MetricsLog
 from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.prompts import render_prompt
 from opsd.rollout import pack, response_hidden
-from opsd.training import (OptimConfig, advance, autocast, check_not_diverged, check_optim, guarded_step, load_policy,
+from opsd.training import (OptimConfig, advance, autocast, check_optim, guarded_step, load_policy,
                            make_optimizer, new_progress, set_lr, step_items)
 
 
@@ -113,7 +112,7 @@ def run_sft(config: SFTConfig) -> Path | None:
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer) if resume_from else new_progress()
-    run_dir = open_run_dir(config, rank, resume_from)
+    run_dir = open_run_dir(config, rank, progress["step"])
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
     model.train()
     for step in range(progress["step"] + 1, config.run.steps + 1):
@@ -144,11 +143,7 @@ def run_sft(config: SFTConfig) -> Path | None:
                          "optim/lr": optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
                          "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
                   postfix={"nll": loss_sum / tokens})
-        crash_point("step")
-        stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
-        if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
-            save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": "sft"}, config.run.keep_last)
-        check_not_diverged(progress, config.optim, config.run.output_dir)
+        checkpoint_or_stop(run_dir, config, model, tokenizer, optimizer, progress, "sft")
     log.close()
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()

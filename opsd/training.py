@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from opsd.errors import UserError, require
+from opsd.errors import require
 from opsd.models import ModelConfig, add_lora, load_model
 
 
@@ -104,15 +104,6 @@ def new_progress() -> dict[str, int]:
 def advance(progress: dict[str, int], step: int, skipped: bool) -> dict[str, int]:
     return {"step": step, "skipped": progress["skipped"] + int(skipped),
             "skipped_in_a_row": progress["skipped_in_a_row"] + 1 if skipped else 0}
-
-
-def check_not_diverged(progress: dict[str, int], optim: OptimConfig, output_dir: str) -> None:
-    """After `optim.max_skipped_in_a_row` non-finite steps in a row the run stops (its last
-    checkpoint, written just before, holds the weights of the last good step)."""
-    if progress["skipped_in_a_row"] >= optim.max_skipped_in_a_row:
-        raise UserError(f"training stopped after step {progress['step']}: {progress['skipped_in_a_row']} steps in a row "
-                        f"had a non-finite loss or gradient (try a lower optim.lr); the last good weights are in "
-                        f"{output_dir}/checkpoints/step_{progress['step']:06d}")
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
