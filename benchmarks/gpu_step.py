@@ -29,7 +29,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opsd.divergence import chunked_divergence  # noqa: E402
 from opsd.models import Backbone, output_head  # noqa: E402
-from opsd.rollout import SamplingConfig, pack, response_hidden, sample  # noqa: E402
+from opsd.generation import SamplingConfig  # noqa: E402
+from opsd.generation.hf import sample  # noqa: E402
+from opsd.packing import pack, response_hidden  # noqa: E402
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden  # noqa: E402
 
 QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -141,13 +143,13 @@ def measure_generation(args, device) -> float:
     g = torch.Generator().manual_seed(2)
     prompts = torch.randint(1, model.config.vocab_size, (args.gen_batch, args.prompt_tokens), generator=g).tolist()
     config = SamplingConfig(temperature=1.0, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch)
-    generator = torch.Generator(device=device).manual_seed(3)
+    seeds = list(range(len(prompts)))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        sample(model, prompts[:2], SamplingConfig(max_new_tokens=8, batch_size=2), [], 0, generator)  # warm-up
+        sample(model, prompts[:2], SamplingConfig(max_new_tokens=8, batch_size=2), [], 0, seeds[:2])  # warm-up
         started = _now(device)
-        results = sample(model, prompts, config, [], 0, generator)  # no stop token: every row runs to the budget
+        results = sample(model, prompts, config, [], 0, seeds)  # no stop token: every row runs to the budget
         seconds = _now(device) - started
-    return sum(len(ids) for ids, _, _ in results) / seconds
+    return sum(len(g.response_ids) for g in results) / seconds
 
 
 def peak_tflops(device: torch.device) -> float | None:

@@ -1,154 +1,40 @@
-"""Run folders and checkpoints in Hugging Face format (safetensors + tokenizer), and exact resume.
+"""Checkpoints in Hugging Face format (safetensors + tokenizer), with what exact resume needs.
 
 A checkpoint folder is written under a temporary name, flushed to disk and renamed into place, so a
 reader never sees half a checkpoint and a crash while writing leaves the previous ones intact. LoRA
 runs are saved merged: the folder loads with `AutoModelForCausalLM.from_pretrained` as is, like any
 other. Next to the weights, training_state.pt holds what a run needs to continue exactly: the step,
 the optimizer state, the skip counters and (LoRA) the adapters; teacher.safetensors holds the
-teacher's weight snapshot. The data order and the sampling generator are functions of (seed, step),
-so they need no state. A run started again on a folder holding a run of the same config continues
-from its latest checkpoint; metrics.jsonl is cut back to that step.
+teacher's weight snapshot. The data order and the sampling seeds are functions of (seed, step),
+so they need no state. opsd_checkpoint.json lists the folder's files: pruning deletes a checkpoint
+only when it holds nothing else. Which checkpoint a run continues from: opsd/runs.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from opsd.errors import UserError
 from opsd.faults import crash_point
+from opsd.folders import CHECKPOINT_INFO, foreign_checkpoint
 from opsd.models import causal_lm
+from opsd.runs import TRAINING_STATE, RunConfig
 
-TRAINING_STATE = "training_state.pt"
-# run options that may change between a run and its resumption; any other difference is refused
-CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.tensorboard", "run.resume",
-                        "run.overwrite", "run.grader_timeout_s")
-
-
-def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """Check that the run folder can be written before any work starts; create it only then."""
-    run_dir = Path(path)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output folder {run_dir} is a file")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"output folder {run_dir} already holds files; choose another run.output_dir or set run.overwrite=true")
-        shutil.rmtree(run_dir)
-    parent = run_dir.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output folder {run_dir} cannot be written ({err.strerror})") from None
-    return run_dir
-
-
-def open_run_dir(config: Any, rank: int, resumed_step: int) -> Path | None:
-    """Rank 0 creates the run folder of a stage config (with `run.output_dir`/`run.overwrite`) and saves
-    the resolved config in it; other ranks write nothing and get None. A folder holding a run of the
-    same config is continued: its metrics are cut back to `resumed_step` (0: a fresh start)."""
-    if rank != 0:
-        return None
-    run_dir = Path(config.run.output_dir)
-    if _holds_run(run_dir) and not config.run.overwrite:
-        for leftover in (run_dir / "checkpoints").glob("*.tmp"):
-            shutil.rmtree(leftover)
-        trim_metrics(run_dir, resumed_step)
-    else:
-        run_dir = prepare_run_dir(run_dir, config.run.overwrite)
-    save_config(run_dir, dataclasses.asdict(config))
-    return run_dir
-
-
-def resume_point(config: Any) -> Path | None:
-    """The checkpoint a run continues from: the latest complete one of a folder holding a run of
-    the same config, None for a fresh run. `run.resume=true` insists that there is one."""
-    run_dir = Path(config.run.output_dir)
-    if config.run.overwrite or not _holds_run(run_dir):
-        if config.run.resume:
-            raise UserError(f"run.resume: {run_dir} holds no run to resume")
-        return None
-    check_same_config(run_dir, dataclasses.asdict(config), CHANGEABLE_ON_RESUME)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None and config.run.resume:
-        raise UserError(f"run.resume: {run_dir} holds no complete checkpoint to resume from")
-    return checkpoint
-
-
-def _holds_run(run_dir: Path) -> bool:
-    return (run_dir / "config.yaml").is_file()
-
-
-def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...]) -> None:
-    """Refuse to continue the run in `run_dir` under a config that differs in other keys than `changeable`."""
-    try:
-        saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
-    except (yaml.YAMLError, AttributeError):
-        raise UserError(f"{run_dir / 'config.yaml'} is not the config of an opsd run") from None
-    current = _flatten(yaml.safe_load(yaml.safe_dump(config)))
-    differ = [k for k in sorted(saved.keys() | current.keys()) if k not in changeable and saved.get(k) != current.get(k)]
-    if differ:
-        key = differ[0]
-        raise UserError(f"output folder {run_dir} holds a run of another config ({key} is {saved.get(key)!r} there, "
-                        f"{current.get(key)!r} here); choose another run.output_dir or set run.overwrite=true")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint (one with a training state) of the highest step, or None."""
-    folders = [f for f in (run_dir / "checkpoints").glob("step_*")
-               if not f.name.endswith(".tmp") and (f / TRAINING_STATE).is_file()]
-    return max(folders, key=lambda f: int(f.name.split("_")[1]), default=None)
-
-
-def trim_metrics(run_dir: Path, step: int) -> None:
-    """Keep the metrics rows of steps 1..`step` (a row cut short by a crash is dropped)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
 
 
 def checkpoint_due(step: int, steps: int, every: int) -> bool:
     """Checkpoint after the last step and every `every` steps (0: only the last)."""
     return step == steps or (every > 0 and step % every == 0)
-
-
-def save_config(run_dir: Path, config: dict[str, Any]) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
 def save_checkpoint(
@@ -168,11 +54,15 @@ def save_checkpoint(
         save_file(teacher_state, str(tmp / "teacher.safetensors"))
     if training_state is not None:
         torch.save(training_state, tmp / TRAINING_STATE)
-    (tmp / "opsd_checkpoint.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    files = sorted(path.name for path in tmp.iterdir())  # what a later prune may delete, and nothing else
+    (tmp / CHECKPOINT_INFO).write_text(json.dumps({**info, "files": files}, indent=2), encoding="utf-8")
     crash_point("checkpoint")
     for path in tmp.iterdir():
         _fsync(path)
-    if folder.exists():
+    if folder.exists():  # a step redone after a crash: replace our own checkpoint of it, nothing else
+        foreign = foreign_checkpoint(folder)
+        if foreign is not None:
+            raise UserError(f"checkpoint folder {folder} holds {foreign.name}, which opsd did not write; nothing was replaced")
         shutil.rmtree(folder)
     tmp.rename(folder)
     _fsync(folder.parent)
@@ -191,21 +81,22 @@ def save_run_checkpoint(run_dir: Path, model: nn.Module, tokenizer: PreTrainedTo
     return folder
 
 
-def checkpoint_or_stop(run_dir: Path | None, config: Any, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                       optimizer: torch.optim.Optimizer, progress: dict[str, int], stage: str,
-                       teacher_state: dict[str, torch.Tensor] | None = None) -> None:
-    """After a step: its checkpoint when due (rank 0), and when `optim.max_skipped_in_a_row`
-    non-finite steps in a row have passed, a checkpoint of the last good weights and a stop."""
+def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_row: int, model: nn.Module,
+                       tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer, progress: dict[str, int],
+                       stage: str, teacher_state: dict[str, torch.Tensor] | None = None) -> None:
+    """After a step: its checkpoint when due (rank 0), and when `max_skipped_in_a_row` non-finite
+    steps in a row (optim.max_skipped_in_a_row) have passed, a checkpoint of the last good weights
+    and a stop."""
     crash_point("step")
-    stop = progress["skipped_in_a_row"] >= config.optim.max_skipped_in_a_row
+    stop = progress["skipped_in_a_row"] >= max_skipped_in_a_row
     step = progress["step"]
-    if run_dir is not None and (stop or checkpoint_due(step, config.run.steps, config.run.save_every)):
-        save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, config.run.keep_last,
+    if run_dir is not None and (stop or checkpoint_due(step, run.steps, run.save_every)):
+        save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run.keep_last,
                             teacher_state)
     if stop:
         raise UserError(f"training stopped after step {step}: {progress['skipped_in_a_row']} steps in a row had a "
                         f"non-finite loss or gradient (try a lower optim.lr); the last good weights are in "
-                        f"{config.run.output_dir}/checkpoints/step_{step:06d}")
+                        f"{run.output_dir}/checkpoints/step_{step:06d}")
 
 
 def _fsync(path: Path) -> None:
@@ -217,11 +108,17 @@ def _fsync(path: Path) -> None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the `keep_last` checkpoints of the highest steps (0 keeps all)."""
+    """Delete all but the `keep_last` checkpoints of the highest steps (0 keeps all). A checkpoint
+    holding a file opsd did not write is kept, with a warning: opsd deletes only what it wrote."""
     folders = sorted((f for f in (run_dir / "checkpoints").glob("step_*") if not f.name.endswith(".tmp")),
                      key=lambda f: int(f.name.split("_")[1]))
     for folder in folders[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(folder)
+        foreign = foreign_checkpoint(folder)
+        if foreign is None:
+            shutil.rmtree(folder)
+        else:
+            print(f"opsd: warning: kept {folder} past run.keep_last: it holds {foreign.name}, which opsd did not write",
+                  file=sys.stderr)
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int]) -> dict[str, Any]:

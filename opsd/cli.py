@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from opsd.errors import UserError
 
@@ -50,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     rlvr.add_argument("overrides", nargs="*", help="key=value overrides")
     pipeline = commands.add_parser("pipeline", help="run stages in order, evaluate each, write a summary table")
     pipeline.add_argument("config", help="YAML config file (see configs/pipeline-tiny.yaml)")
-    pipeline.add_argument("--resume", action="store_true", help="continue the pipeline in output_dir (refused if none)")
+    pipeline.add_argument("--resume", action="store_true", help="continue the pipeline in run.output_dir (refused if none)")
     pipeline.add_argument("overrides", nargs="*", help="key=value overrides")
     demo = commands.add_parser("demo", help="SFT → RLVR → OPSD on the built-in synthetic world, with its table")
     demo.add_argument("--quick", action="store_true", help="a 2-minute smoke run of every stage")
     demo.add_argument("--ablation", action="store_true", help="also OPSD with gating all and incorrect_only")
     demo.add_argument("--from-scratch", action="store_true", help="re-run SFT from random weights first")
-    demo.add_argument("--output-dir", default="runs/demo", help="run folder (replaced)")
+    demo.add_argument("--output-dir", default="runs/demo",
+                      help="demo folder (an earlier demo's is replaced; a folder holding anything else is refused)")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
     tiny = commands.add_parser("tiny-model", help="write the local tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
@@ -136,7 +138,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from opsd.config import load_config
     from opsd.pipeline import PipelineConfig, run_pipeline
 
-    out = run_pipeline(load_config(PipelineConfig, args.config, [*args.overrides, *(["resume=true"] if args.resume else [])]))
+    out = run_pipeline(load_config(PipelineConfig, args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])]))
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")
     return 0
@@ -157,6 +159,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # library notices (PEFT's tied-embedding warning, transformers' deprecations) would come before
+    # opsd's own one-sentence refusals and say nothing a user can act on
+    for category in (UserWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(peft|transformers)(\.|$)")
     from transformers.utils import logging
 
     logging.set_verbosity_error()

@@ -21,7 +21,11 @@ T = TypeVar("T")
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str]) -> T:
-    """Build `cls` from the YAML file at `path` (optional) and `a.b=value` overrides, in that order."""
+    """Build `cls` from the YAML file at `path` (optional) and `a.b=value` overrides, in that order.
+
+    Every key not given keeps the command's default, also inside a section: a section is built by
+    replacing the given keys of the command's default instance of it (`opsd rlvr ...
+    sampling.temperature=0.8` keeps rlvr's `sampling.n=16`), never rebuilt from the section class."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(Path(path))
@@ -75,8 +79,9 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def build(cls: type[T], raw: Any, prefix: str) -> T:
-    """Check `raw` against the dataclass `cls` field by field and construct it."""
+def build(cls: type[T], raw: Any, prefix: str, base: T | None = None) -> T:
+    """Check `raw` against the dataclass `cls` field by field and return `base` (default: `cls()`)
+    with the given fields replaced; nested sections start from `base`'s own instances."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
         raise UserError(f"'{where}' must be a mapping, got {type(raw).__name__}")
@@ -84,15 +89,33 @@ def build(cls: type[T], raw: Any, prefix: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise UserError(f"unknown config key '{prefix}{unknown[0]}' (known in {where}: {', '.join(sorted(names))})")
-    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in raw}
-    return cls(**values)
+        key = f"{prefix}{unknown[0]}"
+        if key in MOVED:
+            raise UserError(f"config key '{key}' is now '{MOVED[key]}'")
+        raise UserError(f"unknown config key '{key}' (known in {where}: {', '.join(sorted(names))})")
+    base = cls() if base is None else base
+    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}", getattr(base, name)) for name in raw}
+    return dataclasses.replace(base, **values)
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
+# keys renamed when the stages came to share one run config; their old spelling is refused with the new one
+MOVED = {
+    "run.grader_timeout_s": "verifier.timeout_s",
+    "run.chunk_size": "optim.chunk_size",
+    "loss.chunk_size": "optim.chunk_size",
+    "run.sequences_per_step": "run.problems_per_step",
+    "output_dir": "run.output_dir",
+    "overwrite": "run.overwrite",
+    "resume": "run.resume",
+}
+
+
+def _coerce(hint: Any, value: Any, key: str, default: Any = None) -> Any:
+    """`value` checked against the type `hint`; a section (dataclass) starts from `default` when it
+    is an instance of that section."""
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, prefix=f"{key}.")
+        return build(hint, value, prefix=f"{key}.", base=default if isinstance(default, hint) else None)
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
@@ -107,7 +130,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(option, value, key)
+                return _coerce(option, value, key, default)
             except UserError as err:
                 errors.append(str(err))
         raise UserError(errors[0] if len(errors) == 1 else f"config key '{key}' has the wrong type: {value!r}")

@@ -16,15 +16,15 @@ checkpoint on 200 held-out problems (50 per level), printing the stage table.
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 from importlib import resources
 from pathlib import Path
 
 from opsd import toyworld
-from opsd.eval import EvalSamplingConfig
+from opsd.folders import mark
+from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
 from opsd.pipeline import PipelineConfig, PipelineEvalConfig, StageSpec, run_pipeline
+from opsd.runs import RunConfig, prepare_run_dir
 from opsd.tiny import save_tiny
 
 ASSETS = Path(str(resources.files("opsd") / "assets"))
@@ -49,6 +49,7 @@ def write_world(data_dir: Path, quick: bool, from_scratch: bool) -> dict[str, Pa
     if from_scratch:
         rows = toyworld.sft_rows(SFT_ROWS, 0, exclude=excluded, instruction=INSTRUCTION)
         files["sft"] = toyworld.write_jsonl(rows, data_dir / "sft.jsonl")
+    mark(data_dir, "listed", [path.name for path in files.values()])
     return files
 
 
@@ -65,26 +66,24 @@ def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, 
         overrides = (f"data.path={files['opsd']}", f"gating={gating}", *short)
         stages.append(StageSpec(name, "distill", str(ASSETS / "demo" / "opsd.yaml"), overrides, start="rlvr"))
     start = out / "init" if from_scratch else SHIPPED_SFT
-    sampling = EvalSamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=400, n=1 if quick else 4, batch_size=800)
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=400, n=1 if quick else 4, batch_size=800)
     return PipelineConfig(
         model=ModelConfig(name_or_path=str(start)),
         start_name="init" if from_scratch else "sft",
         evaluate_start=not from_scratch,
         stages=tuple(stages),
         eval=PipelineEvalConfig(data=(str(files["heldout"]),), sampling=sampling),
-        output_dir=str(out / "pipeline"),
-        overwrite=True,
-        device="cpu",
+        run=RunConfig(output_dir=str(out / "pipeline"), device="cpu"),
     )
 
 
 def run_demo(output_dir: str = "runs/demo", quick: bool = False, ablation: bool = False,
              from_scratch: bool = False) -> Path:
-    out = Path(output_dir)
-    if out.exists():
-        shutil.rmtree(out)
+    """Run the demo into `output_dir`, which is replaced only when it is an earlier demo's folder
+    holding nothing but what opsd wrote (otherwise refused before anything is written)."""
+    out = prepare_run_dir(output_dir, overwrite=True, kind="demo", deleting_for="opsd demo --output-dir")
     files = write_world(out / "data", quick, from_scratch)
     if from_scratch:
-        save_tiny(out / "init", alphabet=toyworld.ALPHABET, **MODEL_SHAPE)
-    config = demo_config(out, files, quick, ablation, from_scratch)
-    return run_pipeline(dataclasses.replace(config))
+        init = save_tiny(out / "init", alphabet=toyworld.ALPHABET, **MODEL_SHAPE)
+        mark(Path(init), "listed", [path.name for path in Path(init).iterdir()])
+    return run_pipeline(demo_config(out, files, quick, ablation, from_scratch))

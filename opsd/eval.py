@@ -2,7 +2,7 @@
 
 For each benchmark file: put the optional `instruction` before every problem (e.g. the conciseness
 instruction of OPSDC), render it with the chat template, sample k = `sampling.n` responses per
-problem (and one greedy response with `greedy=true`), grade them with one math-verify `Grader`, and
+problem (and one greedy response with `greedy=true`), grade each with its problem's verifier, and
 report, overall and per difficulty level when the problems carry one (MATH-500's `level`):
 
   mean@k     mean over problems of the fraction of its k samples that are correct, ± the standard
@@ -34,7 +34,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,22 +45,16 @@ from opsd import distributed
 from opsd.config import to_dict
 from opsd.data import Fields, Problem, load_problems, read_rows
 from opsd.errors import UserError, require
-from opsd.grading import Grader, extract_answer, normalize_answer
+from opsd.folders import kind_of, mark
+from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
 from opsd.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer
 from opsd.prompts import render_prompt
-from opsd.rollout import SamplingConfig, check_sampling, sample, stop_ids
+from opsd.verifiers import Verdict, VerifierConfig, Verifiers, check_problems, check_verifier
+from opsd.verifiers.math import normalize_answer
 
 REFLECTIVE_MARKERS = ("wait", "hmm", "let me check", "let me re-check", "double-check", "actually")
-
-
-@dataclass(frozen=True)
-class EvalSamplingConfig(SamplingConfig):
-    """SamplingConfig with evaluation defaults (a subclass, so that `sampling.top_p=0.9` alone keeps them)."""
-
-    temperature: float = 0.6  # 0 = greedy
-    top_p: float = 0.95  # nucleus sampling mass
-    max_new_tokens: int = 4096  # response budget; longer responses count as truncated
-    n: int = 4  # k: samples per problem
+# evaluation's sampling defaults (k = n = 4 samples at temperature 0.6, top-p 0.95, 4,096 new tokens)
+EVAL_SAMPLING = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=4096, n=4)
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,8 @@ class EvalConfig:
     fields: Fields = field(default_factory=Fields)  # column names, the same for every file
     level_field: str = "level"  # extra column with a difficulty level; per-level rows when present
     limit: int = 0  # the first N problems of each file; 0 = all
-    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)  # sampling.n = k samples per problem
+    sampling: SamplingConfig = field(default_factory=lambda: EVAL_SAMPLING)  # sampling.n = k samples per problem
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     greedy: bool = False  # also decode one greedy response per problem (greedy accuracy)
     instruction: str = ""  # text put before each problem in the user turn (blank line between)
     reflective_markers: tuple[str, ...] = REFLECTIVE_MARKERS  # words/phrases counted case-insensitively
@@ -198,6 +193,7 @@ def check_options(config: EvalConfig) -> None:
         ("greedy", not (config.greedy and config.responses), "false with responses (nothing is decoded)"),
     )
     check_sampling(config.sampling, "sampling")
+    check_verifier(config.verifier)
 
 
 def run_eval(config: EvalConfig) -> Path:
@@ -205,6 +201,8 @@ def run_eval(config: EvalConfig) -> Path:
     (data, responses, model) before the folder is touched."""
     check_options(config)
     benchmarks = [(path, load_problems(path, config.fields)) for path in config.data]
+    for path, problems in benchmarks:
+        check_problems(problems, path, config.verifier.default)
     selected = [problems[: config.limit or None] for _, problems in benchmarks]
     responses = read_responses(Path(config.responses), benchmarks, selected) if config.responses else None
     counts_with_tokenizer = responses is None or config.model.name_or_path != BUILTIN_TINY
@@ -214,21 +212,21 @@ def run_eval(config: EvalConfig) -> Path:
     out = prepare_output_dir(Path(config.output_dir), config.overwrite)
 
     torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    engine = make_engine(model, tokenizer, config.sampling) if model is not None else None
     pattern = marker_pattern(config.reflective_markers)
     rows = []
-    with Grader() as grader:
+    with Verifiers(config.verifier) as verifiers:
         for index, ((path, _), problems) in enumerate(zip(benchmarks, selected)):
             print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
             if responses is None:
                 texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s = generate(
-                    model, tokenizer, problems, config, generator)
+                    engine, tokenizer, problems, config, Path(path).stem)
             else:
                 texts_P_K = [[text for text, _ in responses[index][p.id]] for p in problems]
                 truncated_P_K = [[cut for _, cut in responses[index][p.id]] for p in problems]
                 tokens_P_K = [count_tokens(texts, tokenizer) for texts in texts_P_K]
                 greedy_P, tokens_per_s = None, None
-            scored = score(problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_P, grader, pattern,
+            scored = score(problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_P, verifiers, pattern,
                            config.level_field)
             levels = [{"level": level, **summarize(group)} for level, group in group_by_level(scored)]
             rows.append({"file": path, "name": Path(path).stem, **summarize(scored),
@@ -242,19 +240,21 @@ def run_eval(config: EvalConfig) -> Path:
     return out
 
 
-def generate(model, tokenizer, problems: list[Problem], config: EvalConfig, generator: torch.Generator):
-    """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second)."""
+def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalConfig, file: str):
+    """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second).
+    Sample j of a problem is seeded by (seed, file, problem id, j): the same whatever else is evaluated."""
     prompts = [render_prompt(tokenizer, f"{config.instruction}\n\n{p.problem}" if config.instruction else p.problem)
                for p in problems]
     k = config.sampling.n
     repeated = [prompt for prompt in prompts for _ in range(k)]
-    ids, truncated, seconds = decode(model, tokenizer, repeated, config.sampling, generator)
+    seeds = [request_seed(config.seed, file, p.id, j) for p in problems for j in range(k)]
+    ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     generated = sum(len(i) for i in ids)
     greedy_texts = None
     if config.greedy:
         greedy = replace(config.sampling, temperature=0.0, n=1)
-        greedy_ids, _, greedy_seconds = decode(model, tokenizer, prompts, greedy, generator)
+        greedy_ids, _, greedy_seconds = decode(engine, prompts, greedy, [0] * len(prompts))
         greedy_texts = tokenizer.batch_decode(greedy_ids, skip_special_tokens=True)
         generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
     per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
@@ -262,30 +262,30 @@ def generate(model, tokenizer, problems: list[Problem], config: EvalConfig, gene
             generated / seconds if seconds > 0 else None)
 
 
-def decode(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfig,
-           generator: torch.Generator) -> tuple[list[list[int]], list[bool], float]:
-    """Response ids (ending with EOS unless truncated), truncation flags and seconds, one `sample` call."""
-    start = time.perf_counter()  # `sample` ends by copying to the CPU, so GPU work is done when it returns
-    samples = sample(model, prompts, sampling, stop_ids(model, tokenizer), tokenizer.pad_token_id, generator)
-    return [ids for ids, _, _ in samples], [cut for _, _, cut in samples], time.perf_counter() - start
+def decode(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig,
+           seeds: list[int]) -> tuple[list[list[int]], list[bool], float]:
+    """Response ids (ending with EOS unless truncated), truncation flags and seconds, one engine call."""
+    start = time.perf_counter()  # generations come back on the CPU, so GPU work is done when it returns
+    generations = engine.generate(prompts, sampling, seeds)
+    return [g.response_ids for g in generations], [g.truncated for g in generations], time.perf_counter() - start
 
 
 def score(problems: list[Problem], texts_P_K: list[list[str]], tokens_P_K: list[list[int]],
-          truncated_P_K: list[list[bool]], greedy_P: list[str] | None, grader: Grader,
+          truncated_P_K: list[list[bool]], greedy_P: list[str] | None, verifiers: Verifiers,
           pattern: re.Pattern[str] | None, level_field: str) -> list[Scored]:
-    """Grade every response (one Grader call per file) and count its markers."""
+    """Grade every response (one verifier call per file) and count its markers."""
     texts = [t for texts in texts_P_K for t in texts]
-    golds = [p.answer for p, texts in zip(problems, texts_P_K) for _ in texts]
-    correct = iter(grader.grade(texts, golds))
-    greedy_correct = grader.grade(greedy_P, [p.answer for p in problems]) if greedy_P else [None] * len(problems)
+    verdicts: Iterator[Verdict] = iter(verifiers.verify(texts, [p for p, texts in zip(problems, texts_P_K) for _ in texts]))
+    greedy_correct = [v.correct for v in verifiers.verify(greedy_P, problems)] if greedy_P else [None] * len(problems)
     scored = []
     for problem, texts, tokens, truncated, greedy in zip(
             problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_correct):
         level = problem.extra.get(level_field)
+        verdicts_K = [next(verdicts) for _ in texts]
         scored.append(Scored(
             level=None if level is None else str(level),
-            answers_K=tuple(extract_answer(t) for t in texts),
-            correct_K=tuple(next(correct) for _ in texts),
+            answers_K=tuple(v.extracted for v in verdicts_K),
+            correct_K=tuple(v.correct for v in verdicts_K),
             tokens_K=tuple(tokens),
             truncated_K=tuple(truncated),
             markers_K=tuple(count_markers(t, pattern) for t in texts),
@@ -357,15 +357,25 @@ def _table_line(name: str, row: dict[str, Any]) -> str:
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> Path:
-    """Create `out` (only eval.json/eval.md are ever replaced in it, so it may be a checkpoint folder)."""
+    """Create `out`, marked as an evaluation folder when opsd creates it or finds it empty. Only
+    eval.json and eval.md are ever written in it (so it may be a checkpoint folder), and they are
+    replaced (`overwrite=true`) only in a folder marked as an evaluation folder by opsd."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file")
-    if (out / "eval.json").exists() and not overwrite:
-        raise UserError(f"{out / 'eval.json'} already exists; choose another output_dir or set overwrite=true")
+    ours = kind_of(out) == "eval"
+    if any((out / name).exists() for name in ("eval.json", "eval.md")):
+        if not overwrite:
+            raise UserError(f"{out / 'eval.json'} already exists; choose another output_dir or set overwrite=true")
+        if not ours:
+            raise UserError(f"overwrite=true: {out} is not an evaluation folder opsd created (no opsd_folder.json of "
+                            "kind eval), so its eval.json/eval.md are not replaced; choose another output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / ".write-test", "")
-        (out / ".write-test").unlink()
+        if ours or not any(out.iterdir()):
+            mark(out, "eval")
+        else:
+            _write_atomic(out / ".write-test", "")
+            (out / ".write-test").unlink()
     except OSError as err:
         raise UserError(f"output_dir {out} cannot be written ({err.strerror})") from None
     return out

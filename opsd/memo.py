@@ -3,19 +3,16 @@ correct answer (or that it was right) and writes a short memo to itself; the mem
 block stripped, goes into the teacher's prompt for that rollout — never into the student's.
 
 Memos are written by the student's current weights, for all kept rollouts of a step in one batched
-`sample` call, right after grading and gating (so no memo is written for a rollout that is not
-distilled).
+call of the generation engine, right after grading and gating (so no memo is written for a rollout
+that is not distilled). Each memo's seed derives from its rollout's.
 """
 
 from __future__ import annotations
 
 import re
 
-import torch
-from torch import nn
-
 from opsd.data import Problem
-from opsd.rollout import Rollout, SamplingConfig, sample, stop_ids
+from opsd.generation import Engine, SamplingConfig, request_seed
 
 MEMO_INSTRUCTION = (
     "Write a short memo to yourself for the next time you see this problem: what to do, what to avoid. "
@@ -47,18 +44,17 @@ def memo_prompt(tokenizer, problem: Problem, response_text: str, correct: bool, 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@torch.no_grad()
-def write_memos(model: nn.Module, tokenizer, rollouts: list[Rollout], correct: list[bool], problems: list[Problem],
-                instruction: str, max_tokens: int, temperature: float, generator: torch.Generator | None) -> list[str]:
-    """One memo per rollout, decoded and stripped of thinking."""
+def write_memos(engine: Engine, tokenizer, rollouts: list, correct: list[bool], problems: list[Problem],
+                instruction: str, max_tokens: int, temperature: float = 1.0) -> list[str]:
+    """One memo per rollout (opsd.rollout.Rollout), sampled at `temperature`, decoded and stripped of thinking."""
     if not rollouts:
         return []
     texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
     prompts = [memo_prompt(tokenizer, problems[r.problem_index], text, c, instruction)
                for r, text, c in zip(rollouts, texts, correct)]
     config = SamplingConfig(temperature=temperature, max_new_tokens=max_tokens, batch_size=len(prompts))
-    samples = sample(model, prompts, config, stop_ids(model, tokenizer), tokenizer.pad_token_id, generator)
-    return [strip_thinking(tokenizer.decode(ids, skip_special_tokens=True)) for ids, _, _ in samples]
+    generations = engine.generate(prompts, config, [request_seed(r.seed, "memo") for r in rollouts])
+    return [strip_thinking(tokenizer.decode(g.response_ids, skip_special_tokens=True)) for g in generations]
 
 
 def memo_teacher_message(problem: Problem, memo: str) -> str:

@@ -5,7 +5,11 @@ started from (1 − tokens / tokens of that stage). Stages hand work to each oth
 checkpoint folders. Every stage's config is loaded and checked before the first one runs.
 
 Started again on its own folder (same config), a pipeline resumes: finished stages and evaluations
-are kept, the stage it was in continues from its latest checkpoint.
+are kept, the stage it was in continues from its latest checkpoint. The pipeline's `run` section is
+the run contract of every stage (opsd/runs.py): `run.output_dir` holds one folder per stage,
+`run.device` and `run.tensorboard` are given to every stage and evaluation; steps, batch sizes,
+checkpoint cadence and seeds are set per stage, in its config or overrides. Every checkpoint is
+evaluated with its stage's own model options (dtype, attention, trust_remote_code).
 
     opsd pipeline configs/pipeline-tiny.yaml [--resume]
 """
@@ -14,17 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from opsd.checkpoint import check_same_config, latest_checkpoint, prepare_run_dir, save_config
 from opsd.config import load_config, to_dict
 from opsd.errors import UserError
-from opsd.eval import EvalConfig, EvalSamplingConfig, run_eval
+from opsd.eval import EVAL_SAMPLING, EvalConfig, run_eval
+from opsd.folders import remove_own
+from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
+from opsd.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config
+from opsd.verifiers import VerifierConfig
 
 Command = Literal["sft", "rlvr", "distill"]
 
@@ -42,8 +48,9 @@ class StageSpec:
 class PipelineEvalConfig:
     data: tuple[str, ...] = ("configs/examples/arithmetic.jsonl",)  # held-out benchmark files
     limit: int = 0  # first N problems of each file (0: all)
-    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)  # k = sampling.n
+    sampling: SamplingConfig = field(default_factory=lambda: EVAL_SAMPLING)  # k = sampling.n
     instruction: str = ""  # text before each problem (empty: the bare problem)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     seed: int = 0
 
 
@@ -54,10 +61,18 @@ class PipelineConfig:
     evaluate_start: bool = True  # evaluate the starting checkpoint too
     stages: tuple[StageSpec, ...] = ()
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
-    output_dir: str = "runs/pipeline"
-    overwrite: bool = False  # replace an existing pipeline folder (otherwise one of the same config is resumed)
-    resume: bool = False  # insist on resuming the pipeline in output_dir
-    device: str = "auto"
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pipeline"))  # folder, resume, device
+
+
+PER_STAGE = ("steps", "problems_per_step", "save_every", "keep_last", "seed")  # run keys a pipeline leaves to its stages
+
+
+def check_run_section(run: RunConfig) -> None:
+    default = RunConfig()
+    for key in PER_STAGE:
+        if getattr(run, key) != getattr(default, key):
+            raise UserError(f"run.{key} is set per stage in a pipeline (in the stage's config or overrides), "
+                            "not in the pipeline's run section")
 
 
 def stage_runner(command: Command):
@@ -89,7 +104,8 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         if start not in names:
             raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage")
         cls, _ = stage_runner(stage.command)
-        overrides = [*stage.overrides, f"run.output_dir={out / name}", f"run.device={config.device}"]
+        given = [f"run.device={config.run.device}", *([] if config.run.tensorboard else ["run.tensorboard=false"])]
+        overrides = [*given, *stage.overrides, f"run.output_dir={out / name}"]
         stage_config = load_config(cls, stage.config or None, overrides)
         planned.append((StageSpec(name, stage.command, stage.config, stage.overrides, start), start, stage_config))
         names.append(name)
@@ -97,17 +113,18 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
 
 
 def run_pipeline(config: PipelineConfig) -> Path:
-    out = Path(config.output_dir)
+    out = Path(config.run.output_dir)
+    check_run_section(config.run)
     stages = plan(config, out)
     for path in config.eval.data:
         if not Path(path).is_file():
             raise UserError(f"evaluation file {path} does not exist")
-    if (out / "config.yaml").is_file() and not config.overwrite:
-        check_same_config(out, to_dict(config), ("overwrite", "resume"))
-    elif config.resume:
-        raise UserError(f"resume: {out} holds no pipeline to resume")
+    if (out / "config.yaml").is_file() and not config.run.overwrite:
+        check_same_config(out, to_dict(config), ("run.overwrite", "run.resume"))
+    elif config.run.resume:
+        raise UserError(f"run.resume: {out} holds no pipeline to resume")
     else:
-        out = prepare_run_dir(out, config.overwrite)
+        out = prepare_run_dir(out, config.run.overwrite, kind="pipeline")
     save_config(out, to_dict(config))
     checkpoints = {config.start_name: config.model.name_or_path}
     rows = [evaluate(config, config.start_name, "", config.model, out, 0.0)] if config.evaluate_start else []
@@ -117,7 +134,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
         started = time.perf_counter()
         run_dir = run(stage_config)
         checkpoints[stage.name] = str(final_checkpoint(run_dir))
-        model = ModelConfig(name_or_path=checkpoints[stage.name])
+        # the stage's own model options (dtype, attention, remote code), its merged checkpoint
+        model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
         rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
     rows = add_compression(rows)
     (out / "summary.json").write_text(json.dumps({"rows": rows, "checkpoints": checkpoints}, indent=2) + "\n")
@@ -142,12 +160,11 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
     eval_dir = out / "eval" / stage
     if (eval_dir / "row.json").is_file():
         return json.loads((eval_dir / "row.json").read_text())
-    if eval_dir.exists():
-        shutil.rmtree(eval_dir)
+    remove_own(eval_dir, "resuming the pipeline (an unfinished evaluation is redone)")
     started = time.perf_counter()
     run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit, sampling=config.eval.sampling,
-                        instruction=config.eval.instruction, output_dir=str(eval_dir), seed=config.eval.seed,
-                        device=config.device))
+                        instruction=config.eval.instruction, verifier=config.eval.verifier, output_dir=str(eval_dir),
+                        seed=config.eval.seed, device=config.run.device))
     report = json.loads((eval_dir / "eval.json").read_text())
     benchmarks = [{key: b[key] for key in ("name", "problems", "mean_at_k", "mean_at_k_stderr", "maj_at_k",
                                            "response_tokens_mean", "correct_response_tokens_mean",

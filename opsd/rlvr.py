@@ -2,7 +2,7 @@
 
 One step, top to bottom (METHODS.md §3, the RLVR stage of Kim & Lee; DAPO, Yu et al. 2025):
   1. sample G responses for each of P problems from the policy;
-  2. reward = 1 if math-verify judges the final answer correct, else 0, plus DAPO's soft overlong
+  2. reward = the verdict of the problem's verifier (math: 1 if the final answer is correct, else 0), plus DAPO's soft overlong
      penalty when `overlong_buffer` > 0;
   3. group-normalised advantages (r − mean)/std per problem; groups whose rewards are all equal carry
      no signal and are dropped (DAPO's dynamic-sampling filter, without re-sampling);
@@ -30,19 +30,23 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_or_stop, open_run_dir, restore, resume_point
+from opsd.checkpoint import checkpoint_or_stop, restore
+from opsd.config import to_dict
 from opsd.data import Fields, load_problems
 from opsd.errors import require
-from opsd.grading import Grader
+from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
 from opsd.logprobs import chunked_token_logprobs
 from opsd.metrics import MetricsLog
 from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
+from opsd.packing import pack, response_hidden
 from opsd.policy_loss import clipped_policy_loss, group_advantages, informative_groups, kl_k3, overlong_penalty
 from opsd.prompts import render_prompt
-from opsd.rollout import Rollout, SamplingConfig, check_sampling, collect_rollouts, grade_rollouts, pack, response_hidden
+from opsd.rollout import Rollout, collect_rollouts, grade_rollouts
+from opsd.runs import RunConfig, check_run, open_run_dir, resume_point
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState
 from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step,
-                           load_policy, make_optimizer, new_progress, set_lr, step_items, step_seed)
+                           load_policy, make_optimizer, new_progress, set_lr, step_items)
+from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier
 
 
 @dataclass(frozen=True)
@@ -65,35 +69,22 @@ class GRPOConfig:
 
 
 @dataclass(frozen=True)
-class RLVRRunConfig:
-    output_dir: str = "runs/rlvr"
-    overwrite: bool = False
-    steps: int = 100
-    problems_per_step: int = 32  # P; each gets sampling.n = G rollouts
-    save_every: int = 0
-    keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all)
-    resume: bool = False  # insist on continuing the run in output_dir (it continues anyway when there is one)
-    seed: int = 0
-    device: str = "auto"
-    chunk_size: int = 1024  # positions per chunk of the vocabulary projection
-    grader_timeout_s: float = 5.0
-    tensorboard: bool = True
-
-
-@dataclass(frozen=True)
 class RLVRConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: RLVRDataConfig = field(default_factory=RLVRDataConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=16))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # the reward: each row's verifier
     optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RLVRRunConfig = field(default_factory=RLVRRunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlvr"))
 
 
 def check_options(config: RLVRConfig, world: int = 1) -> None:
     check_optim(config.optim)
     check_sampling(config.sampling, "sampling")
-    grpo, run = config.grpo, config.run
+    check_run(config.run, world)
+    check_verifier(config.verifier)
+    grpo = config.grpo
     require(
         ("sampling.n", config.sampling.n >= 2, "at least 2 (advantages compare samples of one problem)"),
         ("sampling.temperature", config.sampling.temperature > 0, "positive (log-probabilities are taken at it)"),
@@ -103,11 +94,6 @@ def check_options(config: RLVRConfig, world: int = 1) -> None:
          "between 0 and sampling.max_new_tokens"),
         ("grpo.kl_coef", grpo.kl_coef >= 0, "non-negative"),
         ("grpo.updates_per_step", grpo.updates_per_step >= 1, "at least 1"),
-        ("run.steps", run.steps >= 1, "at least 1"),
-        ("run.problems_per_step", run.problems_per_step >= world, f"at least the number of processes ({world})"),
-        ("run.save_every", run.save_every >= 0, "non-negative"),
-        ("run.keep_last", run.keep_last >= 0, "non-negative"),
-        ("run.chunk_size", run.chunk_size >= 1, "at least 1"),
     )
 
 
@@ -115,8 +101,9 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
     """Train; return the run folder (None on ranks other than 0)."""
     world = distributed.world_size()
     check_options(config, world)
-    resume_from = resume_point(config)
+    resume_from = resume_point(config.run, to_dict(config))
     problems = load_problems(config.data.path, config.data.fields, require_answer=True)
+    check_problems(problems, config.data.path, config.verifier.default)
     device = distributed.device(config.run.device)
     tokenizer = load_tokenizer(config.model)
     prefix = f"{config.data.instruction}\n\n" if config.data.instruction else ""
@@ -129,43 +116,56 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
                f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
     reference = TeacherWeightsState(model, TeacherWeightsConfig("frozen"), uses_lora=config.model.lora_rank > 0) \
         if config.grpo.kl_coef > 0 else None
-    backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, reference) if resume_from else new_progress()
-    run_dir = open_run_dir(config, rank, progress["step"])
+    run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
-    generator = torch.Generator(device=device)
-    with Grader(timeout_s=config.run.grader_timeout_s) as grader:
+    with Verifiers(config.verifier) as verifiers:
+        parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
+                      make_engine(model, tokenizer, config.sampling), reference, tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
-            generator.manual_seed(step_seed(config.run.seed, rank, step))
             set_lr(optimizer, config.optim, step, config.run.steps)
             indices = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             indices = distributed.shard(indices, rank, world)
-            metrics = rlvr_step(config, model, backbone, reference, optimizer, tokenizer, grader, generator,
-                                [problems[i] for i in indices], [prompts[i] for i in indices], device)
+            metrics = rlvr_step(config, parts, [problems[i] for i in indices], [prompts[i] for i in indices],
+                                [request_seed(config.run.seed, step, i) for i in indices])
             progress = advance(progress, step, metrics.pop("skipped"))
+            parts.engine.update_weights()
             metrics["optim/skipped_steps"] = progress["skipped"]
             log.write(step, metrics, postfix={"reward": metrics["reward/mean"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
-            checkpoint_or_stop(run_dir, config, model, tokenizer, optimizer, progress, "rlvr")
+            checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
+                               progress, "rlvr")
+        del parts  # release the DDP reducer before the process group (see distributed.teardown)
     log.close()
-    del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()
     return run_dir
 
 
-def rlvr_step(config: RLVRConfig, model, backbone, reference: TeacherWeightsState | None, optimizer, tokenizer,
-              grader: Grader, generator: torch.Generator, problems, prompts: list[list[int]],
-              device: torch.device) -> dict[str, float]:
+@dataclass(frozen=True)
+class Parts:
+    """What a step works with (built once by `run_rlvr`)."""
+
+    model: torch.nn.Module  # the policy (PEFT-wrapped with LoRA)
+    backbone: torch.nn.Module  # its final hidden states, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    engine: Engine
+    reference: TeacherWeightsState | None  # the initial policy's weights, for the k3 KL (kl_coef > 0)
+    tokenizer: object
+    verifiers: Verifiers
+    device: torch.device
+
+
+def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int]], seeds: list[int]) -> dict[str, float]:
     """Sample → reward → advantages → filter → old log-probs → clipped policy-gradient updates."""
     timer, started, grpo = Timer(), time.perf_counter(), config.grpo
-    model.eval()
+    parts.model.eval()
     with timer("generate"):
-        rollouts = collect_rollouts(model, prompts, config.sampling, tokenizer, generator)
+        rollouts = collect_rollouts(parts.engine, prompts, config.sampling, seeds)
     with timer("grade"):
-        correct = grade_rollouts(rollouts, problems, tokenizer, grader)
+        verdicts = grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)
     lengths = torch.tensor([len(r.response_ids) for r in rollouts])
-    rewards = torch.tensor(correct, dtype=torch.float32) + overlong_penalty(
+    rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32) + overlong_penalty(
         lengths, config.sampling.max_new_tokens, grpo.overlong_buffer)
     rewards_P_G = rewards.view(len(prompts), config.sampling.n)
     advantages = group_advantages(rewards_P_G, grpo.scale_by_std).flatten()
@@ -173,74 +173,80 @@ def rlvr_step(config: RLVRConfig, model, backbone, reference: TeacherWeightsStat
     kept = [(r, float(a)) for r, a, k in zip(rollouts, advantages, keep_P.repeat_interleave(config.sampling.n)) if k]
     kept_tokens = sum(len(r.response_ids) for r, _ in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
-    token_weight = distributed.world_size() / max(total_tokens, 1)
     micro = config.optim.micro_batch_size
     batches = [kept[i : i + micro] for i in range(0, len(kept), micro)]
-    n_micro = distributed.max_over_ranks(len(batches))
-
     with timer("old_logprobs"), torch.no_grad():
-        old = [policy_logprobs(backbone, model, b, tokenizer, config, device) for b in batches]
-        ref = [policy_logprobs(backbone, model, b, tokenizer, config, device, reference) for b in batches] \
-            if reference is not None else [None] * len(batches)
+        old = [policy_logprobs(config, parts, b) for b in batches]
+        ref = [policy_logprobs(config, parts, b, parts.reference) for b in batches] \
+            if parts.reference is not None else [None] * len(batches)
     sums: dict[str, float] = collections.defaultdict(float)
     grad_norm, skipped = float("nan"), False
-    model.train()
+    parts.model.train()
     for _ in range(grpo.updates_per_step):
         with timer("train"):
-            for index in range(n_micro):
-                with distributed.no_sync_unless(backbone, last=index == n_micro - 1):
-                    if index >= len(batches):  # this process has run out: keep DDP's collectives in step
-                        distributed.idle_backward(backbone, output_head(model), tokenizer.pad_token_id, device)
-                        continue
-                    batch = batches[index]
-                    logp_N, packed = policy_logprobs(backbone, model, batch, tokenizer, config, device, with_packed=True)
-                    advantage_N = torch.tensor([a for _, a in batch], device=device)[packed.row_N]
-                    loss_N, clipped_N = clipped_policy_loss(logp_N, old[index], advantage_N, grpo.eps_low, grpo.eps_high)
-                    if ref[index] is not None:
-                        kl_N = kl_k3(logp_N, ref[index])
-                        loss_N = loss_N + grpo.kl_coef * kl_N
-                        sums["kl"] += float(kl_N.detach().sum())
-                    (loss_N.sum() * token_weight).backward()
-                    sums["clipped"] += float(clipped_N.float().sum())
-                    sums["ratio"] += float(torch.exp(logp_N.detach() - old[index]).sum())
-        grad_norm, was_skipped = guarded_step(model, optimizer, config.optim.max_grad_norm, has_gradient=total_tokens > 0)
+            policy_gradient(config, parts, batches, old, ref, distributed.world_size() / max(total_tokens, 1), sums)
+        grad_norm, was_skipped = guarded_step(parts.model, parts.optimizer, config.optim.max_grad_norm,
+                                              has_gradient=total_tokens > 0)
         skipped = skipped or was_skipped
 
     updates = grpo.updates_per_step * max(kept_tokens, 1)
+    per_update = lambda key: sums[key] / updates if kept_tokens else float("nan")  # noqa: E731
     generate_s = timer.total("generate")
     return {
         "reward/mean": float(rewards.mean()),
-        "rollout/accuracy": sum(correct) / len(correct),
+        "rollout/accuracy": sum(v.correct for v in verdicts) / len(verdicts),
         "rollout/count": len(rollouts),
         "rollout/kept": len(kept),
         "rollout/kept_groups": int(keep_P.sum()),
         "rollout/response_tokens_mean": float(lengths.float().mean()),
         "rollout/response_tokens_max": int(lengths.max()),
         "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
-        "policy/clipped_ratio": sums["clipped"] / updates if kept_tokens else float("nan"),
-        "policy/ratio_mean": sums["ratio"] / updates if kept_tokens else float("nan"),
-        "policy/kl": sums["kl"] / updates if reference is not None and kept_tokens else float("nan"),
+        "policy/clipped_ratio": per_update("clipped"),
+        "policy/ratio_mean": per_update("ratio"),
+        "policy/kl": per_update("kl") if parts.reference is not None else float("nan"),
         "optim/grad_norm": grad_norm,
-        "optim/lr": optimizer.param_groups[0]["lr"],
+        "optim/lr": parts.optimizer.param_groups[0]["lr"],
         "optim/empty_step": total_tokens == 0,
-        "time/generate_s": generate_s,
-        "time/grade_s": timer.total("grade"),
-        "time/old_logprobs_s": timer.total("old_logprobs"),
-        "time/train_s": timer.total("train"),
+        **{f"time/{phase}_s": timer.total(phase) for phase in ("generate", "grade", "old_logprobs", "train")},
         "time/step_s": time.perf_counter() - started,
         "throughput/generate_tokens_per_s": float(lengths.sum()) / generate_s if generate_s else float("nan"),
         "skipped": skipped,
     }
 
 
-def policy_logprobs(backbone, model, batch: list[tuple[Rollout, float]], tokenizer, config: RLVRConfig,
-                    device: torch.device, weights: TeacherWeightsState | None = None, with_packed: bool = False):
+def policy_gradient(config: RLVRConfig, parts: Parts, batches, old: list[torch.Tensor], ref: list,
+                    token_weight: float, sums: dict[str, float]) -> None:
+    """One pass over the kept rollouts in micro-batches: the clipped surrogate (+ k3 KL), backward;
+    gradients accumulate for one optimizer update."""
+    grpo, device = config.grpo, parts.device
+    n_micro = distributed.max_over_ranks(len(batches))
+    for index in range(n_micro):
+        with distributed.no_sync_unless(parts.backbone, last=index == n_micro - 1):
+            if index >= len(batches):  # this process has run out: keep DDP's collectives in step
+                distributed.idle_backward(parts.backbone, output_head(parts.model), parts.tokenizer.pad_token_id, device)
+                continue
+            batch = batches[index]
+            logp_N, packed = policy_logprobs(config, parts, batch, with_packed=True)
+            advantage_N = torch.tensor([a for _, a in batch], device=device)[packed.row_N]
+            loss_N, clipped_N = clipped_policy_loss(logp_N, old[index], advantage_N, grpo.eps_low, grpo.eps_high)
+            if ref[index] is not None:
+                kl_N = kl_k3(logp_N, ref[index])
+                loss_N = loss_N + grpo.kl_coef * kl_N
+                sums["kl"] += float(kl_N.detach().sum())
+            (loss_N.sum() * token_weight).backward()
+            sums["clipped"] += float(clipped_N.float().sum())
+            sums["ratio"] += float(torch.exp(logp_N.detach() - old[index]).sum())
+
+
+def policy_logprobs(config: RLVRConfig, parts: Parts, batch: list[tuple[Rollout, float]],
+                    weights: TeacherWeightsState | None = None, with_packed: bool = False):
     """[N] log-probabilities of the batch's response tokens at the sampling temperature; with `weights`,
     under those weights (the KL reference) and without autograd."""
-    packed = pack([r.prompt_ids for r, _ in batch], [r.response_ids for r, _ in batch], tokenizer.pad_token_id, device)
+    packed = pack([r.prompt_ids for r, _ in batch], [r.response_ids for r, _ in batch], parts.tokenizer.pad_token_id,
+                  parts.device)
     context = weights.active() if weights is not None else contextlib.nullcontext()
-    with context, autocast(config.optim, device):
-        hidden_N_H = response_hidden(backbone, packed)
-    head = weights.head() if weights is not None else output_head(model)
-    logp_N = chunked_token_logprobs(hidden_N_H, head, packed.targets_N, config.sampling.temperature, config.run.chunk_size)
+    with context, autocast(config.optim, parts.device):
+        hidden_N_H = response_hidden(parts.backbone, packed)
+    head = weights.head() if weights is not None else output_head(parts.model)
+    logp_N = chunked_token_logprobs(hidden_N_H, head, packed.targets_N, config.sampling.temperature, config.optim.chunk_size)
     return (logp_N, packed) if with_packed else logp_N.detach()

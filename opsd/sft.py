@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_or_stop, open_run_dir, restore, resume_point
+from opsd.checkpoint import checkpoint_or_stop, restore
+from opsd.config import to_dict
 from opsd.data import load_pairs
 from opsd.errors import require
 from opsd.logprobs import chunked_token_logprobs
 from opsd.metrics import MetricsLog
 from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
+from opsd.packing import pack, response_hidden
 from opsd.prompts import render_prompt
-from opsd.rollout import pack, response_hidden
+from opsd.runs import RunConfig, check_run, open_run_dir, resume_point
 from opsd.training import (OptimConfig, advance, autocast, check_optim, guarded_step, load_policy,
                            make_optimizer, new_progress, set_lr, step_items)
 
@@ -45,39 +47,19 @@ class SFTDataConfig:
 
 
 @dataclass(frozen=True)
-class SFTRunConfig:
-    output_dir: str = "runs/sft"  # run folder: config.yaml, metrics.jsonl, checkpoints/
-    overwrite: bool = False  # replace an existing run folder
-    steps: int = 1000  # optimizer steps
-    sequences_per_step: int = 32  # sequences per optimizer step
-    save_every: int = 0  # checkpoint every k steps (0: only at the end)
-    keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all)
-    resume: bool = False  # insist on continuing the run in output_dir (it continues anyway when there is one)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    chunk_size: int = 1024  # positions per chunk of the vocabulary projection
-    tensorboard: bool = True
-
-
-@dataclass(frozen=True)
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, micro_batch_size=16))
-    run: SFTRunConfig = field(default_factory=SFTRunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft", steps=1000))
 
 
 def check_options(config: SFTConfig, world: int = 1) -> None:
     check_optim(config.optim)
-    run = config.run
+    check_run(config.run, world)
     require(
         ("data.path", bool(config.data.path), "set to a JSONL/Parquet file of problem/response pairs"),
         ("data.max_length", config.data.max_length >= 2, "at least 2"),
-        ("run.steps", run.steps >= 1, "at least 1"),
-        ("run.sequences_per_step", run.sequences_per_step >= world, f"at least the number of processes ({world})"),
-        ("run.save_every", run.save_every >= 0, "non-negative"),
-        ("run.keep_last", run.keep_last >= 0, "non-negative"),
-        ("run.chunk_size", run.chunk_size >= 1, "at least 1"),
     )
 
 
@@ -99,7 +81,7 @@ def run_sft(config: SFTConfig) -> Path | None:
     """Train; return the run folder (None on ranks other than 0)."""
     world = distributed.world_size()
     check_options(config, world)
-    resume_from = resume_point(config)
+    resume_from = resume_point(config.run, to_dict(config))
     pairs = load_pairs(config.data.path, config.data.problem_field, config.data.response_field)
     device = distributed.device(config.run.device)
     tokenizer = load_tokenizer(config.model)
@@ -112,13 +94,13 @@ def run_sft(config: SFTConfig) -> Path | None:
     backbone = distributed.wrap(Backbone(model), device)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer) if resume_from else new_progress()
-    run_dir = open_run_dir(config, rank, progress["step"])
+    run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
     model.train()
     for step in range(progress["step"] + 1, config.run.steps + 1):
         started = time.perf_counter()
         set_lr(optimizer, config.optim, step, config.run.steps)
-        indices = step_items(len(examples), step, config.run.sequences_per_step, config.data.shuffle, config.run.seed)
+        indices = step_items(len(examples), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
         batch = sorted((examples[i] for i in distributed.shard(indices, rank, world)), key=lambda e: len(e[0]) + len(e[1]))
         tokens = sum(len(target) for _, target in batch)
         total_tokens = distributed.sum_over_ranks(tokens)
@@ -132,7 +114,7 @@ def run_sft(config: SFTConfig) -> Path | None:
                 with autocast(config.optim, device):
                     hidden_N_H = response_hidden(backbone, packed)
                 logp_N = chunked_token_logprobs(hidden_N_H, output_head(model), packed.targets_N,
-                                                chunk_size=config.run.chunk_size)
+                                                chunk_size=config.optim.chunk_size)
                 # token mean over the whole step (DDP averages over processes, hence the factor world)
                 (-logp_N.sum() * (world / total_tokens)).backward()
                 loss_sum -= float(logp_N.detach().sum())
@@ -143,7 +125,8 @@ def run_sft(config: SFTConfig) -> Path | None:
                          "optim/lr": optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
                          "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
                   postfix={"nll": loss_sum / tokens})
-        checkpoint_or_stop(run_dir, config, model, tokenizer, optimizer, progress, "sft")
+        checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
+                           progress, "sft")
     log.close()
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()

@@ -1,6 +1,13 @@
-"""Which weights the teacher uses: frozen, refreshed every M steps, an EMA, or the live student.
+"""The teacher of `opsd distill`: its context (what it is shown), its weights, and its target.
 
-The teacher is always the student's own network (METHODS.md: one model family, one network).
+Contexts (METHODS.md §1–§4) are described in one place, `CONTEXTS`: what each needs from a problem
+row and whether it writes a memo or uses Purified OPSD's three views. The teacher's prompt of each
+kept rollout (`rollout_teacher_prompts`) and its target logits for a micro-batch (`teacher_target`)
+are built here from that description.
+
+Weights: frozen, refreshed every M steps, an EMA, or the live student. The self-teacher is the
+student's own network (METHODS.md: one model family, one network); an external teacher is another
+checkpoint with the same tokenizer (`ExternalTeacher`).
 Instead of a second model object, a snapshot of the *trainable* tensors is kept and swapped into
 the network (pointer swap, no copy) for the teacher forward. With LoRA and a frozen teacher there is
 no snapshot at all: the teacher is the model with its adapters disabled.
@@ -15,17 +22,41 @@ no snapshot at all: the teacher is the model with its adapters disabled.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from opsd.models import Backbone, output_head
-from opsd.rollout import Packed, response_hidden
+from opsd.data import Problem
+from opsd.errors import UserError
+from opsd.memo import memo_teacher_message, write_memos
+from opsd.models import Backbone, load_model, load_tokenizer, output_head
+from opsd.packing import Packed, pack, response_hidden
+from opsd.prompts import reference_only_message, render_prompt, teacher_user_message
+from opsd.purified import PurifiedTarget
 
 TeacherWeights = Literal["frozen", "refresh", "ema", "live"]
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """What a teacher context needs and does."""
+
+    needs_answer: bool  # the gold answer goes into the teacher's prompt or the memo's feedback
+    writes_memo: bool  # a memo per kept rollout is written and put into that rollout's teacher prompt
+    purified: bool  # three frozen views combined into Purified OPSD's target
+
+
+CONTEXTS = {
+    "reference": ContextSpec(needs_answer=False, writes_memo=False, purified=False),
+    "answer": ContextSpec(needs_answer=True, writes_memo=False, purified=False),
+    "concise": ContextSpec(needs_answer=False, writes_memo=False, purified=False),
+    "template": ContextSpec(needs_answer=False, writes_memo=False, purified=False),
+    "memo": ContextSpec(needs_answer=True, writes_memo=True, purified=False),
+    "purified": ContextSpec(needs_answer=False, writes_memo=False, purified=True),
+}
 
 
 @dataclass(frozen=True)
@@ -105,6 +136,71 @@ class TeacherWeightsState:
         return self.config.policy == "live"
 
 
+@dataclass(frozen=True)
+class TeacherPrompts:
+    """Token ids of the prompts of every problem: the student's, the teacher's and (purified) πR's."""
+
+    student: list[list[int]]
+    teacher: list[list[int]]  # context=memo: the problem alone, replaced per rollout once its memo is written
+    reference_only: list[list[int]] | None  # Purified OPSD's πR view
+
+    def select(self, indices: list[int]) -> TeacherPrompts:
+        pick = lambda rows: None if rows is None else [rows[i] for i in indices]  # noqa: E731
+        return TeacherPrompts(pick(self.student), pick(self.teacher), pick(self.reference_only))
+
+
+def render_teacher_prompts(tokenizer, problems: list[Problem], context: str, template: str,
+                           concise_instruction: str) -> TeacherPrompts:
+    spec = CONTEXTS[context]
+    return TeacherPrompts(
+        student=[render_prompt(tokenizer, p.problem) for p in problems],
+        teacher=[render_prompt(tokenizer, teacher_user_message(p, context, template, concise_instruction))
+                 for p in problems],
+        reference_only=[render_prompt(tokenizer, reference_only_message(p)) for p in problems] if spec.purified else None,
+    )
+
+
+def rollout_teacher_prompts(context: str, memo: dict | None, engine, tokenizer, kept, problems: list[Problem],
+                            prompts: TeacherPrompts) -> list[list[int]]:
+    """The teacher prompt of each kept rollout: its problem's, or (context=memo) one holding the memo
+    the model writes about this very attempt (`memo`: instruction and max_tokens)."""
+    if not CONTEXTS[context].writes_memo:
+        return [prompts.teacher[r.problem_index] for r, _ in kept]
+    memos = write_memos(engine, tokenizer, [r for r, _ in kept], [c for _, c in kept], problems,
+                        memo["instruction"], memo["max_tokens"])
+    return [render_prompt(tokenizer, memo_teacher_message(problems[r.problem_index], text))
+            for (r, _), text in zip(kept, memos)]
+
+
+def teacher_target(context: str, purified: tuple[float, float], model, weights: TeacherWeightsState,
+                   external: ExternalTeacher | None, batch, teacher_prompts: list[list[int]], prompts: TeacherPrompts,
+                   pad_id: int, device: torch.device, autocast) -> Callable[[slice], torch.Tensor]:
+    """The teacher of one micro-batch as a function from a slice of response positions to [C × V]
+    logits: one view (its prompt ‖ the responses) projected by the teacher's head, or Purified OPSD's
+    target from three views (`purified`: clip c and β). Hidden states are computed here, once,
+    without autograd."""
+    responses = [r.response_ids for r, _ in batch]
+    views = [teacher_prompts]
+    if CONTEXTS[context].purified:
+        views += [[prompts.reference_only[r.problem_index] for r, _ in batch],
+                  [prompts.student[r.problem_index] for r, _ in batch]]
+    model.eval()
+    with autocast:
+        hidden = [view_hidden(model, weights, external, view, responses, pad_id, device) for view in views]
+    head = external.head() if external is not None else weights.head()
+    if CONTEXTS[context].purified:
+        return PurifiedTarget(*hidden, head, *purified)
+    return lambda part: hidden[0][part] @ head.T
+
+
+def view_hidden(model, weights: TeacherWeightsState, external: ExternalTeacher | None, prompts: list[list[int]],
+                responses: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """[N × H] hidden states of one teacher view (prompts ‖ the student's responses), no autograd."""
+    if external is not None:
+        return external.hidden(pack(prompts, responses, pad_id, external.device))
+    return teacher_hidden(model, pack(prompts, responses, pad_id, device), weights)
+
+
 def teacher_hidden(model: nn.Module, packed: Packed, teacher: TeacherWeightsState) -> torch.Tensor:
     """[N × H] teacher hidden states at the response positions, computed without autograd."""
     with teacher.active(), torch.inference_mode():
@@ -129,3 +225,24 @@ class ExternalTeacher:
 
     def head(self) -> torch.Tensor:
         return self._head
+
+
+def load_external_teacher(model_config, device_name: str, student_tokenizer, student_device: torch.device,
+                          resolve_device) -> ExternalTeacher:
+    """The external teacher on its device (`device_name`, "" = the student's), after checking it
+    shares the student's tokenizer."""
+    teacher_tokenizer = load_tokenizer(model_config)
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UserError(f"the teacher's vocabulary ({len(teacher_tokenizer)} tokens) differs from the student's "
+                        f"({len(student_tokenizer)} tokens): on-policy distillation needs the same tokenizer")
+    teacher_device = resolve_device(device_name) if device_name else student_device
+    return ExternalTeacher(load_model(model_config, teacher_device), student_device)
+
+
+def check_same_vocabulary(student, external: ExternalTeacher | None) -> None:
+    if external is None:
+        return
+    rows_s, rows_t = output_head(student).shape[0], external.head().shape[0]
+    if rows_s != rows_t:
+        raise UserError(f"the teacher's output layer has {rows_t} rows and the student's {rows_s}: "
+                        "the vocabularies differ")

@@ -31,6 +31,7 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup
     max_grad_norm: float = 1.0  # gradient-norm clip
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a step)
+    chunk_size: int = 1024  # positions per chunk of the vocabulary projection (memory: chunk × vocabulary floats)
     gradient_checkpointing: bool = False  # recompute activations in the backward
     bf16: bool = True  # bf16 autocast (GPU only)
     max_skipped_in_a_row: int = 5  # stop the run after this many non-finite steps in a row
@@ -44,6 +45,7 @@ def check_optim(optim: OptimConfig) -> None:
         ("optim.warmup_steps", optim.warmup_steps >= 0, "non-negative"),
         ("optim.max_grad_norm", optim.max_grad_norm > 0, "positive"),
         ("optim.micro_batch_size", optim.micro_batch_size >= 1, "at least 1"),
+        ("optim.chunk_size", optim.chunk_size >= 1, "at least 1"),
         ("optim.max_skipped_in_a_row", optim.max_skipped_in_a_row >= 1, "at least 1"),
     )
 
@@ -104,12 +106,6 @@ def new_progress() -> dict[str, int]:
 def advance(progress: dict[str, int], step: int, skipped: bool) -> dict[str, int]:
     return {"step": step, "skipped": progress["skipped"] + int(skipped),
             "skipped_in_a_row": progress["skipped_in_a_row"] + 1 if skipped else 0}
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The sampling generator's seed for one step of one process: a run resumed at any step draws
-    the same samples as one that never stopped, with no generator state to save."""
-    return (seed * 1_000_003 + rank) * 1_000_003 + step
 
 
 def step_items(count: int, step: int, per_step: int, shuffle: bool, seed: int) -> list[int]:

@@ -14,7 +14,7 @@ from opsd.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["sampling.max_new_tokens=16", "sampling.n=2", "run.problems_per_step=4", "optim.micro_batch_size=3",
-        "optim.lr=1e-2", "loss.chunk_size=7", "run.tensorboard=false"]
+        "optim.lr=1e-2", "optim.chunk_size=7", "run.tensorboard=false"]
 
 
 def distill(tmp_path, *overrides, name="run"):
@@ -31,7 +31,7 @@ def model_weights(folder):
 def test_distill_writes_config_metrics_and_a_loadable_checkpoint(tmp_path):
     out = distill(tmp_path, "run.steps=3", "run.save_every=2")
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["run"]["steps"] == 3 and config["loss"]["chunk_size"] == 7
+    assert config["run"]["steps"] == 3 and config["optim"]["chunk_size"] == 7
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss/divergence", "rollout/accuracy", "rollout/response_tokens_mean", "rollout/response_tokens_max",

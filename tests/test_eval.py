@@ -127,7 +127,7 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     table = (out / "eval.md").read_text()
     assert table in printed and f"eval folder: {out}" in printed
     assert report["mode"] == "generate" and report["k"] == 2
-    assert report["config"]["sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 8,
+    assert report["config"]["sampling"] == {"engine": "hf", "temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 8,
                                             "n": 2, "batch_size": 64}
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]

@@ -1,13 +1,17 @@
-"""Sampling, packing and the teacher/student alignment on the tiny model."""
+"""The generation engine (sampling, per-request seeds), packing and the teacher/student alignment on
+the tiny model."""
 
 import pytest
 import torch
 
 from opsd.data import Problem
 from opsd.gating import gate
+from opsd.generation import SamplingConfig, make_engine, request_seed
+from opsd.generation.hf import sample, sample_token
 from opsd.models import Backbone, output_head
+from opsd.packing import pack, response_hidden
 from opsd.prompts import fill, check_template, render_prompt, teacher_user_message
-from opsd.rollout import SamplingConfig, pack, response_hidden, sample, sample_token
+from opsd.rollout import collect_rollouts
 from opsd.tiny import build_tiny
 from opsd.errors import UserError
 
@@ -21,8 +25,9 @@ def tiny():
 def test_greedy_batched_sampling_matches_generate(tiny):
     model, tok = tiny
     prompts = [render_prompt(tok, "What is 2+2?"), render_prompt(tok, "Compute 37 + 45 - 12, carefully.")]
-    results = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [tok.eos_token_id], tok.pad_token_id)
-    for prompt, (response, logprobs, truncated) in zip(prompts, results):
+    results = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [tok.eos_token_id], tok.pad_token_id,
+                     [0, 0])
+    for prompt, (response, logprobs, truncated) in zip(prompts, [(g.response_ids, g.logprobs, g.truncated) for g in results]):
         reference = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
         assert response == reference[0, len(prompt):].tolist()[: len(response)]
@@ -34,8 +39,8 @@ def test_sampled_logprobs_are_those_of_the_sampling_distribution(tiny):
     model, tok = tiny
     prompt = render_prompt(tok, "Hi")
     config = SamplingConfig(temperature=0.7, top_k=10, top_p=0.9, max_new_tokens=6)
-    (response, logprobs, _), = sample(model, [prompt], config, [tok.eos_token_id], tok.pad_token_id,
-                                      torch.Generator().manual_seed(0))
+    (generation,) = sample(model, [prompt], config, [tok.eos_token_id], tok.pad_token_id, [7])
+    response, logprobs = generation.response_ids, generation.logprobs
     logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
     for position, token in enumerate(response):
         row = logits[position] / 0.7
@@ -50,8 +55,58 @@ def test_sampled_logprobs_are_those_of_the_sampling_distribution(tiny):
 
 def test_top_k_one_is_greedy():
     logits = torch.randn(5, 50)
-    token, logprob = sample_token(logits, SamplingConfig(temperature=1.0, top_k=1), torch.Generator().manual_seed(0))
+    token, logprob = sample_token(logits, SamplingConfig(temperature=1.0, top_k=1), torch.rand(5, dtype=torch.float64))
     assert torch.equal(token, logits.argmax(-1)) and torch.allclose(logprob, torch.zeros(5))
+
+
+def test_inverse_cdf_draws_follow_the_filtered_distribution():
+    """Frequencies of 40,000 draws match the temperature/top-k/top-p distribution; filtered and
+    zero-probability entries are never drawn, even at uniforms next to 0 and 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    logits[0, 3] = -torch.inf  # zero probability
+    config = SamplingConfig(temperature=0.8, top_k=8, top_p=0.95)
+    uniforms = torch.cat([torch.rand(40_000, dtype=torch.float64), torch.tensor([0.0, 1e-17, 1 - 1e-16])])
+    token, logprob = sample_token(logits.expand(len(uniforms), -1), config, uniforms)
+    _, expected = sample_token(logits, config, torch.tensor([0.5], dtype=torch.float64))
+    row = logits[0] / 0.8
+    row = row.masked_fill(row < row.topk(8).values[-1], -torch.inf)
+    probs, order = row.softmax(-1).sort(descending=True)
+    keep = order[(probs.cumsum(0) - probs) < 0.95]
+    target = torch.zeros(12)
+    target[keep] = row[keep].softmax(-1)
+    counts = torch.bincount(token[:40_000], minlength=12).float() / 40_000
+    assert set(token.tolist()) <= set(keep.tolist()) and 3 not in token.tolist()
+    assert (counts - target).abs().max() < 0.01  # ~4 standard errors at p = 0.5
+    torch.testing.assert_close(logprob, torch.log(target)[token], atol=1e-5, rtol=1e-5)
+
+
+def test_a_request_samples_the_same_alone_or_in_any_batch(tiny):
+    """Per-request seeds: the sample of a request depends on its seed only, not on the batch size nor
+    on the requests decoded with it; another seed gives another sample."""
+    model, tok = tiny
+    prompts = [render_prompt(tok, f"Compute {i} + {i}.") for i in range(6)]
+    config = SamplingConfig(temperature=1.0, max_new_tokens=16)
+    engine = make_engine(model, tok, config)
+    seeds = [request_seed(0, 1, i) for i in range(6)]
+    together = engine.generate(prompts, config, seeds)
+    in_pairs = engine.generate(prompts, SamplingConfig(temperature=1.0, max_new_tokens=16, batch_size=2), seeds)
+    alone = [engine.generate([p], config, [s])[0] for p, s in zip(prompts, seeds)]
+    reordered = engine.generate(prompts[::-1], config, seeds[::-1])[::-1]
+    for a, b, c, d in zip(together, in_pairs, alone, reordered):
+        assert a.response_ids == b.response_ids == c.response_ids == d.response_ids
+    other = engine.generate(prompts, config, [request_seed(1, 1, i) for i in range(6)])
+    assert [g.response_ids for g in other] != [g.response_ids for g in together]
+
+
+def test_rollouts_are_n_per_prompt_in_prompt_order(tiny):
+    model, tok = tiny
+    prompts = [render_prompt(tok, "a"), render_prompt(tok, "bb")]
+    config = SamplingConfig(temperature=1.0, max_new_tokens=8, n=3)
+    rollouts = collect_rollouts(make_engine(model, tok, config), prompts, config, [11, 12])
+    assert [r.problem_index for r in rollouts] == [0, 0, 0, 1, 1, 1]
+    assert [r.prompt_ids for r in rollouts] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert len({r.seed for r in rollouts}) == 6
 
 
 def test_teacher_sees_exactly_the_student_response_after_its_own_prompt(tiny):
@@ -140,10 +195,12 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
             p.normal_(0.0, 0.5)
     model.eval()
     prompts = [render_prompt(tok, f"Compute {i} + {i * 7 % 10}{'!' * i}") for i in range(8)]
-    probe = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [-1], tok.pad_token_id)
+    unpack = lambda gs: [(g.response_ids, g.logprobs, g.truncated) for g in gs]  # noqa: E731
+    probe = unpack(sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [-1], tok.pad_token_id, [0] * 8))
     first = lambda t, ids: ids.index(t) if t in ids else len(ids)  # noqa: E731
     stop = max({t for ids, _, _ in probe for t in ids}, key=lambda t: len({first(t, ids) for ids, _, _ in probe}))
-    results = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [stop], tok.pad_token_id)
+    results = unpack(sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [stop], tok.pad_token_id,
+                            [0] * 8))
     lengths = {len(ids) for ids, _, _ in results}
     assert len(lengths) > 2  # rows really did finish at different steps
     for prompt, (ids, logprobs, truncated) in zip(prompts, results):

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_tiny_pipeline_writes_a_summary_with_every_field(tmp_path, capsys):
     out = tmp_path / "pipe"
-    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"output_dir={out}", "eval.limit=4"]) == 0
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["stage"] for r in summary["rows"]] == ["start", "sft", "rlvr", "opsd"]
     assert [r["start"] for r in summary["rows"]] == ["", "start", "sft", "rlvr"]
@@ -28,11 +28,11 @@ def test_tiny_pipeline_writes_a_summary_with_every_field(tmp_path, capsys):
 
 def test_a_mistake_in_a_later_stage_stops_the_pipeline_before_it_starts(tmp_path, capsys):
     out = tmp_path / "pipe"
-    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"output_dir={out}",
+    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}",
                  "stages=[{command: sft, config: configs/sft-tiny.yaml}, {command: distill, overrides: [loss.kindd=1]}]"])
     assert code == 2 and "loss.kindd" in capsys.readouterr().err
     assert not out.exists()
-    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"output_dir={out}",
+    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}",
                  "stages=[{name: a, command: sft}, {name: b, command: rlvr, start: nowhere}]"])
     assert code == 2 and "'nowhere'" in capsys.readouterr().err
 
@@ -43,3 +43,23 @@ def test_compression_is_against_the_stage_it_started_from():
             {"stage": "inc", "start": "rlvr", "benchmarks": [{"response_tokens_mean": 190.0}]}]
     add_compression(rows)
     assert [r["benchmarks"][0]["compression"] for r in rows] == [None, 0.75, 0.050000000000000044]
+
+
+def test_each_checkpoint_is_evaluated_with_its_stages_model_options(tmp_path):
+    out = tmp_path / "pipe"
+    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=2",
+                 "evaluate_start=false", "stages=[{name: sft, command: sft, config: configs/sft-tiny.yaml, overrides: "
+                 "[data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=1, model.attn_implementation=eager, "
+                 "model.lora_rank=4]}]"])
+    assert code == 0
+    model = json.loads((out / "eval" / "sft" / "eval.json").read_text())["config"]["model"]
+    assert model["attn_implementation"] == "eager" and model["lora_rank"] == 0  # the merged checkpoint, its options
+    assert model["name_or_path"].endswith("step_000001")
+
+
+def test_the_pipeline_shares_the_stages_run_contract(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "run.steps=5"]) == 2
+    assert "run.steps is set per stage" in capsys.readouterr().err and not out.exists()
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "--resume"]) == 2
+    assert "run.resume" in capsys.readouterr().err and not out.exists()

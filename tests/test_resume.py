@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opsd.checkpoint import latest_checkpoint
+from opsd.runs import latest_checkpoint
 from opsd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ DISTILL = [str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=12", "sampl
            "optim.micro_batch_size=2", "optim.lr=1e-2", "run.steps=4", "run.save_every=1", "run.keep_last=2",
            "run.tensorboard=false", "teacher.weights.policy=ema", "teacher.weights.ema_decay=0.5"]
 SFT = [str(ROOT / "configs/sft-tiny.yaml"), f"data.path={ROOT / 'configs/examples/arithmetic-pairs.jsonl'}",
-       "run.steps=4", "run.save_every=1", "run.sequences_per_step=4", "run.tensorboard=false"]
+       "run.steps=4", "run.save_every=1", "run.problems_per_step=4", "run.tensorboard=false"]
 RLVR = [str(ROOT / "configs/rlvr-tiny.yaml"), "run.steps=3", "run.save_every=1", "run.problems_per_step=2",
         "sampling.max_new_tokens=12", "run.tensorboard=false"]
 UNTIMED = ("time/", "throughput/")
@@ -138,7 +138,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_p
 
 def test_killed_pipeline_resumes_at_the_stage_it_was_in(tmp_path):
     out = tmp_path / "pipeline"
-    args = [str(ROOT / "configs/pipeline-tiny.yaml"), f"output_dir={out}", "eval.limit=4",
+    args = [str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=4",
             "stages=[{name: sft, command: sft, config: configs/sft-tiny.yaml, overrides: "
             "[data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=3, run.save_every=1]}, "
             "{name: opsd, command: distill, config: configs/tiny.yaml, overrides: "

@@ -42,7 +42,7 @@ def test_distill_a_real_model_on_gsm8k(tmp_path, smollm2):
     code = main([
         "distill", str(ROOT / "configs/tiny.yaml"), f"model.name_or_path={smollm2}", f"data.path={data}",
         f"run.output_dir={out}", "run.steps=2", "run.problems_per_step=2", "sampling.n=2",
-        "sampling.max_new_tokens=48", "optim.micro_batch_size=2", "optim.lr=1e-5", "loss.chunk_size=32",
+        "sampling.max_new_tokens=48", "optim.micro_batch_size=2", "optim.lr=1e-5", "optim.chunk_size=32",
         "teacher.context=reference", "loss.kind=jsd", "loss.clip_tau=0.05", "loss.temperature=1.1",
     ])
     assert code == 0

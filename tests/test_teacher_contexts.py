@@ -95,24 +95,26 @@ def test_memo_lands_in_the_teacher_prompt_only():
 
 def test_memo_run_puts_memos_into_teacher_prompts_and_not_the_student(tmp_path, monkeypatch):
     import opsd.distill
+    import opsd.teacher
 
     seen = {}
     real_pack = opsd.distill.pack
 
-    def spy(prompts, responses, pad_id, device, flat=False):
-        tok = char_tokenizer()
-        for prompt in prompts:
-            text = tok.decode(prompt)
-            seen.setdefault("teacher" if "A memo you wrote" in text else "student", []).append(text)
-        return real_pack(prompts, responses, pad_id, device, flat)
+    def spy(side):
+        def packing(prompts, responses, pad_id, device, flat=False):
+            seen.setdefault(side, []).extend(char_tokenizer().decode(prompt) for prompt in prompts)
+            return real_pack(prompts, responses, pad_id, device, flat)
+        return packing
 
-    monkeypatch.setattr(opsd.distill, "pack", spy)
+    monkeypatch.setattr(opsd.distill, "pack", spy("student"))  # the student forward
+    monkeypatch.setattr(opsd.teacher, "pack", spy("teacher"))  # the teacher forward
     out = tmp_path / "memo"
     assert main(["distill", str(ROOT / "configs/tiny.yaml"), f"run.output_dir={out}", "run.steps=1",
                  "teacher.context=memo", "teacher.memo_max_tokens=8", "sampling.max_new_tokens=8",
                  "run.tensorboard=false"]) == 0
     assert len(seen["teacher"]) == 16 and len(seen["student"]) == 16  # 8 problems × 2 samples, kept by gating=all
     assert all("A memo you wrote" not in text for text in seen["student"])
+    assert all("A memo you wrote" in text for text in seen["teacher"])
     row = json.loads((out / "metrics.jsonl").read_text())
     assert row["time/memo_s"] > 0
 

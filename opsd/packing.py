@@ -1,0 +1,69 @@
+"""Packing prompt ‖ response sequences for one forward pass, and reading the hidden states that
+predict the response tokens. Teacher and student views of the same responses line up position for
+position: that is how a teacher scores exactly the tokens the student sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Sequences prompt ‖ response laid out for one forward pass, and where their response tokens sit.
+
+    Padded layout: row b holds prompts[b] + responses[b], right-padded, with an attention mask.
+    Flat (padding-free) layout: one row holding every sequence back to back, position ids restarting
+    at 0 for each, no attention mask (transformers then keeps attention inside each sequence).
+    Either way the hidden state at flat position `predict_index_N[n]` predicts `targets_N[n]`, the
+    n-th response token of the batch in sequence order. Two `Packed` built from the same responses and
+    different prompts have the same N and the same targets: that is the teacher/student alignment.
+    """
+
+    input_ids_B_L: torch.Tensor
+    attention_mask_B_L: torch.Tensor | None
+    position_ids_B_L: torch.Tensor | None
+    predict_index_N: torch.Tensor
+    targets_N: torch.Tensor
+    row_N: torch.Tensor  # which sequence each response token belongs to
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device,
+         flat: bool = False) -> Packed:
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    if flat:
+        starts = [0]
+        for sequence in sequences[:-1]:
+            starts.append(starts[-1] + len(sequence))
+        ids_B_L = torch.tensor([[t for s in sequences for t in s]], dtype=torch.long)
+        positions_B_L = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+        mask_B_L = None
+    else:
+        width = max(len(s) for s in sequences)
+        starts = [row * width for row in range(len(sequences))]
+        ids_B_L = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask_B_L = torch.zeros_like(ids_B_L)
+        for row, sequence in enumerate(sequences):
+            ids_B_L[row, : len(sequence)] = torch.tensor(sequence)
+            mask_B_L[row, : len(sequence)] = 1
+        positions_B_L = None
+    predict, targets, rows = [], [], []
+    for row, (start, prompt, response) in enumerate(zip(starts, prompts, responses)):
+        first = start + len(prompt) - 1  # the last prompt position predicts the first response token
+        predict.append(torch.arange(first, first + len(response)))
+        targets += response
+        rows += [row] * len(response)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Packed(to(ids_B_L), to(mask_B_L), to(positions_B_L), torch.cat(predict).to(device),
+                  torch.tensor(targets, dtype=torch.long, device=device), torch.tensor(rows, dtype=torch.long, device=device))
+
+
+def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
+    """The [N × H] final hidden states that predict the response tokens, padding-free."""
+    hidden_B_L_H = backbone(packed.input_ids_B_L, packed.attention_mask_B_L, packed.position_ids_B_L)
+    return hidden_B_L_H.reshape(-1, hidden_B_L_H.shape[-1]).index_select(0, packed.predict_index_N)
+
+
