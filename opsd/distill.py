@@ -211,7 +211,8 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
     with timer("generate"):
         rollouts = collect_rollouts(parts.engine, prompts.student, config.sampling, seeds)
     with timer("grade"):
-        correct = [v.correct for v in grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)]
+        verdicts = grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)
+    correct = [v.correct for v in verdicts]
     keep = gate(correct, [r.truncated for r in rollouts], config.gating)
     kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
     with timer("memo"):
@@ -235,6 +236,7 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
            if CONTEXTS[config.teacher.context].purified else {}),
         "rollout/accuracy": sum(correct) / len(correct) if all(p.answer for p in problems) else float("nan"),
         "rollout/count": len(rollouts),
+        "rollout/restated": sum(v.restated for v in verdicts),
         "rollout/kept": len(kept),
         "rollout/response_tokens_mean": sum(lengths) / len(lengths),
         "rollout/response_tokens_max": max(lengths),

@@ -14,7 +14,8 @@ report, overall and per difficulty level when the problems carry one (MATH-500's
   truncated  fraction of samples that hit max_new_tokens;
   markers    reflective markers ("wait", "hmm", ...) per 1,000 response tokens, the re-checking that
              OPSDC and "OPSD compresses what RLVR teaches" report shrinking;
-  tok/s      generated tokens per second of decoding.
+  tok/s      generated tokens per second of decoding;
+  restated   samples graded wrong for restating an expression of the problem (eval.json only).
 
 `responses=FILE` scores responses made elsewhere instead, without loading a model: JSONL rows
 {"id", "response", optional "truncated"}, several rows per id = several samples. Their tokens are
@@ -87,6 +88,7 @@ class Scored:
     truncated_K: tuple[bool, ...]
     markers_K: tuple[int, ...]  # reflective markers in each response
     greedy_correct: bool | None = None  # grade of the greedy response; None without greedy=true
+    restated: int = 0  # samples refused for restating an expression of the problem (README grader table)
 
 
 # --- metrics: pure functions ------------------------------------------------------------------
@@ -161,6 +163,7 @@ def summarize(scored: Sequence[Scored]) -> dict[str, Any]:
         "correct_response_tokens_median": mean_median(correct_tokens)[1],
         "truncation_rate": sum(t for s in scored for t in s.truncated_K) / len(tokens) if tokens else math.nan,
         "markers_per_1k_tokens": per_thousand(sum(m for s in scored for m in s.markers_K), sum(tokens)),
+        "restated_answers": sum(s.restated for s in scored),
     }
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
@@ -290,6 +293,7 @@ def score(problems: list[Problem], texts_P_K: list[list[str]], tokens_P_K: list[
             truncated_K=tuple(truncated),
             markers_K=tuple(count_markers(t, pattern) for t in texts),
             greedy_correct=greedy,
+            restated=sum(v.restated for v in verdicts_K),
         ))
     return scored
 

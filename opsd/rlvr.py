@@ -196,6 +196,7 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
         "reward/mean": float(rewards.mean()),
         "rollout/accuracy": sum(v.correct for v in verdicts) / len(verdicts),
         "rollout/count": len(rollouts),
+        "rollout/restated": sum(v.restated for v in verdicts),
         "rollout/kept": len(kept),
         "rollout/kept_groups": int(keep_P.sum()),
         "rollout/response_tokens_mean": float(lengths.float().mean()),

@@ -12,7 +12,7 @@ Each problem has two renderings of one computation:
 - concise (after the conciseness instruction): the bare chain "7+5=12. 12-3=9.\nAnswer: 9".
 Both write a step as "a+b=c" without spaces, so the arithmetic looks the same in both styles and only
 the verbose-only lines differ: that is where the OPSD teacher signal should sit. Both end with an
-`Answer: N` line, which `opsd.grading.extract_answer` reads.
+`Answer: N` line, which `opsd.verifiers.answer.extract_answer` reads.
 
 Sampling is uniform over the distinct problems of a level (exact counts by dynamic programming), so
 `level_capacity` is exact and drawing unique problems by rejection stays cheap even when a level runs

@@ -30,7 +30,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ARITHMETIC = ROOT / "configs/examples/arithmetic.jsonl"
 ROW_KEYS = {"problems", "samples", "mean_at_k", "mean_at_k_stderr", "maj_at_k", "greedy_accuracy",
             "response_tokens_mean", "response_tokens_median", "correct_response_tokens_mean",
-            "correct_response_tokens_median", "truncation_rate", "markers_per_1k_tokens"}
+            "correct_response_tokens_median", "truncation_rate", "markers_per_1k_tokens", "restated_answers"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

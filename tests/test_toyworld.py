@@ -8,7 +8,8 @@ import statistics
 import pytest
 
 from opsd.data import Problem, load_problems
-from opsd.grading import Grader, extract_answer
+from opsd.verifiers.answer import extract_answer
+from opsd.verifiers.worker import Grader
 from opsd.prompts import CONCISE_INSTRUCTION, render_prompt, teacher_user_message
 from opsd.tiny import char_tokenizer
 from opsd.toyworld import (

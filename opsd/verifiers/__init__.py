@@ -5,8 +5,9 @@ rows without one use `verifier.default`. The dispatch on that name happens in `V
 only. A verdict says whether the response is correct, the reward it earns (what `opsd rlvr`
 optimises and `opsd distill`'s gating reads) and the answer that was extracted, for inspection.
 
-Verifiers: `math` (opsd/verifiers/math.py: answer extraction and math-verify in a killable worker
-process). Exact-match and sandboxed code execution come next.
+Verifiers: `math` (extraction: opsd/verifiers/answer.py; matching: opsd/verifiers/math.py; math-verify
+in a killable worker process: opsd/verifiers/worker.py). Exact-match and sandboxed code execution
+come next.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Literal, get_args
 
 from opsd.data import Problem
 from opsd.errors import UserError, require
-from opsd.verifiers.math import Grader, extract_answer
+from opsd.verifiers.answer import extract_answer
+from opsd.verifiers.worker import Grader
 
 VerifierName = Literal["math"]
 KNOWN = get_args(VerifierName)
@@ -37,6 +39,7 @@ class Verdict:
     correct: bool
     reward: float  # 1.0 when correct, else 0.0
     extracted: str | None  # the final answer found in the response (None: none found)
+    restated: bool = False  # refused for restating an expression of the problem (math; README grader table)
 
 
 def verifier_of(problem: Problem, default: VerifierName) -> str:
@@ -74,13 +77,13 @@ class Verifiers:
     def _math(self, response: str, problem: Problem) -> Verdict:
         if not problem.answer:
             return Verdict(False, 0.0, extract_answer(response))
-        correct = self.math.grade_one(response, problem.answer)  # TEMP until problem arg lands
-        return Verdict(correct, float(correct), extract_answer(response))
+        before = self.math.restated
+        correct = self.math.grade_one(response, problem.answer, problem.problem)
+        return Verdict(correct, float(correct), extract_answer(response), restated=self.math.restated > before)
 
     def counters(self) -> dict[str, int]:
         """Events of the math verifier so far: answers that timed out, worker crashes, restatements refused."""
-        return {"timeouts": self.math.timeouts, "crashes": self.math.crashes,
-                "restated": getattr(self.math, "restated", 0)}
+        return {"timeouts": self.math.timeouts, "crashes": self.math.crashes, "restated": self.math.restated}
 
     def close(self) -> None:
         self.math.close()
