@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from opsd.errors import UserError
 from opsd.faults import crash_point
-from opsd.folders import CHECKPOINT_INFO, foreign_checkpoint
+from opsd.folders import CHECKPOINT_INFO, checkpoint_step, foreign_checkpoint, remove_partial_checkpoint
 from opsd.models import causal_lm
 from opsd.runs import TRAINING_STATE, RunConfig
 
@@ -45,8 +45,11 @@ def save_checkpoint(
     teacher's weight snapshot (teacher.safetensors, names as in `model.named_parameters()`) and the
     training state. Everything is flushed to disk before the rename."""
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if tmp.exists() or tmp.is_symlink():
+        remove_partial_checkpoint(tmp)
+    tmp.mkdir(parents=True)
+    # written first, so that an interrupted write is recognisable as ours (and only then deleted)
+    (tmp / CHECKPOINT_INFO).write_text(json.dumps({**info, "partial": True}), encoding="utf-8")
     base = causal_lm(model)
     base.save_pretrained(tmp, state_dict=_merged_state_dict(model), safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -54,7 +57,7 @@ def save_checkpoint(
         save_file(teacher_state, str(tmp / "teacher.safetensors"))
     if training_state is not None:
         torch.save(training_state, tmp / TRAINING_STATE)
-    files = sorted(path.name for path in tmp.iterdir())  # what a later prune may delete, and nothing else
+    files = sorted(p.name for p in tmp.iterdir() if p.name != CHECKPOINT_INFO)  # what a later prune may delete
     (tmp / CHECKPOINT_INFO).write_text(json.dumps({**info, "files": files}, indent=2), encoding="utf-8")
     crash_point("checkpoint")
     for path in tmp.iterdir():
@@ -108,17 +111,18 @@ def _fsync(path: Path) -> None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the `keep_last` checkpoints of the highest steps (0 keeps all). A checkpoint
-    holding a file opsd did not write is kept, with a warning: opsd deletes only what it wrote."""
-    folders = sorted((f for f in (run_dir / "checkpoints").glob("step_*") if not f.name.endswith(".tmp")),
-                     key=lambda f: int(f.name.split("_")[1]))
+    """Delete all but the `keep_last` checkpoints (step_N folders) of the highest steps (0 keeps
+    all). One holding a file opsd did not write (or written by an opsd that did not list its files)
+    is kept, with a warning: opsd deletes only what it wrote. Other names are never touched."""
+    folders = sorted((f for f in (run_dir / "checkpoints").iterdir() if checkpoint_step(f) is not None),
+                     key=checkpoint_step)
     for folder in folders[:-keep_last] if keep_last > 0 else []:
         foreign = foreign_checkpoint(folder)
         if foreign is None:
             shutil.rmtree(folder)
         else:
-            print(f"opsd: warning: kept {folder} past run.keep_last: it holds {foreign.name}, which opsd did not write",
-                  file=sys.stderr)
+            print(f"opsd: warning: kept {folder} past run.keep_last: opsd did not write {foreign.name} (or it "
+                  "predates opsd's file lists)", file=sys.stderr)
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int]) -> dict[str, Any]:

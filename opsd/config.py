@@ -107,6 +107,7 @@ MOVED = {
     "output_dir": "run.output_dir",
     "overwrite": "run.overwrite",
     "resume": "run.resume",
+    "device": "run.device",
 }
 
 

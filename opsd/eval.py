@@ -46,7 +46,7 @@ from opsd import distributed
 from opsd.config import to_dict
 from opsd.data import Fields, Problem, load_problems, read_rows
 from opsd.errors import UserError, require
-from opsd.folders import kind_of, mark
+from opsd.folders import foreign_checkpoint, kind_of, mark
 from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
 from opsd.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer
 from opsd.prompts import render_prompt
@@ -245,12 +245,13 @@ def run_eval(config: EvalConfig) -> Path:
 
 def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalConfig, file: str):
     """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second).
-    Sample j of a problem is seeded by (seed, file, problem id, j): the same whatever else is evaluated."""
+    Sample j of a problem is seeded by (seed, file, its place in the file, id, j): the same whatever
+    else is evaluated."""
     prompts = [render_prompt(tokenizer, f"{config.instruction}\n\n{p.problem}" if config.instruction else p.problem)
                for p in problems]
     k = config.sampling.n
     repeated = [prompt for prompt in prompts for _ in range(k)]
-    seeds = [request_seed(config.seed, file, p.id, j) for p in problems for j in range(k)]
+    seeds = [request_seed(config.seed, file, position, p.id, j) for position, p in enumerate(problems) for j in range(k)]
     ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     generated = sum(len(i) for i in ids)
@@ -361,21 +362,22 @@ def _table_line(name: str, row: dict[str, Any]) -> str:
 
 
 def prepare_output_dir(out: Path, overwrite: bool) -> Path:
-    """Create `out`, marked as an evaluation folder when opsd creates it or finds it empty. Only
-    eval.json and eval.md are ever written in it (so it may be a checkpoint folder), and they are
-    replaced (`overwrite=true`) only in a folder marked as an evaluation folder by opsd."""
+    """Create `out`, marked as an evaluation folder when opsd creates it, finds it empty or finds an
+    opsd checkpoint there. Only eval.json and eval.md are ever written in it, and they are replaced
+    (`overwrite=true`) only in a folder marked as an evaluation folder by opsd."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file")
     ours = kind_of(out) == "eval"
-    if any((out / name).exists() for name in ("eval.json", "eval.md")):
+    existing = [name for name in ("eval.json", "eval.md") if (out / name).exists()]
+    if existing:
         if not overwrite:
-            raise UserError(f"{out / 'eval.json'} already exists; choose another output_dir or set overwrite=true")
+            raise UserError(f"{out / existing[0]} already exists; choose another output_dir or set overwrite=true")
         if not ours:
             raise UserError(f"overwrite=true: {out} is not an evaluation folder opsd created (no opsd_folder.json of "
                             "kind eval), so its eval.json/eval.md are not replaced; choose another output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if ours or not any(out.iterdir()):
+        if ours or not any(out.iterdir()) or (kind_of(out) is None and foreign_checkpoint(out) is None):
             mark(out, "eval")
         else:
             _write_atomic(out / ".write-test", "")

@@ -12,6 +12,7 @@ is deleted.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -21,11 +22,14 @@ from opsd.errors import UserError
 MARKER = "opsd_folder.json"
 CHECKPOINT_INFO = "opsd_checkpoint.json"
 Kind = Literal["run", "eval", "pipeline", "demo", "listed"]  # listed: the marker lists the files
+STEP = re.compile(r"step_(\d+)")  # a checkpoint folder, step_000010
+PARTIAL_STEP = re.compile(r"step_(\d+)\.tmp")  # one being written (or interrupted)
+EVAL_FILES = frozenset({"eval.json", "eval.md", "eval.json.tmp", "eval.md.tmp"})
 
-# entries a folder of each kind may hold besides the marker (subfolders are checked by `_foreign`)
+# files a folder of each kind may hold besides the marker (subfolders are checked by `_foreign`)
 _FILES: dict[str, frozenset[str]] = {
-    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "samples.jsonl"}),
-    "eval": frozenset({"eval.json", "eval.md", "eval.json.tmp", "eval.md.tmp", "responses.jsonl", "row.json"}),
+    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp"}),
+    "eval": EVAL_FILES | {"row.json"},
     "pipeline": frozenset({"config.yaml", "summary.json", "summary.md"}),
     "demo": frozenset(),
 }
@@ -37,13 +41,17 @@ def mark(folder: Path, kind: Kind, files: list[str] | None = None) -> None:
     (folder / MARKER).write_text(json.dumps(info) + "\n", encoding="utf-8")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def kind_of(folder: Path) -> str | None:
     """The kind in `folder`'s marker, or None when it has no readable marker."""
-    try:
-        info = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info.get("kind") if isinstance(info, dict) else None
+    return _read_json(folder / MARKER).get("kind")
 
 
 def foreign_entry(folder: Path) -> Path | None:
@@ -54,9 +62,7 @@ def foreign_entry(folder: Path) -> Path | None:
     for entry in sorted(folder.iterdir()):
         if entry.name == MARKER:
             continue
-        if entry.is_symlink():
-            return entry
-        found = _foreign(entry, kind, folder)
+        found = entry if entry.is_symlink() else _foreign(entry, kind, folder)
         if found is not None:
             return found
     return None
@@ -65,14 +71,15 @@ def foreign_entry(folder: Path) -> Path | None:
 def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
     if entry.is_file():
         if kind == "listed":
-            listed = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files", [])
-            return None if entry.name in listed else entry
+            return None if entry.name in _read_json(folder / MARKER).get("files", []) else entry
         return None if entry.name in _FILES.get(kind, frozenset()) else entry
     if kind == "run" and entry.name == "checkpoints":
         return _first(foreign_checkpoint(step) for step in sorted(entry.iterdir()))
     if kind == "run" and entry.name == "tensorboard":
-        return _first(None if f.is_file() and f.name.startswith("events.out.tfevents.") else f
+        return _first(None if f.is_file() and not f.is_symlink() and f.name.startswith("events.out.tfevents.") else f
                       for f in sorted(entry.iterdir()))
+    if kind == "run":  # an evaluation written into the run folder
+        return _own_subfolder(entry, "eval")
     if kind == "pipeline" and entry.name == "eval":
         return _first(_own_subfolder(f, "eval") for f in sorted(entry.iterdir()))
     if kind == "pipeline":
@@ -83,17 +90,27 @@ def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
 
 
 def foreign_checkpoint(step: Path) -> Path | None:
-    """A checkpoint folder holds exactly the files its opsd_checkpoint.json lists (a `.tmp` one is
-    an interrupted write of ours)."""
-    if not step.is_dir() or not step.name.startswith("step_"):
+    """None when `step` is a checkpoint folder opsd wrote and holds nothing else: step_N with an
+    opsd_checkpoint.json of step N listing every file in it (plus an evaluation written into it), or
+    step_N.tmp, an interrupted write, whose info file was written first. Else the foreign entry."""
+    whole, partial = STEP.fullmatch(step.name), PARTIAL_STEP.fullmatch(step.name)
+    if step.is_symlink() or not step.is_dir() or not (whole or partial):
         return step
-    if step.name.endswith(".tmp"):
-        return None
-    try:
-        listed = set(json.loads((step / CHECKPOINT_INFO).read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+    info = _read_json(step / CHECKPOINT_INFO)
+    if info.get("step") != int((whole or partial).group(1)):
         return step / CHECKPOINT_INFO
-    return _first(None if f.name in listed or f.name == CHECKPOINT_INFO else f for f in sorted(step.iterdir()))
+    if partial:
+        return None
+    listed = set(info.get("files", [])) | {CHECKPOINT_INFO}
+    if kind_of(step) == "eval":
+        listed |= EVAL_FILES | {MARKER}
+    return _first(None if f.name in listed and not f.is_symlink() else f for f in sorted(step.iterdir()))
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a complete checkpoint folder step_N (not a link), else None."""
+    match = STEP.fullmatch(folder.name)
+    return int(match.group(1)) if match and folder.is_dir() and not folder.is_symlink() else None
 
 
 def _own_subfolder(entry: Path, kind: str) -> Path | None:
@@ -106,13 +123,17 @@ def _first(found) -> Path | None:
     return next((f for f in found if f is not None), None)
 
 
-def remove_own(folder: Path, what: str) -> None:
-    """Delete `folder` if opsd wrote it and all it holds; otherwise refuse with one sentence.
-    `what` names the option that asked for the deletion."""
-    if not folder.exists():
+def remove_own(folder: Path, what: str, kind: str | None = None) -> None:
+    """Delete `folder` if opsd wrote it (as a folder of `kind`, when given) and all it holds;
+    otherwise refuse with one sentence. `what` names the option that asked for the deletion."""
+    if not folder.exists() and not folder.is_symlink():
         return
     if folder.is_symlink() or not folder.is_dir():
-        raise UserError(f"{what}: {folder} is not a folder opsd created; nothing was deleted")
+        raise UserError(f"{what}: {folder} is a link or a file, not a folder opsd created; nothing was deleted")
+    found = kind_of(folder)
+    if kind is not None and found is not None and found != kind:
+        raise UserError(f"{what}: {folder} is an opsd {found} folder, not a {kind} folder; nothing was deleted "
+                        "(choose another folder)")
     foreign = foreign_entry(folder)
     if foreign is not None:
         if foreign == folder / MARKER:
@@ -123,3 +144,10 @@ def remove_own(folder: Path, what: str) -> None:
         raise UserError(f"{what}: {folder} {reason}; opsd deletes only folders it wrote, so nothing was deleted "
                         "(choose another folder or remove it yourself)")
     shutil.rmtree(folder)
+
+
+def remove_partial_checkpoint(tmp: Path) -> None:
+    """Delete an interrupted checkpoint write of ours (step_N.tmp), refusing anything else."""
+    if foreign_checkpoint(tmp) is not None:
+        raise UserError(f"{tmp} is not an interrupted checkpoint write of opsd's; nothing was deleted (remove it yourself)")
+    shutil.rmtree(tmp)

@@ -125,10 +125,11 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
                       make_engine(model, tokenizer, config.sampling), reference, tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
             set_lr(optimizer, config.optim, step, config.run.steps)
-            indices = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
-            indices = distributed.shard(indices, rank, world)
+            order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
+            positions = distributed.shard(list(range(len(order))), rank, world)  # this process's share of the step
+            indices = [order[p] for p in positions]
             metrics = rlvr_step(config, parts, [problems[i] for i in indices], [prompts[i] for i in indices],
-                                [request_seed(config.run.seed, step, i) for i in indices])
+                                [request_seed(config.run.seed, step, p) for p in positions])
             progress = advance(progress, step, metrics.pop("skipped"))
             parts.engine.update_weights()
             metrics["optim/skipped_steps"] = progress["skipped"]

@@ -10,7 +10,6 @@ replaces an opsd folder instead (and refuses any folder holding something opsd d
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from opsd.errors import UserError, require
-from opsd.folders import Kind, mark, remove_own
+from opsd.folders import MARKER, Kind, checkpoint_step, mark, remove_own, remove_partial_checkpoint
 
 TRAINING_STATE = "training_state.pt"
 # run options that may change between a run and its resumption; any other difference is refused
@@ -60,7 +59,7 @@ def prepare_run_dir(path: str | Path, overwrite: bool, kind: Kind = "run", optio
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"output folder {run_dir} already holds files; choose another output folder or set {option}=true")
-        remove_own(run_dir, deleting_for or f"{option}=true")
+        remove_own(run_dir, deleting_for or f"{option}=true", kind)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         mark(run_dir, kind)
@@ -78,7 +77,7 @@ def open_run_dir(run: RunConfig, config: dict[str, Any], rank: int, resumed_step
     run_dir = Path(run.output_dir)
     if holds_run(run_dir) and not run.overwrite:
         for leftover in (run_dir / "checkpoints").glob("step_*.tmp"):
-            shutil.rmtree(leftover)
+            remove_partial_checkpoint(leftover)
         trim_metrics(run_dir, resumed_step)
     else:
         run_dir = prepare_run_dir(run_dir, run.overwrite)
@@ -106,7 +105,11 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...]) -> None:
-    """Refuse to continue the run in `run_dir` under a config that differs in other keys than `changeable`."""
+    """Refuse to continue the run in `run_dir` under a config that differs in other keys than `changeable`
+    (or one written by an opsd without folder markers, whose keys and sampling differ)."""
+    if not (run_dir / MARKER).is_file():
+        raise UserError(f"output folder {run_dir} holds a run of an earlier opsd version (no {MARKER}), which this "
+                        "version neither continues nor replaces; choose another output folder")
     try:
         saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
     except (yaml.YAMLError, AttributeError):
@@ -130,10 +133,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint (one with a training state) of the highest step, or None."""
+    """The complete checkpoint (a step_N folder with a training state) of the highest step, or None."""
     folders = [f for f in (run_dir / "checkpoints").glob("step_*")
-               if not f.name.endswith(".tmp") and (f / TRAINING_STATE).is_file()]
-    return max(folders, key=lambda f: int(f.name.split("_")[1]), default=None)
+               if checkpoint_step(f) is not None and (f / TRAINING_STATE).is_file()]
+    return max(folders, key=checkpoint_step, default=None)
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:

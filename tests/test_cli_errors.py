@@ -50,6 +50,7 @@ def cases(tmp: Path):
     other_run.mkdir()
     config = to_dict(load_config(DistillConfig, ROOT / "configs/tiny.yaml", [f"run.output_dir={other_run}", "loss.kind=jsd"]))
     (other_run / "config.yaml").write_text(yaml.safe_dump(config))
+    (other_run / "opsd_folder.json").write_text('{"kind": "run"}')
     return [
         ("missing data file", [f"data.path={tmp / 'nope.jsonl'}"], ["nope.jsonl", "does not exist"]),
         ("empty data file", [f"data.path={write(tmp / 'empty.jsonl', '')}"], ["empty.jsonl", "no rows"]),

@@ -30,7 +30,7 @@ def test_foreign_entries_are_found_at_any_depth(tmp_path):
     (run / "config.yaml").write_text("{}")
     step = run / "checkpoints" / "step_000001"
     (step / "model.safetensors").write_text("")
-    (step / "opsd_checkpoint.json").write_text(json.dumps({"files": ["model.safetensors"]}))
+    (step / "opsd_checkpoint.json").write_text(json.dumps({"step": 1, "files": ["model.safetensors"]}))
     assert foreign_entry(run) is None
     notes = plant(step / "notes.txt")
     assert foreign_entry(run) == notes
@@ -101,3 +101,58 @@ def test_demo_refuses_a_folder_holding_a_users_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "notes.txt" in err and "--output-dir" in err and "Traceback" not in err
     assert notes.read_text() == "my notes\n" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_folder_of_another_kind_is_never_replaced(tmp_path, capsys):
+    """`opsd demo` replaces an earlier demo's folder, never a training run (nor anything else opsd wrote)."""
+    out = tmp_path / "run"
+    assert main([*DISTILL, f"run.output_dir={out}", "run.steps=1"]) == 0
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 2
+    assert "is an opsd run folder, not a demo folder" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step_000001").is_dir()
+
+
+def test_checkpoint_names_links_and_partial_writes(tmp_path):
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    (checkpoints / "step_000002.tmp").mkdir(parents=True)
+    mark(run, "run")
+    partial = checkpoints / "step_000002.tmp"
+    assert foreign_entry(run) == partial / "opsd_checkpoint.json"  # not recognisably ours: never deleted
+    (partial / "opsd_checkpoint.json").write_text(json.dumps({"step": 2, "partial": True}))
+    (partial / "model.safetensors").write_text("")
+    assert foreign_entry(run) is None  # an interrupted write of ours
+    backup = checkpoints / "step_000001_best"
+    backup.mkdir()
+    assert foreign_entry(run) == backup  # a user's copy next to the checkpoints
+    backup.rmdir()
+    (checkpoints / "step_000003").symlink_to(partial)
+    assert foreign_entry(run) == checkpoints / "step_000003"
+    (checkpoints / "step_000003").unlink()
+    tensorboard = run / "tensorboard"
+    tensorboard.mkdir()
+    (tensorboard / "events.out.tfevents.1.host").write_text("")
+    assert foreign_entry(run) is None
+    notes = plant(tensorboard / "notes.txt")
+    assert foreign_entry(run) == notes
+
+
+def test_resuming_removes_only_an_interrupted_write_of_ours(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*DISTILL, f"run.output_dir={out}", "run.steps=1"]) == 0
+    fake = plant(out / "checkpoints" / "step_000005.tmp" / "mine.txt").parent
+    assert main([*DISTILL, f"run.output_dir={out}", "run.steps=2"]) == 2
+    assert "not an interrupted checkpoint write" in capsys.readouterr().err and fake.is_dir()
+
+
+def test_an_evaluation_written_into_a_run_folder_is_part_of_it(tmp_path):
+    out = tmp_path / "run"
+    assert main([*DISTILL, f"run.output_dir={out}", "run.steps=1"]) == 0
+    checkpoint = out / "checkpoints" / "step_000001"
+    base = ["eval", f"data=[{ROOT / 'configs/examples/arithmetic.jsonl'}]", "limit=2", "sampling.n=1",
+            "sampling.max_new_tokens=4", "device=cpu", f"model.name_or_path={checkpoint}"]
+    assert main([*base, f"output_dir={out / 'eval'}"]) == 0
+    assert main([*base, f"output_dir={checkpoint}"]) == 0  # into the checkpoint folder itself
+    assert foreign_entry(out) is None
+    plant(out / "eval" / "notes.txt")
+    assert foreign_entry(out) == out / "eval" / "notes.txt"

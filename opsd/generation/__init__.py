@@ -41,7 +41,8 @@ class SamplingConfig:
 
 def check_sampling(config: SamplingConfig, prefix: str) -> None:
     require(
-        (f"{prefix}.temperature", config.temperature >= 0, "non-negative (0 = greedy)"),
+        (f"{prefix}.temperature", config.temperature == 0 or config.temperature >= 1e-3,
+         "0 (greedy) or at least 0.001"),
         (f"{prefix}.top_p", 0.0 < config.top_p <= 1.0, "in (0, 1]"),
         (f"{prefix}.top_k", config.top_k >= 0, "non-negative (0 = off)"),
         (f"{prefix}.max_new_tokens", config.max_new_tokens >= 1, "at least 1"),

@@ -118,6 +118,8 @@ def sample_token(logits_B_V: torch.Tensor, config: SamplingConfig,
         logits_B_V = logits_B_V.masked_fill(drop_B_V, -torch.inf)
     logprobs_B_V = torch.log_softmax(logits_B_V, dim=-1)
     cdf_B_V = logprobs_B_V.exp().double().cumsum(-1)
+    if not bool(torch.isfinite(cdf_B_V[:, -1]).all()):  # multinomial raised here; say what happened instead
+        raise FloatingPointError("the model's next-token logits are not finite: the weights have diverged")
     # u·total < total, so the token found has positive probability (zero-probability entries add no step)
     point_B_1 = uniform_B.to(cdf_B_V.dtype)[:, None] * (1.0 - 1e-12) * cdf_B_V[:, -1:]
     token_B = torch.searchsorted(cdf_B_V, point_B_1, right=True).squeeze(-1).clamp(max=cdf_B_V.shape[-1] - 1)

@@ -60,14 +60,16 @@ _NOT_ANSWERS = frozenset(
 )
 # ... nor one whose own sentence goes on to hedge ("Answer: 12 (not sure)").
 _TRAILING_HEDGES = frozenset(
-    "unsure sure probably maybe perhaps might guess think uncertain possibly likely doubt".split()
-)
+    "unsure probably maybe perhaps might guess think uncertain possibly likely doubt".split()
+)  # and "not sure" / "n't sure" ("makes sure" is no hedge)
 # Words that end a textual answer ("Evelyn, because ...", "Evelyn has the best average").
 _TEXT_STOPS = _SHORT_WORDS | frozenset(
     "the because since which where when while with for from after before but and that this was "
     "were are has have had will would can could should though although".split()
 )
 _AMBIGUOUS = frozenset(("or", "and"))  # "Answer: 12 or 13" is two answers, so none
+# what starts a second answer after "or"/"and": a number, math, or "x =" ("7, and it holds" is one answer)
+_ANOTHER_ANSWER = re.compile(r"[ \t]*(?:[-+]?\d|\$|\\[A-Za-z(\[]|\(|[A-Za-z][ \t]*=)")
 _OPERATORS = frozenset("+-*/=^_,<>:&;")
 
 # --- "the (final) answer is X" -------------------------------------------------------------
@@ -151,7 +153,7 @@ def _scan_math(s: str, line: bool) -> tuple[int, bool]:
                 # a function word ends it ("10 - the 42 ...", but "x + abc" goes on).
                 after_operand = not last_op or last_char in ",;\\" or w in _TEXT_STOPS
                 if depth == 0 and content and after_operand:
-                    return i, w in _AMBIGUOUS
+                    return i, w in _AMBIGUOUS and _ANOTHER_ANSWER.match(s, j) is not None
                 if group >= 0:
                     group_words = True
             i, content, last_op, last_char = j, True, False, "a"
@@ -209,7 +211,8 @@ def _hedged(rest: str) -> bool:
         if k >= 0:
             end = min(end, k)
     words = _WORD.findall(rest[: min(end, _HEDGE_WINDOW)].translate(_ASCII_LOWER))
-    return not _TRAILING_HEDGES.isdisjoint(words)
+    not_sure = any(w == "sure" and before in ("not", "t") for before, w in zip(words, words[1:]))
+    return not_sure or not _TRAILING_HEDGES.isdisjoint(words)
 
 
 def _lead_answer(text: str, start: int = 0, line: bool = True) -> str | None:
@@ -241,9 +244,10 @@ def _lead_answer(text: str, start: int = 0, line: bool = True) -> str | None:
                 return None
             inner, rest = s[len(op) : j].strip(), s[j + len(cl) :]
             end, ambiguous = _scan_math(inner, line=False)
-            nxt = _WORD.match(rest.lstrip(" \t,"))  # "$12$ or $13$"
+            after = rest.lstrip(" \t,")
+            nxt = _WORD.match(after)  # "$12$ or $13$"
             if nxt is not None and nxt.group().translate(_ASCII_LOWER) in _AMBIGUOUS:
-                ambiguous = True
+                ambiguous = ambiguous or _ANOTHER_ANSWER.match(after, nxt.end()) is not None
             if ambiguous or _hedged(inner[end:] + " " + rest):
                 return None
             return _clean(inner[:end]) or None
