@@ -43,10 +43,18 @@ def test_foreign_entries_are_found_at_any_depth(tmp_path):
     assert (tmp_path / "unmarked").is_dir()
 
 
-def test_overwrite_refuses_a_folder_opsd_did_not_write(tmp_path, capsys):
+STAGES = {
+    "distill": DISTILL,
+    "sft": ["sft", str(ROOT / "configs/sft-tiny.yaml"), f"data.path={ROOT / 'configs/examples/arithmetic-pairs.jsonl'}", "run.steps=1"],
+    "rlvr": ["rlvr", str(ROOT / "configs/rlvr-tiny.yaml"), "run.steps=1"],
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_overwrite_refuses_a_folder_opsd_did_not_write(tmp_path, capsys, stage):
     out = tmp_path / "mine"
     notes = plant(out / "notes.txt")
-    assert main([*DISTILL, f"run.output_dir={out}", "run.overwrite=true"]) == 2
+    assert main([*STAGES[stage], f"run.output_dir={out}", "run.overwrite=true"]) == 2
     err = capsys.readouterr().err
     assert "run.overwrite=true" in err and "nothing was deleted" in err and "Traceback" not in err
     assert notes.read_text() == "my notes\n"
