@@ -5,7 +5,7 @@
     opsd sft CONFIG [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
     opsd rlvr CONFIG [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
     opsd pipeline CONFIG [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
-    opsd demo [--quick] [--ablation] [--from-scratch]
+    opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C]
                                            the built-in SFT → RLVR → OPSD demo (opsd/demo.py)
     opsd eval [CONFIG] [key=value ...]    accuracy/length/marker table on benchmark files (opsd/eval.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default="runs/demo",
                       help="demo folder (an earlier demo's is replaced; a folder holding anything else is refused)")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
+    seeds = demo.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="run.seed of the RLVR and OPSD stages (default 0)")
+    seeds.add_argument("--seeds", type=_seed_list, help="several seeds, e.g. 1,2,3: the RLVR → OPSD chain under each, "
+                                                        "and a table across seeds")
     tiny = commands.add_parser("tiny-model", help="write the local tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -112,6 +116,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+
+
 def _responses_flag(argv: list[str]) -> list[str]:
     """`opsd eval ... --responses FILE` anywhere among the key=value arguments → `responses=FILE`."""
     if not argv or argv[0] != "eval" or "--responses" not in argv[:-1]:
@@ -151,7 +162,7 @@ def _demo(args: argparse.Namespace) -> int:
     from opsd.demo import run_demo
 
     torch.set_num_threads(args.threads)
-    out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch)
+    out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch, args.seeds or (args.seed,))
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")
     return 0

@@ -16,10 +16,14 @@ checkpoint on 200 held-out problems (50 per level), printing the stage table.
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
 from importlib import resources
 from pathlib import Path
 
 from opsd import toyworld
+from opsd.errors import UserError
 from opsd.folders import mark
 from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
@@ -53,8 +57,12 @@ def write_world(data_dir: Path, quick: bool, from_scratch: bool) -> dict[str, Pa
     return files
 
 
-def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, from_scratch: bool) -> PipelineConfig:
+def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, from_scratch: bool,
+                seed: int = 0, pipeline_dir: str = "pipeline") -> PipelineConfig:
+    """The demo's pipeline; `seed` is the `run.seed` of the RLVR and OPSD stages (the shipped SFT
+    checkpoint, the data and the evaluation stay the same)."""
     short = ["run.steps=2"] if quick else []
+    short.append(f"run.seed={seed}")
     stages = []
     if from_scratch:
         sft_overrides = [f"data.path={files['sft']}", *(["run.steps=20"] if quick else [])]
@@ -73,17 +81,69 @@ def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, 
         evaluate_start=not from_scratch,
         stages=tuple(stages),
         eval=PipelineEvalConfig(data=(str(files["heldout"]),), sampling=sampling),
-        run=RunConfig(output_dir=str(out / "pipeline"), device="cpu"),
+        run=RunConfig(output_dir=str(out / pipeline_dir), device="cpu"),
     )
 
 
 def run_demo(output_dir: str = "runs/demo", quick: bool = False, ablation: bool = False,
-             from_scratch: bool = False) -> Path:
+             from_scratch: bool = False, seeds: tuple[int, ...] = (0,)) -> Path:
     """Run the demo into `output_dir`, which is replaced only when it is an earlier demo's folder
-    holding nothing but what opsd wrote (otherwise refused before anything is written)."""
+    holding nothing but what opsd wrote (otherwise refused before anything is written). With one
+    seed: one pipeline in `output_dir`/pipeline, whose folder is returned. With several: one pipeline
+    per seed in `output_dir`/seed_N and the across-seed summary in `output_dir`, which is returned."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError("--seeds must list different seeds, e.g. --seeds 1,2,3")
+    if from_scratch and len(seeds) > 1:
+        raise UserError("--from-scratch rebuilds the shipped SFT checkpoint once; run it without --seeds")
     out = prepare_run_dir(output_dir, overwrite=True, kind="demo", deleting_for="opsd demo --output-dir")
     files = write_world(out / "data", quick, from_scratch)
     if from_scratch:
         init = save_tiny(out / "init", alphabet=toyworld.ALPHABET, **MODEL_SHAPE)
         mark(Path(init), "listed", [path.name for path in Path(init).iterdir()])
-    return run_pipeline(demo_config(out, files, quick, ablation, from_scratch))
+    if len(seeds) == 1:
+        return run_pipeline(demo_config(out, files, quick, ablation, from_scratch, seeds[0]))
+    for seed in seeds:
+        run_pipeline(demo_config(out, files, quick, ablation, from_scratch, seed, pipeline_dir=f"seed_{seed}"))
+    rows = across_seeds([json.loads((out / f"seed_{seed}" / "summary.json").read_text())["rows"] for seed in seeds])
+    (out / "summary.json").write_text(json.dumps({"seeds": list(seeds), "rows": rows}, indent=2) + "\n")
+    (out / "summary.md").write_text(across_seeds_table(rows, seeds))
+    return out
+
+
+def across_seeds(runs: list[list[dict]]) -> list[dict]:
+    """Per stage (and benchmark): mean ± standard error across seeds of accuracy, tokens and
+    compression, the mean within-run standard error, and the range of accuracies."""
+    rows = []
+    for stage_rows in zip(*runs):
+        first = stage_rows[0]
+        for index, bench in enumerate(first["benchmarks"]):
+            runs_b = [row["benchmarks"][index] for row in stage_rows]
+            rows.append({"stage": first["stage"], "start": first["start"], "benchmark": bench["name"],
+                         **{key: _mean_se([b[key] for b in runs_b])
+                            for key in ("mean_at_k", "response_tokens_mean", "compression")},
+                         "within_run_stderr": statistics.fmean(b["mean_at_k_stderr"] or 0.0 for b in runs_b),
+                         "mean_at_k_per_seed": [b["mean_at_k"] for b in runs_b],
+                         "response_tokens_per_seed": [b["response_tokens_mean"] for b in runs_b]})
+    return rows
+
+
+def _mean_se(values: list[float | None]) -> dict[str, float | None]:
+    if any(v is None for v in values):
+        return {"mean": None, "stderr": None}
+    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "stderr": stderr}
+
+
+def across_seeds_table(rows: list[dict], seeds: tuple[int, ...]) -> str:
+    lines = ["| stage | from | benchmark | mean@k across seeds ± s.e. | within-run s.e. | per seed | mean tokens ± s.e. "
+             "| compression ± s.e. |", "|---|---|---|---|---|---|---|---|"]
+    pct = lambda c, scale=100: "–" if c["mean"] is None else (  # noqa: E731
+        f"{scale * c['mean']:.1f}" + ("" if c["stderr"] is None else f" ± {scale * c['stderr']:.1f}"))
+    for row in rows:
+        per_seed = " / ".join(f"{100 * v:.1f}" for v in row["mean_at_k_per_seed"])
+        lines.append(f"| {row['stage']} | {row['start'] or '–'} | {row['benchmark']} | {pct(row['mean_at_k'])} | "
+                     f"{100 * row['within_run_stderr']:.1f} | {per_seed} | {pct(row['response_tokens_mean'], 1)} | "
+                     f"{pct(row['compression'])}% |")
+    return "\n".join(lines) + (f"\n\nAccuracy in %, over seeds {', '.join(map(str, seeds))} (run.seed of RLVR and OPSD); "
+                               "± the standard error across seeds; within-run s.e. is the mean over seeds of each "
+                               "evaluation's own standard error.\n")

@@ -31,7 +31,7 @@ _FILES: dict[str, frozenset[str]] = {
     "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp"}),
     "eval": EVAL_FILES | {"row.json"},
     "pipeline": frozenset({"config.yaml", "summary.json", "summary.md"}),
-    "demo": frozenset(),
+    "demo": frozenset({"summary.json", "summary.md"}),
 }
 
 
@@ -84,8 +84,9 @@ def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
         return _first(_own_subfolder(f, "eval") for f in sorted(entry.iterdir()))
     if kind == "pipeline":
         return _own_subfolder(entry, "run")
-    if kind == "demo":
-        return _own_subfolder(entry, "pipeline" if entry.name == "pipeline" else "listed")
+    if kind == "demo":  # its data, the model it built, one pipeline (or one per seed)
+        pipeline = entry.name == "pipeline" or entry.name.startswith("seed_")
+        return _own_subfolder(entry, "pipeline" if pipeline else "listed")
     return entry
 
 

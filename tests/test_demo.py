@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import yaml
+
 from opsd.cli import main
 from opsd.demo import SHIPPED_SFT
 from opsd import toyworld
@@ -27,3 +30,45 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
         assert [level["level"] for level in bench["levels"]] == [str(level) for level in toyworld.LEVELS]
     printed = capsys.readouterr().out
     assert "| opsd | rlvr | heldout |" in printed and "standard error" in printed
+
+
+def test_seed_reaches_the_rlvr_and_opsd_stages_only(tmp_path):
+    from opsd.demo import demo_config
+
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("heldout", "rlvr", "opsd")}
+    config = demo_config(tmp_path, files, quick=False, ablation=True, from_scratch=False, seed=7)
+    assert [s.name for s in config.stages] == ["rlvr", "opsd", "opsd-all", "opsd-incorrect-only"]
+    assert all("run.seed=7" in stage.overrides for stage in config.stages)
+    assert config.eval.seed == 0 and config.model.name_or_path == str(SHIPPED_SFT)  # evaluation and start unchanged
+
+
+def test_across_seeds_is_the_mean_and_standard_error_over_seeds():
+    from opsd.demo import across_seeds
+
+    def run(accuracy, tokens, compression):
+        bench = {"name": "heldout", "mean_at_k": accuracy, "mean_at_k_stderr": 0.02, "response_tokens_mean": tokens,
+                 "compression": compression}
+        return [{"stage": "opsd", "start": "rlvr", "benchmarks": [bench]}]
+
+    (row,) = across_seeds([run(0.4, 100.0, 0.5), run(0.6, 50.0, 0.7), run(0.8, 30.0, None)])
+    assert row["mean_at_k"]["mean"] == pytest.approx(0.6) and row["mean_at_k"]["stderr"] == pytest.approx(0.2 / 3 ** 0.5)
+    assert row["mean_at_k_per_seed"] == [0.4, 0.6, 0.8] and row["within_run_stderr"] == pytest.approx(0.02)
+    assert row["response_tokens_mean"]["mean"] == pytest.approx(60.0)
+    assert row["compression"] == {"mean": None, "stderr": None}  # a seed without it: not averaged
+
+
+@pytest.mark.slow
+def test_quick_demo_over_seeds_reports_the_spread_across_them(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--seeds", "1,2", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2]
+    assert [row["stage"] for row in summary["rows"]] == ["sft", "rlvr", "opsd"]
+    per_seed = {seed: json.loads((out / f"seed_{seed}" / "summary.json").read_text())["rows"] for seed in (1, 2)}
+    for index, row in enumerate(summary["rows"]):
+        values = [per_seed[seed][index]["benchmarks"][0]["mean_at_k"] for seed in (1, 2)]
+        assert row["mean_at_k_per_seed"] == values
+        assert abs(row["mean_at_k"]["mean"] - sum(values) / 2) < 1e-12
+        assert abs(row["mean_at_k"]["stderr"] - abs(values[0] - values[1]) / 2) < 1e-12  # s.d./√2 for two
+    assert yaml.safe_load((out / "seed_2" / "rlvr" / "config.yaml").read_text())["run"]["seed"] == 2
+    assert "across seeds" in capsys.readouterr().out
