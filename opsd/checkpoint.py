@@ -29,6 +29,7 @@ from opsd.faults import crash_point
 from opsd.folders import CHECKPOINT_INFO, checkpoint_step, foreign_checkpoint, remove_partial_checkpoint
 from opsd.models import causal_lm
 from opsd.runs import TRAINING_STATE, RunConfig
+from opsd.training import new_progress
 
 
 
@@ -86,16 +87,21 @@ def save_run_checkpoint(run_dir: Path, model: nn.Module, tokenizer: PreTrainedTo
 
 def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_row: int, model: nn.Module,
                        tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer, progress: dict[str, int],
-                       stage: str, teacher_state: dict[str, torch.Tensor] | None = None) -> None:
-    """After a step: its checkpoint when due (rank 0), and when `max_skipped_in_a_row` non-finite
-    steps in a row (optim.max_skipped_in_a_row) have passed, a checkpoint of the last good weights
-    and a stop."""
+                       stage: str, teacher_state: dict[str, torch.Tensor] | None = None, why_empty: str = "") -> None:
+    """After a step: its checkpoint when due (rank 0), and a checkpoint and a stop when
+    `max_skipped_in_a_row` non-finite steps in a row (optim.max_skipped_in_a_row) or
+    `run.max_empty_steps_in_a_row` steps with nothing to train on (`why_empty` says why) have passed."""
     crash_point("step")
-    stop = progress["skipped_in_a_row"] >= max_skipped_in_a_row
+    empty = progress["empty_in_a_row"] >= run.max_empty_steps_in_a_row
+    stop = progress["skipped_in_a_row"] >= max_skipped_in_a_row or empty
     step = progress["step"]
     if run_dir is not None and (stop or checkpoint_due(step, run.steps, run.save_every)):
         save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run.keep_last,
                             teacher_state)
+    if empty:
+        raise UserError(f"training stopped after step {step}: {progress['empty_in_a_row']} steps in a row had nothing "
+                        f"to train on ({why_empty}; run.max_empty_steps_in_a_row={run.max_empty_steps_in_a_row}); "
+                        f"the weights are unchanged since the last step that trained")
     if stop:
         raise UserError(f"training stopped after step {step}: {progress['skipped_in_a_row']} steps in a row had a "
                         f"non-finite loss or gradient (try a lower optim.lr); the last good weights are in "
@@ -156,7 +162,8 @@ def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     optimizer.load_state_dict(state["optimizer"])
     if teacher is not None and (checkpoint / "teacher.safetensors").is_file():
         teacher.load_state_dict(load_file(str(checkpoint / "teacher.safetensors"), device=str(device)))
-    return {k: v for k, v in state.items() if k not in ("optimizer", "adapters")}
+    # counters a checkpoint of an earlier version does not hold start from zero
+    return {**new_progress(), **{k: v for k, v in state.items() if k not in ("optimizer", "adapters")}}
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ from opsd.teacher import (CONTEXTS, ExternalTeacher, TeacherPrompts, TeacherWeig
                           check_same_vocabulary, load_external_teacher, render_teacher_prompts, rollout_teacher_prompts,
                           teacher_target)
 from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step, load_policy,
-                           make_optimizer, new_progress, set_lr, step_items)
+                           make_optimizer, new_progress, set_lr, stage_summary, step_items)
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier
 
 
@@ -180,8 +181,8 @@ def run_distill(config: DistillConfig) -> Path | None:
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, weights) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
-    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
-    with Verifiers(config.verifier) as verifiers:
+    with Verifiers(config.verifier) as verifiers, \
+            MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"]) as log:
         parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
                       make_engine(model, tokenizer, config.sampling), weights, external, tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
@@ -192,15 +193,20 @@ def run_distill(config: DistillConfig) -> Path | None:
             # seeded by the place in the step, not the process: the same samples on any number of processes
             seeds = [request_seed(config.run.seed, step, p) for p in positions]
             metrics = train_step(config, parts, [problems[i] for i in indices], prompts.select(indices), seeds)
-            progress = advance(progress, step, metrics.pop("skipped"))
+            progress = advance(progress, step, metrics.pop("skipped"), metrics["train/tokens"])
             parts.engine.update_weights()
             metrics.update({"optim/skipped_steps": progress["skipped"], "teacher/updated": weights.after_step(step)})
             log.write(step, metrics, postfix={"div": metrics["loss/divergence"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
+            why_empty = (f"gating={config.gating} kept none of the {metrics['rollout/count']} rollouts; rollout "
+                         f"accuracy {metrics['rollout/accuracy']:.2f}")
+            if metrics["optim/empty_step"] and progress["empty"] == 1:
+                log.say(f"opsd: warning: step {step} had nothing to train on ({why_empty})")
             checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
-                               progress, "distill", weights.state_dict())
+                               progress, "distill", weights.state_dict(), why_empty)
         del parts  # release the DDP reducer before the process group (see distributed.teardown)
-    log.close()
+    if run_dir is not None:
+        print(stage_summary("distill", progress), file=sys.stderr)
     distributed.teardown()
     return run_dir
 
@@ -246,6 +252,7 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
         "optim/grad_norm": grad_norm,
         "optim/lr": parts.optimizer.param_groups[0]["lr"],
         "optim/empty_step": total_tokens == 0,
+        "train/tokens": total_tokens,
         **{f"time/{phase}_s": timer.total(phase) for phase in ("generate", "grade", "memo", "teacher", "student")},
         "time/step_s": time.perf_counter() - started,
         "throughput/generate_tokens_per_s": sum(lengths) / generate_s if generate_s else float("nan"),

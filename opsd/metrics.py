@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ class MetricsLog:
                     self.board.add_scalar(key, value, step)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in (postfix or {}).items()}, refresh=False)
+
+    def say(self, message: str) -> None:
+        """A line on the terminal above the progress bar (rank 0 only)."""
+        if self.file is not None:
+            self.bar.write(message, file=sys.stderr)
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also when a stop is raised: the bar ends its line before the error is printed
 
     def close(self) -> None:
         self.bar.close()

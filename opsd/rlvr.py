@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from opsd.rollout import Rollout, collect_rollouts, grade_rollouts
 from opsd.runs import RunConfig, check_run, open_run_dir, resume_point
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState
 from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step,
-                           load_policy, make_optimizer, new_progress, set_lr, step_items)
+                           load_policy, make_optimizer, new_progress, set_lr, stage_summary, step_items)
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier
 
 
@@ -119,8 +120,8 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, reference) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
-    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
-    with Verifiers(config.verifier) as verifiers:
+    with Verifiers(config.verifier) as verifiers, \
+            MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"]) as log:
         parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
                       make_engine(model, tokenizer, config.sampling), reference, tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
@@ -130,15 +131,20 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
             indices = [order[p] for p in positions]
             metrics = rlvr_step(config, parts, [problems[i] for i in indices], [prompts[i] for i in indices],
                                 [request_seed(config.run.seed, step, p) for p in positions])
-            progress = advance(progress, step, metrics.pop("skipped"))
+            progress = advance(progress, step, metrics.pop("skipped"), metrics["train/tokens"])
             parts.engine.update_weights()
             metrics["optim/skipped_steps"] = progress["skipped"]
             log.write(step, metrics, postfix={"reward": metrics["reward/mean"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
+            why_empty = (f"the {config.sampling.n} samples of every problem earned equal rewards, so "
+                         f"grpo.filter_equal_groups dropped them all; rollout accuracy {metrics['rollout/accuracy']:.2f}")
+            if metrics["optim/empty_step"] and progress["empty"] == 1:
+                log.say(f"opsd: warning: step {step} had nothing to train on ({why_empty})")
             checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
-                               progress, "rlvr")
+                               progress, "rlvr", why_empty=why_empty)
         del parts  # release the DDP reducer before the process group (see distributed.teardown)
-    log.close()
+    if run_dir is not None:
+        print(stage_summary("rlvr", progress), file=sys.stderr)
     distributed.teardown()
     return run_dir
 
@@ -209,6 +215,7 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
         "optim/grad_norm": grad_norm,
         "optim/lr": parts.optimizer.param_groups[0]["lr"],
         "optim/empty_step": total_tokens == 0,
+        "train/tokens": total_tokens,
         **{f"time/{phase}_s": timer.total(phase) for phase in ("generate", "grade", "old_logprobs", "train")},
         "time/step_s": time.perf_counter() - started,
         "throughput/generate_tokens_per_s": float(lengths.sum()) / generate_s if generate_s else float("nan"),

@@ -35,6 +35,7 @@ class RunConfig:
     save_every: int = 0  # checkpoint every k steps (0: only at the end) (a pipeline: per stage)
     keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all) (a pipeline: per stage)
     seed: int = 0  # data order, sampling and initialisation (a pipeline: per stage)
+    max_empty_steps_in_a_row: int = 5  # stop (exit 2) after this many steps with nothing to train on (a pipeline: per stage)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (a pipeline: given to every stage and evaluation)
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed (a pipeline: every stage)
 
@@ -45,6 +46,7 @@ def check_run(run: RunConfig, world: int, per_step: str = "run.problems_per_step
         (per_step, run.problems_per_step >= world, f"at least the number of processes ({world})"),
         ("run.save_every", run.save_every >= 0, "non-negative"),
         ("run.keep_last", run.keep_last >= 0, "non-negative"),
+        ("run.max_empty_steps_in_a_row", run.max_empty_steps_in_a_row >= 1, "at least 1"),
     )
 
 

@@ -13,6 +13,7 @@ sequence), which pays with flash-attention.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from opsd.packing import pack, response_hidden
 from opsd.prompts import render_prompt
 from opsd.runs import RunConfig, check_run, open_run_dir, resume_point
 from opsd.training import (OptimConfig, advance, autocast, check_optim, guarded_step, load_policy,
-                           make_optimizer, new_progress, set_lr, step_items)
+                           make_optimizer, new_progress, set_lr, stage_summary, step_items)
 
 
 @dataclass(frozen=True)
@@ -95,39 +96,40 @@ def run_sft(config: SFTConfig) -> Path | None:
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
-    log = MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"])
-    model.train()
-    for step in range(progress["step"] + 1, config.run.steps + 1):
-        started = time.perf_counter()
-        set_lr(optimizer, config.optim, step, config.run.steps)
-        indices = step_items(len(examples), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
-        batch = sorted((examples[i] for i in distributed.shard(indices, rank, world)), key=lambda e: len(e[0]) + len(e[1]))
-        tokens = sum(len(target) for _, target in batch)
-        total_tokens = distributed.sum_over_ranks(tokens)
-        loss_sum = 0.0
-        micro = config.optim.micro_batch_size
-        for index in range(0, len(batch), micro):
-            part = batch[index : index + micro]
-            with distributed.no_sync_unless(backbone, last=index + micro >= len(batch)):
-                packed = pack([p for p, _ in part], [t for _, t in part], tokenizer.pad_token_id, device,
-                              flat=config.data.padding_free)
-                with autocast(config.optim, device):
-                    hidden_N_H = response_hidden(backbone, packed)
-                logp_N = chunked_token_logprobs(hidden_N_H, output_head(model), packed.targets_N,
-                                                chunk_size=config.optim.chunk_size)
-                # token mean over the whole step (DDP averages over processes, hence the factor world)
-                (-logp_N.sum() * (world / total_tokens)).backward()
-                loss_sum -= float(logp_N.detach().sum())
-        grad_norm, skipped = guarded_step(model, optimizer, config.optim.max_grad_norm)
-        progress = advance(progress, step, skipped)
-        seconds = time.perf_counter() - started
-        log.write(step, {"loss/nll": loss_sum / tokens, "optim/grad_norm": grad_norm, "optim/skipped": skipped,
-                         "optim/lr": optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
-                         "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
-                  postfix={"nll": loss_sum / tokens})
-        checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
-                           progress, "sft")
-    log.close()
+    with MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"]) as log:
+        model.train()
+        for step in range(progress["step"] + 1, config.run.steps + 1):
+            started = time.perf_counter()
+            set_lr(optimizer, config.optim, step, config.run.steps)
+            indices = step_items(len(examples), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
+            batch = sorted((examples[i] for i in distributed.shard(indices, rank, world)), key=lambda e: len(e[0]) + len(e[1]))
+            tokens = sum(len(target) for _, target in batch)
+            total_tokens = distributed.sum_over_ranks(tokens)
+            loss_sum = 0.0
+            micro = config.optim.micro_batch_size
+            for index in range(0, len(batch), micro):
+                part = batch[index : index + micro]
+                with distributed.no_sync_unless(backbone, last=index + micro >= len(batch)):
+                    packed = pack([p for p, _ in part], [t for _, t in part], tokenizer.pad_token_id, device,
+                                  flat=config.data.padding_free)
+                    with autocast(config.optim, device):
+                        hidden_N_H = response_hidden(backbone, packed)
+                    logp_N = chunked_token_logprobs(hidden_N_H, output_head(model), packed.targets_N,
+                                                    chunk_size=config.optim.chunk_size)
+                    # token mean over the whole step (DDP averages over processes, hence the factor world)
+                    (-logp_N.sum() * (world / total_tokens)).backward()
+                    loss_sum -= float(logp_N.detach().sum())
+            grad_norm, skipped = guarded_step(model, optimizer, config.optim.max_grad_norm)
+            progress = advance(progress, step, skipped, total_tokens)
+            seconds = time.perf_counter() - started
+            log.write(step, {"loss/nll": loss_sum / tokens, "optim/grad_norm": grad_norm, "optim/skipped": skipped,
+                             "optim/lr": optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
+                             "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
+                      postfix={"nll": loss_sum / tokens})
+            checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
+                               progress, "sft")
+    if run_dir is not None:
+        print(stage_summary("sft", progress), file=sys.stderr)
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)
     distributed.teardown()
     return run_dir

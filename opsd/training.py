@@ -99,13 +99,24 @@ def autocast(optim: OptimConfig, device: torch.device):
 
 
 def new_progress() -> dict[str, int]:
-    """Where a run stands: optimizer steps done, steps skipped as non-finite (in all, and in a row)."""
-    return {"step": 0, "skipped": 0, "skipped_in_a_row": 0}
+    """Where a run stands: optimizer steps done, steps skipped as non-finite and steps with nothing
+    to train on (in all, and in a row), response tokens trained on (all processes)."""
+    return {"step": 0, "skipped": 0, "skipped_in_a_row": 0, "empty": 0, "empty_in_a_row": 0, "tokens": 0}
 
 
-def advance(progress: dict[str, int], step: int, skipped: bool) -> dict[str, int]:
+def advance(progress: dict[str, int], step: int, skipped: bool, tokens: int = 1) -> dict[str, int]:
+    """Progress after `step`, which was skipped as non-finite or not, and trained on `tokens` (0: empty)."""
+    empty = tokens == 0
     return {"step": step, "skipped": progress["skipped"] + int(skipped),
-            "skipped_in_a_row": progress["skipped_in_a_row"] + 1 if skipped else 0}
+            "skipped_in_a_row": progress["skipped_in_a_row"] + 1 if skipped else 0,
+            "empty": progress["empty"] + int(empty), "empty_in_a_row": progress["empty_in_a_row"] + 1 if empty else 0,
+            "tokens": progress["tokens"] + tokens}
+
+
+def stage_summary(stage: str, progress: dict[str, int]) -> str:
+    """The line a stage prints when it ends."""
+    return (f"opsd {stage}: {progress['step']} steps done ({progress['skipped']} skipped as non-finite, "
+            f"{progress['empty']} with nothing to train on), {progress['tokens']:,} response tokens trained on")
 
 
 def step_items(count: int, step: int, per_step: int, shuffle: bool, seed: int) -> list[int]:

@@ -158,3 +158,28 @@ def test_a_non_finite_gradient_skips_the_step_and_is_counted(tmp_path, monkeypat
     weights = [model_weights(out / f"checkpoints/step_{s:06d}") for s in (1, 2, 3)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 changed nothing
     assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[0])  # step 3 trained again
+
+
+def test_steps_with_nothing_to_train_on_warn_once_then_stop(tmp_path, capsys):
+    """A model that solves nothing under correct-only gating: a warning at the first empty step, a stop
+    with exit 2 naming the gating and the accuracy after run.max_empty_steps_in_a_row, never a silent
+    no-op run that exits 0."""
+    out = tmp_path / "run"
+    code = main(["distill", str(ROOT / "configs/tiny.yaml"), f"run.output_dir={out}", *TINY, "run.steps=6",
+                 "gating=correct_only", "run.max_empty_steps_in_a_row=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("opsd: warning: step 1 had nothing to train on (gating=correct_only kept none of the 8 "
+                     "rollouts; rollout accuracy 0.00)") == 1
+    assert err.strip().splitlines()[-1].startswith("opsd: error: training stopped after step 3: 3 steps in a row had "
+                                                   "nothing to train on (gating=correct_only")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_stage_ends_with_a_summary_line(tmp_path, capsys):
+    out = distill(tmp_path, "run.steps=2")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens = sum(r["train/tokens"] for r in rows)
+    assert tokens > 0
+    assert (f"opsd distill: 2 steps done (0 skipped as non-finite, 0 with nothing to train on), {tokens:,} response "
+            "tokens trained on") in capsys.readouterr().err
