@@ -224,9 +224,8 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
     keep = gate(correct, [r.truncated for r in rollouts], config.gating)
     kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
     with timer("memo"):
-        memo = {"instruction": config.teacher.memo_instruction, "max_tokens": config.teacher.memo_max_tokens}
-        teacher_prompts = rollout_teacher_prompts(config.teacher.context, memo, parts.engine, parts.tokenizer, kept,
-                                                  problems, prompts)
+        teacher_prompts = rollout_teacher_prompts(config.teacher.context, parts.engine, parts.tokenizer, kept, problems,
+                                                  prompts, config.teacher.memo_instruction, config.teacher.memo_max_tokens)
     kept_tokens = sum(len(r.response_ids) for r, _ in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
     parts.optimizer.zero_grad(set_to_none=True)

@@ -160,14 +160,14 @@ def render_teacher_prompts(tokenizer, problems: list[Problem], context: str, tem
     )
 
 
-def rollout_teacher_prompts(context: str, memo: dict | None, engine, tokenizer, kept, problems: list[Problem],
-                            prompts: TeacherPrompts) -> list[list[int]]:
-    """The teacher prompt of each kept rollout: its problem's, or (context=memo) one holding the memo
-    the model writes about this very attempt (`memo`: instruction and max_tokens)."""
+def rollout_teacher_prompts(context: str, engine, tokenizer, kept, problems: list[Problem], prompts: TeacherPrompts,
+                            memo_instruction: str, memo_max_tokens: int) -> list[list[int]]:
+    """The teacher prompt of each kept (rollout, correct) pair: its problem's, or (context=memo) one
+    holding the memo the model writes about this very attempt."""
     if not CONTEXTS[context].writes_memo:
         return [prompts.teacher[r.problem_index] for r, _ in kept]
     memos = write_memos(engine, tokenizer, [r for r, _ in kept], [c for _, c in kept], problems,
-                        memo["instruction"], memo["max_tokens"])
+                        memo_instruction, memo_max_tokens)
     return [render_prompt(tokenizer, memo_teacher_message(problems[r.problem_index], text))
             for (r, _), text in zip(kept, memos)]
 
