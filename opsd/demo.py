@@ -137,13 +137,13 @@ def _mean_se(values: list[float | None]) -> dict[str, float | None]:
 def across_seeds_table(rows: list[dict], seeds: tuple[int, ...]) -> str:
     lines = ["| stage | from | benchmark | mean@k across seeds ± s.e. | within-run s.e. | per seed | mean tokens ± s.e. "
              "| compression ± s.e. |", "|---|---|---|---|---|---|---|---|"]
-    pct = lambda c, scale=100: "–" if c["mean"] is None else (  # noqa: E731
-        f"{scale * c['mean']:.1f}" + ("" if c["stderr"] is None else f" ± {scale * c['stderr']:.1f}"))
+    pct = lambda c, scale=100, unit="": "–" if c["mean"] is None else (  # noqa: E731
+        f"{scale * c['mean']:.1f}" + ("" if c["stderr"] is None else f" ± {scale * c['stderr']:.1f}") + unit)
     for row in rows:
         per_seed = " / ".join(f"{100 * v:.1f}" for v in row["mean_at_k_per_seed"])
         lines.append(f"| {row['stage']} | {row['start'] or '–'} | {row['benchmark']} | {pct(row['mean_at_k'])} | "
                      f"{100 * row['within_run_stderr']:.1f} | {per_seed} | {pct(row['response_tokens_mean'], 1)} | "
-                     f"{pct(row['compression'])}% |")
+                     f"{pct(row['compression'], unit='%')} |")
     return "\n".join(lines) + (f"\n\nAccuracy in %, over seeds {', '.join(map(str, seeds))} (run.seed of RLVR and OPSD); "
                                "± the standard error across seeds; within-run s.e. is the mean over seeds of each "
                                "evaluation's own standard error.\n")
