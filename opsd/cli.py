@@ -1,14 +1,20 @@
 """The `opsd` command.
 
-    opsd distill CONFIG [--resume] [key=value ...]
-                                           on-policy self-distillation (opsd/distill.py)
-    opsd sft CONFIG [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
-    opsd rlvr CONFIG [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
-    opsd pipeline CONFIG [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
-    opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C]
+    opsd distill [CONFIG] [--resume] [key=value ...]   on-policy self-distillation (opsd/distill.py)
+    opsd sft [CONFIG] [--resume] [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
+    opsd rlvr [CONFIG] [--resume] [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
+    opsd pipeline [CONFIG] [--resume] [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
+    opsd eval [CONFIG] [--responses FILE] [key=value ...]
+                                           accuracy/length/marker table on benchmark files (opsd/eval.py)
+    opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C] [--threads N]
                                            the built-in SFT → RLVR → OPSD demo (opsd/demo.py)
-    opsd eval [CONFIG] [key=value ...]    accuracy/length/marker table on benchmark files (opsd/eval.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
+
+The commands with a config read an optional YAML file (the first argument, unless it is a `key=value`
+override: `opsd distill data.path=x.jsonl` starts from distill's defaults), then the overrides.
+Their `--help` lists every config key with its type, default and comment, generated from the
+config dataclass; `--print-config` prints the resolved config as YAML (a CONFIG file that loads back
+to the same config) and exits without running or writing anything.
 
 Mistakes a user can make end with one sentence on stderr and exit status 2, never a stack trace.
 """
@@ -26,35 +32,35 @@ from opsd.errors import UserError
 class _Parser(argparse.ArgumentParser):
     """argparse, with its mistakes reported like every other: one line, exit status 2."""
 
+    config_of: str | None = None  # the command whose config keys close this parser's --help
+
     def error(self, message: str):
         self.exit(2, f"opsd: error: {message} (see '{self.prog} --help')\n")
+
+    def format_help(self) -> str:
+        if self.config_of is not None:  # built on demand: the config classes come with torch
+            from opsd.config import keys_help
+
+            self.epilog = keys_help(command(self.config_of)[0])
+        return super().format_help()
+
+
+CONFIGURED = {  # command: (what it does, example overrides)
+    "distill": ("post-train a model with on-policy self-distillation", "run.steps=5 loss.kind=forward_kl"),
+    "sft": ("supervised fine-tuning on problem/response pairs", "data.path=pairs.jsonl optim.lr=1e-5"),
+    "rlvr": ("GRPO/DAPO with the verifiable math reward", "run.steps=5 sampling.n=8"),
+    "pipeline": ("run stages in order, evaluate each, write a summary table", "run.output_dir=runs/p eval.limit=20"),
+    "eval": ("accuracy, lengths and reflective markers on benchmark files", "data=[a.jsonl] sampling.n=8"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="opsd", description="On-policy self-distillation for reasoning models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    distill = commands.add_parser("distill", help="post-train a model with on-policy self-distillation")
-    distill.add_argument("config", help="YAML config file (see configs/)")
-    distill.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")
-    distill.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.kind=forward_kl")
-    evaluate = commands.add_parser("eval", help="accuracy, lengths and reflective markers on benchmark files")
-    evaluate.add_argument("arguments", nargs="*", metavar="[CONFIG] key=value",
-                          help="optional YAML config (the first argument without '='), then overrides, "
-                               "e.g. data=[a.jsonl] --responses r.jsonl (or responses=r.jsonl)")
-    sft = commands.add_parser("sft", help="supervised fine-tuning on problem/response pairs")
-    sft.add_argument("config", help="YAML config file")
-    sft.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")
-    sft.add_argument("overrides", nargs="*", help="key=value overrides")
-    rlvr = commands.add_parser("rlvr", help="GRPO/DAPO with the verifiable math reward")
-    rlvr.add_argument("config", help="YAML config file")
-    rlvr.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")
-    rlvr.add_argument("overrides", nargs="*", help="key=value overrides")
-    pipeline = commands.add_parser("pipeline", help="run stages in order, evaluate each, write a summary table")
-    pipeline.add_argument("config", help="YAML config file (see configs/pipeline-tiny.yaml)")
-    pipeline.add_argument("--resume", action="store_true", help="continue the pipeline in run.output_dir (refused if none)")
-    pipeline.add_argument("overrides", nargs="*", help="key=value overrides")
+    for name, (summary, example) in CONFIGURED.items():
+        _add_configured(commands, name, summary, example)
     demo = commands.add_parser("demo", help="SFT → RLVR → OPSD on the built-in synthetic world, with its table")
-    demo.add_argument("--quick", action="store_true", help="a 2-minute smoke run of every stage")
+    demo.add_argument("--quick", action="store_true", help="a smoke run: every stage for two steps on 40 problems")
     demo.add_argument("--ablation", action="store_true", help="also OPSD with gating all and incorrect_only")
     demo.add_argument("--from-scratch", action="store_true", help="re-run SFT from random weights first")
     demo.add_argument("--output-dir", default="runs/demo",
@@ -69,17 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(_responses_flag(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(_responses_flag(sys.argv[1:] if argv is None else argv))
+    if extra and (args.command not in CONFIGURED or any(arg.startswith("-") for arg in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # key=value after an option (`CONFIG --resume a=b`): argparse leaves them over
+        args.arguments = [*args.arguments, *extra]
 
     try:
-        if args.command in STAGES:
-            return _train(args)
+        if args.command in CONFIGURED:
+            return _configured(args)
         if args.command == "demo":
             return _demo(args)
-        if args.command == "pipeline":
-            return _pipeline(args)
-        if args.command == "eval":
-            return _eval(args)
         if args.command == "tiny-model":
             from opsd.tiny import save_tiny
 
@@ -94,25 +100,65 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-STAGES = ("distill", "sft", "rlvr")
-
-
-def _train(args: argparse.Namespace) -> int:
-    """Load the stage's config from the file and overrides, run it, say where its run folder is."""
-    _quiet_libraries()
-    from opsd.config import load_config
-
-    if args.command == "distill":
-        from opsd.distill import DistillConfig as Config, run_distill as run
-    elif args.command == "sft":
-        from opsd.sft import SFTConfig as Config, run_sft as run
-    elif args.command == "rlvr":
-        from opsd.rlvr import RLVRConfig as Config, run_rlvr as run
+def _add_configured(commands, name: str, summary: str, example: str) -> None:
+    """The parser of a command with a config: [CONFIG] [key=value ...], --print-config, its flags;
+    its --help ends with every config key (`_Parser.format_help`)."""
+    flag = "[--responses FILE]" if name == "eval" else "[--resume]"
+    sub = commands.add_parser(name, help=summary, description=f"opsd {name}: {summary}.",
+                              usage=f"opsd {name} [-h] [--print-config] {flag} [CONFIG] [key=value ...]",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.config_of = name
+    sub.add_argument("arguments", nargs="*", metavar="CONFIG key=value",
+                     help="optional YAML config file (the first argument, unless it is a key=value override), "
+                          f"then key=value overrides, e.g. {example}")
+    sub.add_argument("--print-config", action="store_true",
+                     help="print the resolved config as YAML (loadable as CONFIG) and exit without running")
+    if name == "eval":
+        sub.add_argument("--responses", metavar="FILE",
+                         help="score the JSONL responses in FILE instead of generating (same as responses=FILE)")
     else:
-        raise ValueError(args.command)
-    run_dir = run(load_config(Config, args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])]))
-    if run_dir is not None:  # rank 0 under torchrun
-        print(f"run folder: {run_dir}")
+        sub.add_argument("--resume", action="store_true", help="continue the run in run.output_dir (refused if none)")
+
+
+def command(name: str):
+    """(config class, run function) of a command with a config, imported when needed (torch comes with it)."""
+    if name == "eval":
+        from opsd.eval import EvalConfig, run_eval
+
+        return EvalConfig, run_eval
+    if name == "pipeline":
+        from opsd.pipeline import PipelineConfig, run_pipeline
+
+        return PipelineConfig, run_pipeline
+    from opsd.pipeline import stage_runner
+
+    return stage_runner(name)
+
+
+def _configured(args: argparse.Namespace) -> int:
+    """Load the command's config from the file and overrides; print it, or run it and say where its folder is."""
+    _quiet_libraries()
+    from opsd.config import dump_config, load_config, split_arguments
+
+    cls, run = command(args.command)
+    path, overrides = split_arguments(args.arguments)
+    if getattr(args, "resume", False):
+        overrides.append("run.resume=true")
+    if getattr(args, "responses", None):  # --responses=FILE (`--responses FILE` became responses=FILE already)
+        overrides.append(f"responses={args.responses}")
+    config = load_config(cls, path, overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    out = run(config)
+    if args.command == "eval":
+        print((out / "eval.md").read_text(encoding="utf-8"), end="")
+        print(f"eval folder: {out}")
+    elif args.command == "pipeline":
+        print((out / "summary.md").read_text(encoding="utf-8"))
+        print(f"run folder: {out}")
+    elif out is not None:  # None on ranks other than 0 under torchrun
+        print(f"run folder: {out}")
     return 0
 
 
@@ -131,37 +177,12 @@ def _responses_flag(argv: list[str]) -> list[str]:
     return [*argv[:at], f"responses={argv[at + 1]}", *argv[at + 2 :]]
 
 
-def _eval(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from opsd.config import load_config
-    from opsd.eval import EvalConfig, run_eval
-
-    has_config = bool(args.arguments) and "=" not in args.arguments[0]
-    config_path, overrides = (args.arguments[0], args.arguments[1:]) if has_config else (None, args.arguments)
-    out = run_eval(load_config(EvalConfig, config_path, overrides))
-    print((out / "eval.md").read_text(encoding="utf-8"), end="")
-    print(f"eval folder: {out}")
-    return 0
-
-
-def _pipeline(args: argparse.Namespace) -> int:
-    _quiet_libraries()
-    from opsd.config import load_config
-    from opsd.pipeline import PipelineConfig, run_pipeline
-
-    out = run_pipeline(load_config(PipelineConfig, args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])]))
-    print((out / "summary.md").read_text())
-    print(f"run folder: {out}")
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
-    import torch
-
     _quiet_libraries()
     from opsd.demo import run_demo
+    from opsd.runs import use_threads
 
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "--threads")
     out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch, args.seeds or (args.seed,))
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")

@@ -1,5 +1,8 @@
 """Problems from JSONL or Parquet: `problem`, `answer`, optional `solution` and `id`; extra fields kept.
 
+Rows graded by running code (`verifier: code`, HumanEval) carry `tests` instead of an answer, so
+they never need one.
+
 Field names are remappable (e.g. `question` → problem) so files from other projects load as they are.
 Every defect is a `UserError` naming the file and line.
 """
@@ -33,10 +36,18 @@ class Fields:
     id: str = "id"  # column holding a stable id (optional; the row number otherwise)
 
 
-def load_problems(path: str | Path, fields: Fields = Fields(), require_answer: bool = True) -> list[Problem]:
-    """Read every row of a .jsonl/.json or .parquet file into `Problem`s."""
+# verifiers that grade without a gold answer (opsd/verifiers: `code` runs the row's tests)
+ANSWERLESS_VERIFIERS = frozenset({"code"})
+
+
+def load_problems(path: str | Path, fields: Fields = Fields(), require_answer: bool = True,
+                  default_verifier: str = "math") -> list[Problem]:
+    """Read every row of a .jsonl/.json or .parquet file into `Problem`s. With `require_answer`,
+    a row without an answer is refused unless its verifier (its `verifier` field, else
+    `default_verifier`) grades without one."""
     rows = read_rows(path)
-    problems = [_to_problem(row, where, fields, require_answer) for where, row in rows]
+    problems = [_to_problem(row, where, fields, require_answer and (row.get("verifier") or default_verifier)
+                            not in ANSWERLESS_VERIFIERS) for where, row in rows]
     counts = collections.Counter(problem.id for problem in problems)
     repeated = [id_ for id_, count in counts.items() if count > 1]
     if repeated:  # harmless for training; said once, since it often means a file was concatenated twice

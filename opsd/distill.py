@@ -10,7 +10,9 @@ One step, top to bottom:
      token-mean over the step's kept tokens; backward;
   5. clip the gradient norm (a non-finite norm skips the step and is counted), AdamW step,
      schedule, teacher-weights update (refresh / EMA);
-  6. log metrics; save a Hugging Face checkpoint every `run.save_every` steps and at the end.
+  6. log metrics and `samples_per_step` rollouts (samples.jsonl: prompt, response, grade, gate, the
+     teacher's prompt as rendered, per-sequence divergence); save a Hugging Face checkpoint every
+     `run.save_every` steps and at the end.
 
 Deviations from the papers: the teacher's user turn wordings are ours (opsd/prompts.py). The loop
 runs unchanged under `torchrun`: each process takes its share of the step's problems, the student
@@ -44,17 +46,18 @@ from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine,
 from opsd.memo import MEMO_INSTRUCTION
 from opsd.metrics import MetricsLog
 from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
-from opsd.packing import pack, response_hidden
+from opsd.packing import pack, per_sequence_mean, response_hidden
 from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template
 from opsd.purified import PurifiedTarget
 from opsd.rollout import collect_rollouts, grade_rollouts
-from opsd.runs import RunConfig, check_run, open_run_dir, resume_point
+from opsd.runs import RunConfig, check_run, open_run_dir, resume_point, use_threads
+from opsd.samples import SamplesLog, pick, render, rollout_rows
 from opsd.teacher import (CONTEXTS, ExternalTeacher, TeacherPrompts, TeacherWeightsConfig, TeacherWeightsState,
                           check_same_vocabulary, load_external_teacher, render_teacher_prompts, rollout_teacher_prompts,
                           teacher_target)
 from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step, load_policy,
                            make_optimizer, new_progress, set_lr, stage_summary, step_items)
-from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier
+from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier, gradable
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     gating: Gating = "all"  # all | correct_only | incorrect_only | correct_and_truncated
+    samples_per_step: int = 4  # rollouts per step saved to samples.jsonl with their teacher prompt (0: none)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
@@ -114,6 +118,7 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
         ("teacher.memo_max_tokens", teacher.memo_max_tokens >= 1, "at least 1"),
         ("teacher.purified_clip", teacher.purified_clip > 0, "positive"),
         ("teacher.purified_beta", teacher.purified_beta > 0, "positive"),
+        ("samples_per_step", config.samples_per_step >= 0, "non-negative (0: no samples.jsonl)"),
     )
     check_run(config.run, world)
     check_optim(config.optim)
@@ -155,14 +160,16 @@ class Parts:
     device: torch.device
 
 
-def run_distill(config: DistillConfig) -> Path | None:
+def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     """Train; return the run folder (None on ranks other than 0). Everything a user can get wrong is
-    checked before the folder is created."""
+    checked before the folder is created. `name` labels the progress bar (a pipeline: the stage's)."""
     world = distributed.world_size()
     check_options(config, world)
+    use_threads(config.run.threads)
     resume_from = resume_point(config.run, to_dict(config))
-    problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config))
-    check_problems(problems, config.data.path, config.verifier.default)
+    problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config),
+                             default_verifier=config.verifier.default)
+    check_problems(problems, config.data.path, config.verifier)
     device = distributed.device(config.run.device)
     tokenizer = load_tokenizer(config.model)
     teacher = config.teacher
@@ -182,7 +189,8 @@ def run_distill(config: DistillConfig) -> Path | None:
     progress = restore(resume_from, model, optimizer, weights) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     with Verifiers(config.verifier) as verifiers, \
-            MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"]) as log:
+            SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
+            MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"], name=name) as log:
         parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
                       make_engine(model, tokenizer, config.sampling), weights, external, tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
@@ -192,10 +200,12 @@ def run_distill(config: DistillConfig) -> Path | None:
             indices = [order[p] for p in positions]
             # seeded by the place in the step, not the process: the same samples on any number of processes
             seeds = [request_seed(config.run.seed, step, p) for p in positions]
-            metrics = train_step(config, parts, [problems[i] for i in indices], prompts.select(indices), seeds)
+            metrics, rows = train_step(config, parts, [problems[i] for i in indices], prompts.select(indices), seeds,
+                                       samples.per_step)
             progress = advance(progress, step, metrics.pop("skipped"), metrics["train/tokens"])
             parts.engine.update_weights()
             metrics.update({"optim/skipped_steps": progress["skipped"], "teacher/updated": weights.after_step(step)})
+            samples.write(step, rows)
             log.write(step, metrics, postfix={"div": metrics["loss/divergence"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
             why_empty = (f"gating={config.gating} kept none of the {metrics['rollout/count']} rollouts; rollout "
@@ -212,8 +222,9 @@ def run_distill(config: DistillConfig) -> Path | None:
 
 
 def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], prompts: TeacherPrompts,
-               seeds: list[int]) -> dict[str, float]:
-    """One optimizer step: sample → grade → gate → (memo) → teacher/student → backward → step; its metrics."""
+               seeds: list[int], samples_wanted: int) -> tuple[dict[str, float], list[dict]]:
+    """One optimizer step: sample → grade → gate → (memo) → teacher/student → backward → step; its
+    metrics and the samples.jsonl rows of `samples_wanted` of its rollouts."""
     timer, started = Timer(), time.perf_counter()
     parts.model.eval()
     with timer("generate"):
@@ -224,24 +235,28 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
     keep = gate(correct, [r.truncated for r in rollouts], config.gating)
     kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
     with timer("memo"):
-        teacher_prompts = rollout_teacher_prompts(config.teacher.context, parts.engine, parts.tokenizer, kept, problems,
-                                                  prompts, config.teacher.memo_instruction, config.teacher.memo_max_tokens)
+        teacher_prompts, memos = rollout_teacher_prompts(
+            config.teacher.context, parts.engine, parts.tokenizer, kept, problems, prompts,
+            config.teacher.memo_instruction, config.teacher.memo_max_tokens)
     kept_tokens = sum(len(r.response_ids) for r, _ in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
     parts.optimizer.zero_grad(set_to_none=True)
-    sums = distill_kept(config, parts, kept, teacher_prompts, prompts, total_tokens, timer)
+    sums, divergence_K = distill_kept(config, parts, kept, teacher_prompts, prompts, total_tokens, timer)
     grad_norm, skipped = guarded_step(parts.model, parts.optimizer, config.optim.max_grad_norm,
                                       has_gradient=total_tokens > 0)
     lengths = [len(r.response_ids) for r in rollouts]
     per_token = lambda key: sums[key] / kept_tokens if kept_tokens else float("nan")  # noqa: E731
     generate_s, student_s, teacher_s = timer.total("generate"), timer.total("student"), timer.total("teacher")
+    rows = sample_rows(parts.tokenizer, samples_wanted, rollouts, problems, verdicts, keep, teacher_prompts, memos,
+                       divergence_K, prompts)
     return {
         "loss/divergence": per_token("divergence"),
         "loss/clipped_ratio": per_token("clipped"),
         "loss/student_entropy": per_token("entropy"),
         **({"purified/gap_cosine": per_token("gap_cosine"), "purified/gap_norm_ratio": per_token("gap_norm_ratio")}
            if CONTEXTS[config.teacher.context].purified else {}),
-        "rollout/accuracy": sum(correct) / len(correct) if all(p.answer for p in problems) else float("nan"),
+        "rollout/accuracy": sum(correct) / len(correct) if all(gradable(p, config.verifier.default) for p in problems)
+        else float("nan"),
         "rollout/count": len(rollouts),
         "rollout/restated": sum(v.restated for v in verdicts),
         "rollout/kept": len(kept),
@@ -257,16 +272,41 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
         "throughput/generate_tokens_per_s": sum(lengths) / generate_s if generate_s else float("nan"),
         "throughput/train_tokens_per_s": kept_tokens / (teacher_s + student_s) if kept_tokens else float("nan"),
         "skipped": skipped,
-    }
+    }, rows
+
+
+def sample_rows(tokenizer, wanted: int, rollouts, problems: list[Problem], verdicts, keep: list[bool],
+                teacher_prompts: list[list[int]], memos: list[str] | None, divergence_K: list[float],
+                prompts: TeacherPrompts) -> list[dict]:
+    """samples.jsonl rows of `wanted` of the step's rollouts: what every stage saves, whether the gate
+    kept it and, for a kept one, the teacher's prompt as rendered (context=memo: the memo in it, and on
+    its own; purified: πR's view too, the third view being `prompt`) and the divergence, its mean over
+    the response tokens. A rollout the gate dropped never met the teacher: those fields are null."""
+    picked = pick(len(rollouts), wanted)
+    rows = rollout_rows(tokenizer, rollouts, problems, verdicts, picked)
+    place = {index: k for k, index in enumerate(i for i, kept in enumerate(keep) if kept)}  # its place among kept
+    for row, index in zip(rows, picked):
+        k = place.get(index)
+        row["kept"] = k is not None
+        row["teacher_prompt"] = None if k is None else render(tokenizer, teacher_prompts[k])
+        if memos is not None:
+            row["memo"] = None if k is None else memos[k]
+        if prompts.reference_only is not None:
+            reference_only = prompts.reference_only[rollouts[index].problem_index]
+            row["reference_only_prompt"] = None if k is None else render(tokenizer, reference_only)
+        row["divergence"] = None if k is None else divergence_K[k]
+    return rows
 
 
 def distill_kept(config: DistillConfig, parts: Parts, kept, teacher_prompts: list[list[int]], prompts: TeacherPrompts,
-                 total_tokens: int, timer: Timer) -> dict[str, float]:
+                 total_tokens: int, timer: Timer) -> tuple[dict[str, float], list[float]]:
     """Teacher target and student forward per micro-batch of kept rollouts, divergence, backward;
-    gradients accumulate (token mean over the whole step). Sums of the per-token metrics."""
+    gradients accumulate (token mean over the whole step). Sums of the per-token metrics, and each
+    kept rollout's divergence averaged over its response tokens (from the same forward)."""
     # token mean over the whole step: DDP averages gradients over processes, hence the factor world
     token_weight = distributed.world_size() / max(total_tokens, 1)
     sums: dict[str, float] = collections.defaultdict(float)
+    divergence_K: list[float] = []
     micro, pad_id, device, loss = config.optim.micro_batch_size, parts.tokenizer.pad_token_id, parts.device, config.loss
     n_micro = distributed.max_over_ranks(math.ceil(len(kept) / micro))
     for index in range(n_micro):
@@ -295,9 +335,10 @@ def distill_kept(config: DistillConfig, parts: Parts, kept, teacher_prompts: lis
                     top_k=loss.top_k)
                 result.loss.backward()
         sums["divergence"] += float(result.value_N.sum())
+        divergence_K += per_sequence_mean(result.value_N.detach(), packed.row_N, len(batch)).tolist()
         sums["entropy"] += float(result.entropy_N.sum())
         sums["clipped"] += float(result.clipped_N.float().sum())
         if isinstance(target, PurifiedTarget):
             sums["gap_cosine"] += float(torch.cat(target.cosines).sum())
             sums["gap_norm_ratio"] += float(torch.cat(target.norm_ratios).sum())
-    return sums
+    return sums, divergence_K

@@ -3,10 +3,14 @@
 For each benchmark file: put the optional `instruction` before every problem (e.g. the conciseness
 instruction of OPSDC), render it with the chat template, sample k = `sampling.n` responses per
 problem (and one greedy response with `greedy=true`), grade each with its problem's verifier, and
-report, overall and per difficulty level when the problems carry one (MATH-500's `level`):
+report, overall, per difficulty level when the problems carry one (MATH-500's `level`) and per
+task when they carry one (BIG-Bench Hard's `task`):
 
   mean@k     mean over problems of the fraction of its k samples that are correct, ± the standard
              error of that mean (sample std of the per-problem fractions / sqrt(P));
+  pass@k     mean over problems of the unbiased estimate of "one of k samples is correct" from the
+             n ≥ k samples drawn, 1 − C(n−c, k)/C(n, k) (Chen et al. 2021, eq. 1), with k the fewest
+             samples any problem of the group has (= sampling.n when generating);
   maj@k      majority vote over the extracted answers, grouped by normalized string; responses
              without an answer do not vote; ties go to the answer seen first; correct when the
              first sample giving the voted answer is;
@@ -20,7 +24,10 @@ report, overall and per difficulty level when the problems carry one (MATH-500's
 `responses=FILE` scores responses made elsewhere instead, without loading a model: JSONL rows
 {"id", "response", optional "truncated"}, several rows per id = several samples. Their tokens are
 counted by the tokenizer of `model.name_or_path`, or by whitespace when it is left at builtin:tiny.
-Writes `eval.json` (every number and the resolved config) and `eval.md` (the printed table).
+Writes `eval.json` (every number and the resolved config), `eval.md` (the printed table) and
+`responses.jsonl`: every sample with its grade, in the rows `responses=FILE` reads (the greedy
+responses are not in it), so an evaluation can be re-scored. Generation shows a progress bar over
+each file's problems.
 
     opsd eval model.name_or_path=runs/tiny/checkpoints/step_000010 data=[configs/examples/arithmetic.jsonl]
     opsd eval [config.yaml] data=[../shared/data/math500_test.jsonl] responses=responses.jsonl
@@ -46,10 +53,12 @@ from opsd import distributed
 from opsd.config import to_dict
 from opsd.data import Fields, Problem, load_problems, read_rows
 from opsd.errors import UserError, require
-from opsd.folders import foreign_checkpoint, kind_of, mark
+from opsd.folders import EVAL_OUTPUTS, foreign_checkpoint, kind_of, mark
 from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
+from opsd.metrics import progress_bar
 from opsd.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer
 from opsd.prompts import render_prompt
+from opsd.runs import use_threads
 from opsd.verifiers import Verdict, VerifierConfig, Verifiers, check_problems, check_verifier
 from opsd.verifiers.math import normalize_answer
 
@@ -64,6 +73,7 @@ class EvalConfig:
     data: tuple[str, ...] = ()  # benchmark files (JSONL/Parquet), e.g. [../shared/data/math500_test.jsonl]
     fields: Fields = field(default_factory=Fields)  # column names, the same for every file
     level_field: str = "level"  # extra column with a difficulty level; per-level rows when present
+    task_field: str = "task"  # extra column naming a subtask (BIG-Bench Hard); per-task rows when present
     limit: int = 0  # the first N problems of each file; 0 = all
     sampling: SamplingConfig = field(default_factory=lambda: EVAL_SAMPLING)  # sampling.n = k samples per problem
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
@@ -71,10 +81,11 @@ class EvalConfig:
     instruction: str = ""  # text put before each problem in the user turn (blank line between)
     reflective_markers: tuple[str, ...] = REFLECTIVE_MARKERS  # words/phrases counted case-insensitively
     responses: str | None = None  # JSONL of {id, response} rows to score instead of generating
-    output_dir: str = "runs/eval"  # folder receiving eval.json and eval.md
-    overwrite: bool = False  # replace an earlier eval.json/eval.md in output_dir
-    seed: int = 0
+    output_dir: str = "runs/eval"  # folder receiving eval.json, eval.md and responses.jsonl
+    overwrite: bool = False  # replace an earlier evaluation's files in output_dir
+    seed: int = 0  # seed of the sampling requests (each problem and sample draws from its own)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Scored:
     markers_K: tuple[int, ...]  # reflective markers in each response
     greedy_correct: bool | None = None  # grade of the greedy response; None without greedy=true
     restated: int = 0  # samples refused for restating an expression of the problem (README grader table)
+    task: str | None = None  # value of the task field, None when the problem has none
 
 
 # --- metrics: pure functions ------------------------------------------------------------------
@@ -100,6 +112,24 @@ def mean_at_k(correct_P_K: Sequence[Sequence[bool]]) -> tuple[float, float]:
     if len(fraction_P) < 2:
         return (fraction_P[0] if fraction_P else math.nan), math.nan
     return statistics.fmean(fraction_P), statistics.stdev(fraction_P) / math.sqrt(len(fraction_P))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, eq. 1):
+    1 − C(n−c, k)/C(n, k), as the product ∏_{i=n−c+1}^{n} (1 − k/i), which never forms a binomial."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(correct_P_K: Sequence[Sequence[bool]]) -> tuple[float, int | None]:
+    """(mean over problems of pass@k, k) with k the fewest samples of any problem; (nan, None) for none."""
+    if not correct_P_K or not all(correct_P_K):
+        return math.nan, None
+    k = min(len(c) for c in correct_P_K)
+    return statistics.fmean(pass_at_k(len(c), sum(c), k) for c in correct_P_K), k
 
 
 def majority_correct(answers_K: Sequence[str | None], correct_K: Sequence[bool]) -> bool:
@@ -150,11 +180,14 @@ def summarize(scored: Sequence[Scored]) -> dict[str, Any]:
     tokens = [t for s in scored for t in s.tokens_K]
     correct_tokens = [t for s in scored for t, c in zip(s.tokens_K, s.correct_K) if c]
     greedy = [s.greedy_correct for s in scored if s.greedy_correct is not None]
+    passed, k = mean_pass_at_k([s.correct_K for s in scored])
     row = {
         "problems": len(scored),
         "samples": len(tokens),
         "mean_at_k": mean,
         "mean_at_k_stderr": stderr,
+        "pass_at_k": passed,
+        "pass_k": k,
         "maj_at_k": maj_at_k([s.answers_K for s in scored], [s.correct_K for s in scored]),
         "greedy_accuracy": sum(greedy) / len(greedy) if greedy else math.nan,
         "response_tokens_mean": mean_median(tokens)[0],
@@ -178,6 +211,16 @@ def group_by_level(scored: Sequence[Scored]) -> list[tuple[str, list[Scored]]]:
     return [(level, groups[level]) for level in sorted(groups, key=_level_order)]
 
 
+def group_by_task(scored: Sequence[Scored]) -> list[tuple[str, list[Scored]]]:
+    """Problems grouped by task, in name order; [] when no problem has a task."""
+    if all(s.task is None for s in scored):
+        return []
+    groups: dict[str, list[Scored]] = collections.defaultdict(list)
+    for s in scored:
+        groups["none" if s.task is None else s.task].append(s)
+    return sorted(groups.items())
+
+
 def _level_order(level: str) -> tuple[int, float, str]:
     try:
         return (0, float(level), "") if math.isfinite(float(level)) else (1, 0.0, level)
@@ -199,13 +242,16 @@ def check_options(config: EvalConfig) -> None:
     check_verifier(config.verifier)
 
 
-def run_eval(config: EvalConfig) -> Path:
-    """Evaluate and write eval.json / eval.md; return the output folder. User mistakes are found
-    (data, responses, model) before the folder is touched."""
+def run_eval(config: EvalConfig, name: str = "eval") -> Path:
+    """Evaluate and write eval.json / eval.md / responses.jsonl; return the output folder. User
+    mistakes are found (data, responses, model) before the folder is touched. `name` labels the
+    progress bars (a pipeline: the stage evaluated)."""
     check_options(config)
-    benchmarks = [(path, load_problems(path, config.fields)) for path in config.data]
+    use_threads(config.threads, "threads")
+    benchmarks = [(path, load_problems(path, config.fields, default_verifier=config.verifier.default))
+                  for path in config.data]
     for path, problems in benchmarks:
-        check_problems(problems, path, config.verifier.default)
+        check_problems(problems, path, config.verifier)
     selected = [problems[: config.limit or None] for _, problems in benchmarks]
     responses = read_responses(Path(config.responses), benchmarks, selected) if config.responses else None
     counts_with_tokenizer = responses is None or config.model.name_or_path != BUILTIN_TINY
@@ -217,48 +263,53 @@ def run_eval(config: EvalConfig) -> Path:
     torch.manual_seed(config.seed)
     engine = make_engine(model, tokenizer, config.sampling) if model is not None else None
     pattern = marker_pattern(config.reflective_markers)
-    rows = []
+    rows, graded = [], []
     with Verifiers(config.verifier) as verifiers:
         for index, ((path, _), problems) in enumerate(zip(benchmarks, selected)):
             print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
             if responses is None:
                 texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s = generate(
-                    engine, tokenizer, problems, config, Path(path).stem)
+                    engine, tokenizer, problems, config, Path(path).stem, name)
             else:
                 texts_P_K = [[text for text, _ in responses[index][p.id]] for p in problems]
                 truncated_P_K = [[cut for _, cut in responses[index][p.id]] for p in problems]
                 tokens_P_K = [count_tokens(texts, tokenizer) for texts in texts_P_K]
                 greedy_P, tokens_per_s = None, None
             scored = score(problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_P, verifiers, pattern,
-                           config.level_field)
+                           config.level_field, config.task_field)
+            graded += response_rows(path, problems, texts_P_K, scored)
             levels = [{"level": level, **summarize(group)} for level, group in group_by_level(scored)]
+            tasks = [{"task": task, **summarize(group)} for task, group in group_by_task(scored)]
             rows.append({"file": path, "name": Path(path).stem, **summarize(scored),
-                         "generate_tokens_per_s": tokens_per_s, "levels": levels})
+                         "generate_tokens_per_s": tokens_per_s, "levels": levels, "tasks": tasks})
     counted = f"tokenizer of {config.model.name_or_path}" if tokenizer is not None else "whitespace split"
     report = {"mode": "generate" if responses is None else "responses", "response_tokens_counted_by": counted,
               "k": None if responses else config.sampling.n, "benchmarks": rows, "config": to_dict(config)}
     table = markdown_table(rows, report["mode"], counted)
+    _write_atomic(out / "responses.jsonl", "".join(json.dumps(row) + "\n" for row in graded))
     _write_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
     _write_atomic(out / "eval.md", table)
     return out
 
 
-def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalConfig, file: str):
+def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalConfig, file: str, name: str = "eval"):
     """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second).
     Sample j of a problem is seeded by (seed, file, its place in the file, id, j): the same whatever
-    else is evaluated."""
+    else is evaluated. A progress bar `name · file` counts the problems done."""
     prompts = [render_prompt(tokenizer, f"{config.instruction}\n\n{p.problem}" if config.instruction else p.problem)
                for p in problems]
     k = config.sampling.n
     repeated = [prompt for prompt in prompts for _ in range(k)]
     seeds = [request_seed(config.seed, file, position, p.id, j) for position, p in enumerate(problems) for j in range(k)]
-    ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds)
+    with progress_bar(f"{name} · {file}", len(problems), "problem") as bar:
+        ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds, bar, k)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     generated = sum(len(i) for i in ids)
     greedy_texts = None
     if config.greedy:
         greedy = replace(config.sampling, temperature=0.0, n=1)
-        greedy_ids, _, greedy_seconds = decode(engine, prompts, greedy, [0] * len(prompts))
+        with progress_bar(f"{name} · {file} · greedy", len(problems), "problem") as bar:
+            greedy_ids, _, greedy_seconds = decode(engine, prompts, greedy, [0] * len(prompts), bar, 1)
         greedy_texts = tokenizer.batch_decode(greedy_ids, skip_special_tokens=True)
         generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
     per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
@@ -266,17 +317,23 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
             generated / seconds if seconds > 0 else None)
 
 
-def decode(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig,
-           seeds: list[int]) -> tuple[list[list[int]], list[bool], float]:
-    """Response ids (ending with EOS unless truncated), truncation flags and seconds, one engine call."""
+def decode(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], bar,
+           per_problem: int) -> tuple[list[list[int]], list[bool], float]:
+    """Response ids (ending with EOS unless truncated), truncation flags and seconds. The requests go
+    to the engine `sampling.batch_size` at a time (the hf engine's own batches: the same samples as one
+    call), and `bar` advances by the problems whose `per_problem` requests are all done."""
     start = time.perf_counter()  # generations come back on the CPU, so GPU work is done when it returns
-    generations = engine.generate(prompts, sampling, seeds)
+    generations = []
+    for first in range(0, len(prompts), sampling.batch_size):
+        part = slice(first, first + sampling.batch_size)
+        generations += engine.generate(prompts[part], sampling, seeds[part])
+        bar.update(len(generations) // per_problem - bar.n)
     return [g.response_ids for g in generations], [g.truncated for g in generations], time.perf_counter() - start
 
 
 def score(problems: list[Problem], texts_P_K: list[list[str]], tokens_P_K: list[list[int]],
           truncated_P_K: list[list[bool]], greedy_P: list[str] | None, verifiers: Verifiers,
-          pattern: re.Pattern[str] | None, level_field: str) -> list[Scored]:
+          pattern: re.Pattern[str] | None, level_field: str, task_field: str = "task") -> list[Scored]:
     """Grade every response (one verifier call per file) and count its markers."""
     texts = [t for texts in texts_P_K for t in texts]
     verdicts: Iterator[Verdict] = iter(verifiers.verify(texts, [p for p, texts in zip(problems, texts_P_K) for _ in texts]))
@@ -284,7 +341,7 @@ def score(problems: list[Problem], texts_P_K: list[list[str]], tokens_P_K: list[
     scored = []
     for problem, texts, tokens, truncated, greedy in zip(
             problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_correct):
-        level = problem.extra.get(level_field)
+        level, task = problem.extra.get(level_field), problem.extra.get(task_field)
         verdicts_K = [next(verdicts) for _ in texts]
         scored.append(Scored(
             level=None if level is None else str(level),
@@ -295,8 +352,18 @@ def score(problems: list[Problem], texts_P_K: list[list[str]], tokens_P_K: list[
             markers_K=tuple(count_markers(t, pattern) for t in texts),
             greedy_correct=greedy,
             restated=sum(v.restated for v in verdicts_K),
+            task=None if task is None else str(task),
         ))
     return scored
+
+
+def response_rows(file: str, problems: list[Problem], texts_P_K: list[list[str]],
+                  scored: list[Scored]) -> list[dict[str, Any]]:
+    """responses.jsonl rows, one per sample: the fields `responses=FILE` reads (id, response,
+    truncated), then its grade, extracted answer, length, place among its problem's samples and file."""
+    return [{"id": problem.id, "response": text, "truncated": s.truncated_K[j], "correct": s.correct_K[j],
+             "extracted": s.answers_K[j], "response_tokens": s.tokens_K[j], "sample": j, "file": file}
+            for problem, texts, s in zip(problems, texts_P_K, scored) for j, text in enumerate(texts)]
 
 
 def count_tokens(texts: list[str], tokenizer) -> list[int]:
@@ -341,11 +408,12 @@ def read_responses(path: Path, benchmarks: list[tuple[str, list[Problem]]],
 
 
 def markdown_table(rows: list[dict[str, Any]], mode: str, counted: str) -> str:
-    lines = ["| benchmark | problems | samples | mean@k ± se | maj@k | greedy | tokens mean / median "
-             "| correct tokens mean / median | truncated | markers /1k tokens | tok/s |", "|---" * 11 + "|"]
+    lines = ["| benchmark | problems | samples | mean@k ± se | pass@k | maj@k | greedy | tokens mean / median "
+             "| correct tokens mean / median | truncated | markers /1k tokens | tok/s |", "|---" * 12 + "|"]
     for row in rows:
         lines.append(_table_line(row["name"], row))
         lines += [_table_line(f"{row['name']} · level {level['level']}", level) for level in row["levels"]]
+        lines += [_table_line(f"{row['name']} · {task['task']}", task) for task in row.get("tasks", [])]
     return "\n".join(lines) + f"\n\n{mode}; response tokens counted by the {counted}.\n"
 
 
@@ -354,6 +422,7 @@ def _table_line(name: str, row: dict[str, Any]) -> str:
         return "–" if row.get(key) is None else format(row[key], spec)
 
     cells = [name, cell("problems", "d"), cell("samples", "d"), f"{cell('mean_at_k')} ± {cell('mean_at_k_stderr')}",
+             cell("pass_at_k") + ("" if row.get("pass_k") is None else f" (k={row['pass_k']})"),
              cell("maj_at_k"), cell("greedy_accuracy"),
              f"{cell('response_tokens_mean', '.1f')} / {cell('response_tokens_median', '.1f')}",
              f"{cell('correct_response_tokens_mean', '.1f')} / {cell('correct_response_tokens_median', '.1f')}",
@@ -363,18 +432,18 @@ def _table_line(name: str, row: dict[str, Any]) -> str:
 
 def prepare_output_dir(out: Path, overwrite: bool) -> Path:
     """Create `out`, marked as an evaluation folder when opsd creates it, finds it empty or finds an
-    opsd checkpoint there. Only eval.json and eval.md are ever written in it, and they are replaced
-    (`overwrite=true`) only in a folder marked as an evaluation folder by opsd."""
+    opsd checkpoint there. Only eval.json, eval.md and responses.jsonl are ever written in it, and
+    they are replaced (`overwrite=true`) only in a folder marked as an evaluation folder by opsd."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file")
     ours = kind_of(out) == "eval"
-    existing = [name for name in ("eval.json", "eval.md") if (out / name).exists()]
+    existing = [name for name in EVAL_OUTPUTS if (out / name).exists()]
     if existing:
         if not overwrite:
             raise UserError(f"{out / existing[0]} already exists; choose another output_dir or set overwrite=true")
         if not ours:
             raise UserError(f"overwrite=true: {out} is not an evaluation folder opsd created (no opsd_folder.json of "
-                            "kind eval), so its eval.json/eval.md are not replaced; choose another output_dir")
+                            f"kind eval), so its {existing[0]} is not replaced; choose another output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         if ours or not any(out.iterdir()) or (kind_of(out) is None and foreign_checkpoint(out) is None):

@@ -24,11 +24,12 @@ CHECKPOINT_INFO = "opsd_checkpoint.json"
 Kind = Literal["run", "eval", "pipeline", "demo", "listed"]  # listed: the marker lists the files
 STEP = re.compile(r"step_(\d+)")  # a checkpoint folder, step_000010
 PARTIAL_STEP = re.compile(r"step_(\d+)\.tmp")  # one being written (or interrupted)
-EVAL_FILES = frozenset({"eval.json", "eval.md", "eval.json.tmp", "eval.md.tmp"})
+EVAL_OUTPUTS = ("eval.json", "eval.md", "responses.jsonl")  # what `opsd eval` writes (each through a .tmp)
+EVAL_FILES = frozenset({*EVAL_OUTPUTS, *(f"{name}.tmp" for name in EVAL_OUTPUTS)})
 
 # files a folder of each kind may hold besides the marker (subfolders are checked by `_foreign`)
 _FILES: dict[str, frozenset[str]] = {
-    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp"}),
+    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "samples.jsonl", "samples.jsonl.tmp"}),
     "eval": EVAL_FILES | {"row.json"},
     "pipeline": frozenset({"config.yaml", "summary.json", "summary.md"}),
     "demo": frozenset({"summary.json", "summary.md"}),

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON line per step in the run folder, TensorBoard when installed, a progress bar."""
+"""Per-step metrics: one JSON line per step in the run folder, TensorBoard when installed, a progress
+bar named by its stage ("distill", "rlvr", "sft", or the stage's name in a pipeline)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ from typing import Any
 from tqdm import tqdm
 
 
+def progress_bar(name: str, total: int, unit: str, done: int = 0, disable: bool = False) -> tqdm:
+    """A bar on stderr named `name` counting `unit`s; redrawn at every update, so its postfix is the
+    latest step's (opsd's updates are seconds apart)."""
+    return tqdm(total=total, initial=done, disable=disable, dynamic_ncols=True, desc=name, unit=unit, mininterval=0,
+                file=sys.stderr)
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path | None, total_steps: int, tensorboard: bool = True, done: int = 0):
+    def __init__(self, run_dir: Path | None, total_steps: int, tensorboard: bool = True, done: int = 0,
+                 name: str = "opsd"):
         self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if run_dir else None
         self.board = _summary_writer(run_dir / "tensorboard") if run_dir and tensorboard else None
-        self.bar = tqdm(total=total_steps, initial=done, disable=run_dir is None, dynamic_ncols=True, desc="opsd")
+        self.bar = progress_bar(name, total_steps, "step", done, disable=run_dir is None)
 
     def write(self, step: int, metrics: dict[str, Any], postfix: dict[str, float] | None = None) -> None:
         """Append one step's metrics; `postfix` is what the progress bar shows."""
@@ -27,8 +36,9 @@ class MetricsLog:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.board.add_scalar(key, value, step)
-        self.bar.update(1)
+        # the postfix first: update() draws the bar, with this step's numbers
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in (postfix or {}).items()}, refresh=False)
+        self.bar.update(1)
 
     def say(self, message: str) -> None:
         """A line on the terminal above the progress bar (rank 0 only)."""

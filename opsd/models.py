@@ -7,6 +7,7 @@ user sets `trust_remote_code` / `allow_pickle`. `builtin:tiny` builds the local 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,7 +94,10 @@ def add_lora(model: PreTrainedModel, config: ModelConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing`: not ours to change, not the user's concern
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            peft_model = get_peft_model(model, lora)
     except (ValueError, KeyError, TypeError) as err:  # PEFT's error for targets that match nothing is a ValueError
         raise UserError(f"model.lora_target_modules={targets!r} cannot be used ({_first_line(err)})") from None
     if hasattr(causal_lm(peft_model).get_output_embeddings(), "lora_A"):

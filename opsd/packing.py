@@ -67,3 +67,11 @@ def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     return hidden_B_L_H.reshape(-1, hidden_B_L_H.shape[-1]).index_select(0, packed.predict_index_N)
 
 
+
+
+def per_sequence_mean(value_N: torch.Tensor, row_N: torch.Tensor, sequences: int) -> torch.Tensor:
+    """[sequences] mean of a per-response-token quantity over each sequence's tokens (`Packed.row_N`);
+    NaN for a sequence without response tokens."""
+    sums_S = torch.zeros(sequences, dtype=torch.float64, device=value_N.device).index_add_(0, row_N, value_N.double())
+    counts_S = torch.bincount(row_N, minlength=sequences).to(sums_S)
+    return sums_S / counts_S

@@ -9,7 +9,8 @@ are kept, the stage it was in continues from its latest checkpoint. The pipeline
 the run contract of every stage (opsd/runs.py): `run.output_dir` holds one folder per stage,
 `run.device` and `run.tensorboard` are given to every stage and evaluation; steps, batch sizes,
 checkpoint cadence and seeds are set per stage, in its config or overrides. Every checkpoint is
-evaluated with its stage's own model options (dtype, attention, trust_remote_code).
+evaluated with its stage's own model options (dtype, attention, trust_remote_code). Each stage opens
+with a header line on the terminal; its progress bar and its evaluation's carry the stage's name.
 
     opsd pipeline configs/pipeline-tiny.yaml [--resume]
 """
@@ -18,19 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from opsd.config import load_config, to_dict
+from opsd.data import load_problems
 from opsd.errors import UserError
 from opsd.eval import EVAL_SAMPLING, EvalConfig, run_eval
 from opsd.folders import remove_own
 from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
-from opsd.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config
-from opsd.verifiers import VerifierConfig
+from opsd.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config, use_threads
+from opsd.verifiers import VerifierConfig, check_problems
 
 Command = Literal["sft", "rlvr", "distill"]
 
@@ -51,7 +54,7 @@ class PipelineEvalConfig:
     sampling: SamplingConfig = field(default_factory=lambda: EVAL_SAMPLING)  # k = sampling.n
     instruction: str = ""  # text before each problem (empty: the bare problem)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
-    seed: int = 0
+    seed: int = 0  # seed of the evaluations' sampling requests
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the starting checkpoint
     start_name: str = "start"  # row label of the starting checkpoint
     evaluate_start: bool = True  # evaluate the starting checkpoint too
-    stages: tuple[StageSpec, ...] = ()
+    stages: tuple[StageSpec, ...] = ()  # the stages in order (YAML file: a list of mappings)
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pipeline"))  # folder, resume, device
 
@@ -104,7 +107,8 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         if start not in names:
             raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage")
         cls, _ = stage_runner(stage.command)
-        given = [f"run.device={config.run.device}", *([] if config.run.tensorboard else ["run.tensorboard=false"])]
+        given = [f"run.device={config.run.device}", *([] if config.run.tensorboard else ["run.tensorboard=false"]),
+                 *([] if config.run.threads is None else [f"run.threads={config.run.threads}"])]
         overrides = [*given, *stage.overrides, f"run.output_dir={out / name}"]
         stage_config = load_config(cls, stage.config or None, overrides)
         planned.append((StageSpec(name, stage.command, stage.config, stage.overrides, start), start, stage_config))
@@ -112,15 +116,35 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
     return planned
 
 
+def check_data(config: PipelineConfig, stages: list[tuple[StageSpec, str, Any]]) -> None:
+    """Refuse, before the first stage runs, rows a stage or the evaluation cannot grade: a verifier
+    opsd does not have, code rows without `allow_code_execution` (opsd/verifiers)."""
+    for path in config.eval.data:
+        problems = load_problems(path, require_answer=False, default_verifier=config.eval.verifier.default)
+        check_problems(problems, path, config.eval.verifier, option="eval.verifier")
+    for stage, _, stage_config in stages:
+        verifier = getattr(stage_config, "verifier", None)  # sft grades nothing
+        if verifier is None:
+            continue
+        data = stage_config.data
+        try:
+            check_problems(load_problems(data.path, data.fields, require_answer=False, default_verifier=verifier.default),
+                           data.path, verifier)
+        except UserError as err:
+            raise UserError(f"pipeline stage '{stage.name}': {err}") from None
+
+
 def run_pipeline(config: PipelineConfig) -> Path:
     out = Path(config.run.output_dir)
     check_run_section(config.run)
+    use_threads(config.run.threads)
     stages = plan(config, out)
     for path in config.eval.data:
         if not Path(path).is_file():
             raise UserError(f"evaluation file {path} does not exist")
+    check_data(config, stages)
     if (out / "config.yaml").is_file() and not config.run.overwrite:
-        check_same_config(out, to_dict(config), ("run.overwrite", "run.resume"))
+        check_same_config(out, to_dict(config), ("run.overwrite", "run.resume", "run.threads"))
     elif config.run.resume:
         raise UserError(f"run.resume: {out} holds no pipeline to resume")
     else:
@@ -128,11 +152,12 @@ def run_pipeline(config: PipelineConfig) -> Path:
     save_config(out, to_dict(config))
     checkpoints = {config.start_name: config.model.name_or_path}
     rows = [evaluate(config, config.start_name, "", config.model, out, 0.0)] if config.evaluate_start else []
-    for stage, start, stage_config in stages:
+    for number, (stage, start, stage_config) in enumerate(stages, 1):
         _, run = stage_runner(stage.command)
         stage_config = _with_model(stage_config, checkpoints[start])
+        print(stage_header(number, len(stages), stage, stage_config), file=sys.stderr)
         started = time.perf_counter()
-        run_dir = run(stage_config)
+        run_dir = run(stage_config, name=stage.name)
         checkpoints[stage.name] = str(final_checkpoint(run_dir))
         # the stage's own model options (dtype, attention, remote code), its merged checkpoint
         model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
@@ -141,6 +166,14 @@ def run_pipeline(config: PipelineConfig) -> Path:
     (out / "summary.json").write_text(json.dumps({"rows": rows, "checkpoints": checkpoints}, indent=2) + "\n")
     (out / "summary.md").write_text(summary_table(rows))
     return out
+
+
+def stage_header(number: int, stages: int, stage: StageSpec, stage_config) -> str:
+    """The line that opens a stage: which, what it runs, from which checkpoint, into which folder."""
+    steps = stage_config.run.steps
+    return (f"opsd pipeline: stage {number}/{stages} '{stage.name}': opsd {stage.command}, "
+            f"{steps} step{'s' if steps != 1 else ''} from '{stage.start}' ({stage_config.model.name_or_path}) "
+            f"→ {stage_config.run.output_dir}")
 
 
 def _with_model(stage_config, name_or_path: str):
@@ -164,7 +197,7 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
     started = time.perf_counter()
     run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit, sampling=config.eval.sampling,
                         instruction=config.eval.instruction, verifier=config.eval.verifier, output_dir=str(eval_dir),
-                        seed=config.eval.seed, device=config.run.device))
+                        seed=config.eval.seed, device=config.run.device), name=f"eval {stage}")
     report = json.loads((eval_dir / "eval.json").read_text())
     benchmarks = [{key: b[key] for key in ("name", "problems", "mean_at_k", "mean_at_k_stderr", "maj_at_k",
                                            "response_tokens_mean", "correct_response_tokens_mean",

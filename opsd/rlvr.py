@@ -10,7 +10,8 @@ One step, top to bottom (METHODS.md §3, the RLVR stage of Kim & Lee; DAPO, Yu e
   5. `updates_per_step` passes over the kept rollouts in micro-batches: token-mean over the step of
      −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) (+ kl_coef · k3-KL to the initial policy when asked);
      log-probabilities at the sampling temperature, in chunks from final hidden states;
-  6. clip the gradient norm, skip a non-finite step, AdamW; metrics; checkpoints.
+  6. clip the gradient norm, skip a non-finite step, AdamW; metrics, `samples_per_step` rollouts with
+     their reward and advantage (samples.jsonl); checkpoints.
 
 Deviations: no re-sampling to refill filtered groups (the step just trains on fewer rollouts); the
 old log-probabilities are recomputed with a forward pass rather than taken from the sampler, so they
@@ -43,7 +44,8 @@ from opsd.packing import pack, response_hidden
 from opsd.policy_loss import clipped_policy_loss, group_advantages, informative_groups, kl_k3, overlong_penalty
 from opsd.prompts import render_prompt
 from opsd.rollout import Rollout, collect_rollouts, grade_rollouts
-from opsd.runs import RunConfig, check_run, open_run_dir, resume_point
+from opsd.runs import RunConfig, check_run, open_run_dir, resume_point, use_threads
+from opsd.samples import SamplesLog, pick, rollout_rows
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState
 from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step,
                            load_policy, make_optimizer, new_progress, set_lr, stage_summary, step_items)
@@ -53,8 +55,8 @@ from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_veri
 @dataclass(frozen=True)
 class RLVRDataConfig:
     path: str = "configs/examples/arithmetic.jsonl"  # JSONL/Parquet problems with gold answers
-    fields: Fields = field(default_factory=Fields)
-    shuffle: bool = True
+    fields: Fields = field(default_factory=Fields)  # column names for problem/answer/solution/id
+    shuffle: bool = True  # reshuffle the problems every epoch
     instruction: str = ""  # text put before every problem in the prompt (empty: the bare problem)
 
 
@@ -75,6 +77,7 @@ class RLVRConfig:
     data: RLVRDataConfig = field(default_factory=RLVRDataConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=16))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    samples_per_step: int = 4  # rollouts per step saved to samples.jsonl with reward and advantage (0: none)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # the reward: each row's verifier
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlvr"))
@@ -95,16 +98,19 @@ def check_options(config: RLVRConfig, world: int = 1) -> None:
          "between 0 and sampling.max_new_tokens"),
         ("grpo.kl_coef", grpo.kl_coef >= 0, "non-negative"),
         ("grpo.updates_per_step", grpo.updates_per_step >= 1, "at least 1"),
+        ("samples_per_step", config.samples_per_step >= 0, "non-negative (0: no samples.jsonl)"),
     )
 
 
-def run_rlvr(config: RLVRConfig) -> Path | None:
-    """Train; return the run folder (None on ranks other than 0)."""
+def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
+    """Train; return the run folder (None on ranks other than 0). `name` labels the progress bar."""
     world = distributed.world_size()
     check_options(config, world)
+    use_threads(config.run.threads)
     resume_from = resume_point(config.run, to_dict(config))
-    problems = load_problems(config.data.path, config.data.fields, require_answer=True)
-    check_problems(problems, config.data.path, config.verifier.default)
+    problems = load_problems(config.data.path, config.data.fields, require_answer=True,
+                             default_verifier=config.verifier.default)
+    check_problems(problems, config.data.path, config.verifier)
     device = distributed.device(config.run.device)
     tokenizer = load_tokenizer(config.model)
     prefix = f"{config.data.instruction}\n\n" if config.data.instruction else ""
@@ -121,7 +127,8 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
     progress = restore(resume_from, model, optimizer, reference) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     with Verifiers(config.verifier) as verifiers, \
-            MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"]) as log:
+            SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
+            MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"], name=name) as log:
         parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
                       make_engine(model, tokenizer, config.sampling), reference, tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
@@ -129,11 +136,12 @@ def run_rlvr(config: RLVRConfig) -> Path | None:
             order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             positions = distributed.shard(list(range(len(order))), rank, world)  # this process's share of the step
             indices = [order[p] for p in positions]
-            metrics = rlvr_step(config, parts, [problems[i] for i in indices], [prompts[i] for i in indices],
-                                [request_seed(config.run.seed, step, p) for p in positions])
+            metrics, rows = rlvr_step(config, parts, [problems[i] for i in indices], [prompts[i] for i in indices],
+                                      [request_seed(config.run.seed, step, p) for p in positions], samples.per_step)
             progress = advance(progress, step, metrics.pop("skipped"), metrics["train/tokens"])
             parts.engine.update_weights()
             metrics["optim/skipped_steps"] = progress["skipped"]
+            samples.write(step, rows)
             log.write(step, metrics, postfix={"reward": metrics["reward/mean"], "acc": metrics["rollout/accuracy"],
                                               "len": metrics["rollout/response_tokens_mean"]})
             why_empty = (f"the {config.sampling.n} samples of every problem earned equal rewards, so "
@@ -163,8 +171,9 @@ class Parts:
     device: torch.device
 
 
-def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int]], seeds: list[int]) -> dict[str, float]:
-    """Sample → reward → advantages → filter → old log-probs → clipped policy-gradient updates."""
+def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int]], seeds: list[int],
+              samples_wanted: int) -> tuple[dict[str, float], list[dict]]:
+    """Sample → reward → advantages → filter → old log-probs → clipped updates; metrics, samples.jsonl rows."""
     timer, started, grpo = Timer(), time.perf_counter(), config.grpo
     parts.model.eval()
     with timer("generate"):
@@ -177,7 +186,9 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
     rewards_P_G = rewards.view(len(prompts), config.sampling.n)
     advantages = group_advantages(rewards_P_G, grpo.scale_by_std).flatten()
     keep_P = informative_groups(rewards_P_G) if grpo.filter_equal_groups else torch.ones(len(prompts), dtype=torch.bool)
-    kept = [(r, float(a)) for r, a, k in zip(rollouts, advantages, keep_P.repeat_interleave(config.sampling.n)) if k]
+    keep = keep_P.repeat_interleave(config.sampling.n).tolist()
+    kept = [(r, float(a)) for r, a, k in zip(rollouts, advantages, keep) if k]
+    rows = sample_rows(parts.tokenizer, samples_wanted, rollouts, problems, verdicts, rewards, advantages, keep)
     kept_tokens = sum(len(r.response_ids) for r, _ in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
     micro = config.optim.micro_batch_size
@@ -220,7 +231,18 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
         "time/step_s": time.perf_counter() - started,
         "throughput/generate_tokens_per_s": float(lengths.sum()) / generate_s if generate_s else float("nan"),
         "skipped": skipped,
-    }
+    }, rows
+
+
+def sample_rows(tokenizer, wanted: int, rollouts: list[Rollout], problems, verdicts, rewards: torch.Tensor,
+                advantages: torch.Tensor, keep: list[bool]) -> list[dict]:
+    """samples.jsonl rows of `wanted` of the step's rollouts: what every stage saves, the reward (with
+    the overlong penalty), the group-normalised advantage and whether the group filter kept it."""
+    picked = pick(len(rollouts), wanted)
+    rows = rollout_rows(tokenizer, rollouts, problems, verdicts, picked)
+    for row, index in zip(rows, picked):
+        row.update({"reward": float(rewards[index]), "advantage": float(advantages[index]), "kept": keep[index]})
+    return rows
 
 
 def policy_gradient(config: RLVRConfig, parts: Parts, batches, old: list[torch.Tensor], ref: list,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from opsd.errors import UserError, require
@@ -21,7 +22,7 @@ from opsd.folders import MARKER, Kind, checkpoint_step, mark, remove_own, remove
 
 TRAINING_STATE = "training_state.pt"
 # run options that may change between a run and its resumption; any other difference is refused
-CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.tensorboard", "run.resume",
+CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.tensorboard", "run.threads", "run.resume",
                         "run.overwrite", "verifier.timeout_s")
 
 
@@ -38,6 +39,7 @@ class RunConfig:
     max_empty_steps_in_a_row: int = 5  # stop (exit 2) after this many steps with nothing to train on (a pipeline: per stage)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (a pipeline: given to every stage and evaluation)
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed (a pipeline: every stage)
+    threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU (a pipeline: every stage)
 
 
 def check_run(run: RunConfig, world: int, per_step: str = "run.problems_per_step") -> None:
@@ -48,6 +50,16 @@ def check_run(run: RunConfig, world: int, per_step: str = "run.problems_per_step
         ("run.keep_last", run.keep_last >= 0, "non-negative"),
         ("run.max_empty_steps_in_a_row", run.max_empty_steps_in_a_row >= 1, "at least 1"),
     )
+
+
+def use_threads(threads: int | None, option: str = "run.threads") -> None:
+    """Give torch `threads` CPU threads for the rest of the process (None: leave torch's choice).
+    Every command calls it before its work: on a CPU busy with other work, torch's OpenMP threads
+    spin against it and slow every step many times over."""
+    if threads is None:
+        return
+    require((option, threads >= 1, "at least 1 (or null: torch's choice)"))
+    torch.set_num_threads(threads)
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool, kind: Kind = "run", option: str = "run.overwrite",
@@ -142,8 +154,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:
-    """Keep the metrics rows of steps 1..`step` (a row cut short by a crash is dropped)."""
-    path = run_dir / "metrics.jsonl"
+    """Keep the metrics rows of steps 1..`step`."""
+    trim_rows(run_dir / "metrics.jsonl", step)
+
+
+def trim_rows(path: Path, step: int) -> None:
+    """Keep the rows of steps 1..`step` of a JSONL file of {"step": N, ...} rows (metrics.jsonl,
+    samples.jsonl); a row cut short by a crash is dropped."""
     if not path.exists():
         return
     kept = []

@@ -30,7 +30,7 @@ from opsd.metrics import MetricsLog
 from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.packing import pack, response_hidden
 from opsd.prompts import render_prompt
-from opsd.runs import RunConfig, check_run, open_run_dir, resume_point
+from opsd.runs import RunConfig, check_run, open_run_dir, resume_point, use_threads
 from opsd.training import (OptimConfig, advance, autocast, check_optim, guarded_step, load_policy,
                            make_optimizer, new_progress, set_lr, stage_summary, step_items)
 
@@ -78,10 +78,11 @@ def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> 
     return examples, cut
 
 
-def run_sft(config: SFTConfig) -> Path | None:
-    """Train; return the run folder (None on ranks other than 0)."""
+def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
+    """Train; return the run folder (None on ranks other than 0). `name` labels the progress bar."""
     world = distributed.world_size()
     check_options(config, world)
+    use_threads(config.run.threads)
     resume_from = resume_point(config.run, to_dict(config))
     pairs = load_pairs(config.data.path, config.data.problem_field, config.data.response_field)
     device = distributed.device(config.run.device)
@@ -96,7 +97,7 @@ def run_sft(config: SFTConfig) -> Path | None:
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
-    with MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"]) as log:
+    with MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"], name=name) as log:
         model.train()
         for step in range(progress["step"] + 1, config.run.steps + 1):
             started = time.perf_counter()

@@ -161,15 +161,15 @@ def render_teacher_prompts(tokenizer, problems: list[Problem], context: str, tem
 
 
 def rollout_teacher_prompts(context: str, engine, tokenizer, kept, problems: list[Problem], prompts: TeacherPrompts,
-                            memo_instruction: str, memo_max_tokens: int) -> list[list[int]]:
+                            memo_instruction: str, memo_max_tokens: int) -> tuple[list[list[int]], list[str] | None]:
     """The teacher prompt of each kept (rollout, correct) pair: its problem's, or (context=memo) one
-    holding the memo the model writes about this very attempt."""
+    holding the memo the model writes about this very attempt; and the memos (None without)."""
     if not CONTEXTS[context].writes_memo:
-        return [prompts.teacher[r.problem_index] for r, _ in kept]
+        return [prompts.teacher[r.problem_index] for r, _ in kept], None
     memos = write_memos(engine, tokenizer, [r for r, _ in kept], [c for _, c in kept], problems,
                         memo_instruction, memo_max_tokens)
     return [render_prompt(tokenizer, memo_teacher_message(problems[r.problem_index], text))
-            for (r, _), text in zip(kept, memos)]
+            for (r, _), text in zip(kept, memos)], memos
 
 
 def teacher_target(context: str, purified: tuple[float, float], model, weights: TeacherWeightsState,

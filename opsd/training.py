@@ -25,9 +25,9 @@ from opsd.models import ModelConfig, add_lora, load_model
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-6  # peak learning rate
-    weight_decay: float = 0.0
-    betas: tuple[float, ...] = (0.9, 0.999)
-    warmup_steps: int = 0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: tuple[float, ...] = (0.9, 0.999)  # AdamW's (β1, β2)
+    warmup_steps: int = 0  # linear warmup from 0 to optim.lr over this many steps
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup
     max_grad_norm: float = 1.0  # gradient-norm clip
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a step)
@@ -54,7 +54,9 @@ def load_policy(config: ModelConfig, optim: OptimConfig, device: torch.device) -
     """The model to train: loaded safely, with activation checkpointing and LoRA when asked."""
     model = load_model(config, device)
     if optim.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.24 renamed gradient_checkpointing_enable (the old name warns there)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return add_lora(model, config) if config.lora_rank > 0 else model
 
 

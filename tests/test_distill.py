@@ -174,6 +174,9 @@ def test_steps_with_nothing_to_train_on_warn_once_then_stop(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("opsd: error: training stopped after step 3: 3 steps in a row had "
                                                    "nothing to train on (gating=correct_only")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 4 and not any(s["kept"] or s["correct"] for s in samples)
+    assert all(s["teacher_prompt"] is None and s["divergence"] is None for s in samples)  # never met the teacher
 
 
 def test_a_stage_ends_with_a_summary_line(tmp_path, capsys):

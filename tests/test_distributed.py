@@ -37,6 +37,14 @@ def test_two_processes_compute_the_single_process_gradient(tmp_path):
     b = load_file(str(tmp_path / "two/checkpoints/step_000001/model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    # samples.jsonl: rank 0 alone writes, its own rollouts, the same as a single process samples for them
+    samples = lambda out: [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    one = {s["id"]: s for s in samples(tmp_path / "one")}
+    two = samples(tmp_path / "two")
+    assert len(one) == 4 and len(two) == 2
+    for row in two:
+        assert row["response"] == one[row["id"]]["response"]
+        assert row["divergence"] == pytest_approx(one[row["id"]]["divergence"])
 
 
 def pytest_approx(value):

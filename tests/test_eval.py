@@ -1,5 +1,5 @@
-"""`opsd eval`: the metric functions on hand-made cases, a tiny-model run end to end, and scoring the
-MATH-500 / GSM8K reference solutions as given responses."""
+"""`opsd eval`: the metric functions on hand-made cases, a tiny-model run end to end, scoring the
+MATH-500 / GSM8K reference solutions as given responses, and re-scoring an evaluation's responses.jsonl."""
 
 import json
 import math
@@ -28,7 +28,7 @@ from opsd.eval import (
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ARITHMETIC = ROOT / "configs/examples/arithmetic.jsonl"
-ROW_KEYS = {"problems", "samples", "mean_at_k", "mean_at_k_stderr", "maj_at_k", "greedy_accuracy",
+ROW_KEYS = {"problems", "samples", "mean_at_k", "mean_at_k_stderr", "pass_at_k", "pass_k", "maj_at_k", "greedy_accuracy",
             "response_tokens_mean", "response_tokens_median", "correct_response_tokens_mean",
             "correct_response_tokens_median", "truncation_rate", "markers_per_1k_tokens", "restated_answers"}
 
@@ -132,7 +132,7 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]
     for row in (first, second):
-        assert set(row) == ROW_KEYS | {"file", "name", "generate_tokens_per_s", "levels"}
+        assert set(row) == ROW_KEYS | {"file", "name", "generate_tokens_per_s", "levels", "tasks"}
         assert row["problems"] == 4 and row["samples"] == 8
         assert 0 <= row["mean_at_k"] <= 1 and row["greedy_accuracy"] is not None
         assert 1 <= row["response_tokens_mean"] <= 8 and 0 <= row["truncation_rate"] <= 1
@@ -140,6 +140,8 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     assert first["levels"] == [] and [lv["level"] for lv in second["levels"]] == ["1", "2"]
     assert all(set(lv) == ROW_KEYS | {"level"} for lv in second["levels"])
     assert "| arithmetic |" in table and "| levels · level 2 |" in table
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 2 * 4 * 2  # every sample of both files; the greedy responses are not samples
     # a second run into the same folder is refused unless overwrite=true
     assert main(["eval", f"data=[{ARITHMETIC}]", f"output_dir={out}"]) == 2
     assert "overwrite=true" in capsys.readouterr().err
@@ -241,6 +243,35 @@ def test_user_mistakes_name_the_file_and_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("opsd: error: ") and "\n" not in err and all(w in err for w in words), err
     assert not (tmp_path / "never").exists()
+
+
+ACCURACY = ("problems", "samples", "mean_at_k", "mean_at_k_stderr", "maj_at_k", "truncation_rate", "restated_answers")
+
+
+def test_responses_file_rescores_to_the_same_accuracy_table(tmp_path, capsys):
+    """eval → responses.jsonl → eval --responses: the same grades and accuracy, overall and per level, on
+    the demo's SFT model (it solves some of its world's problems, not all). Lengths are counted again
+    from the text (the stop token is not in it), so only the accuracy columns are compared."""
+    from opsd import toyworld
+    from opsd.demo import SHIPPED_SFT
+
+    data = toyworld.write_jsonl(toyworld.problem_rows(toyworld.held_out(2)), tmp_path / "heldout.jsonl")
+    common = [f"model.name_or_path={SHIPPED_SFT}", f"data=[{data}]", "device=cpu"]
+    assert main(["eval", *common, "sampling.n=3", "sampling.temperature=1.0", "sampling.max_new_tokens=60",
+                 "instruction=Be concise.", f"output_dir={tmp_path / 'generated'}"]) == 0
+    saved = [json.loads(line) for line in (tmp_path / "generated" / "responses.jsonl").read_text().splitlines()]
+    assert len(saved) == 8 * 3 and {"id", "response", "truncated", "correct", "extracted"} <= set(saved[0])
+    assert 0 < sum(r["correct"] for r in saved) < len(saved)
+    assert main(["eval", *common, "--responses", str(tmp_path / "generated" / "responses.jsonl"),
+                 f"output_dir={tmp_path / 'rescored'}"]) == 0
+    capsys.readouterr()
+    first, again = (json.loads((tmp_path / name / "eval.json").read_text())["benchmarks"][0]
+                    for name in ("generated", "rescored"))
+    assert {k: first[k] for k in ACCURACY} == {k: again[k] for k in ACCURACY}
+    assert [{k: lv[k] for k in ACCURACY} for lv in first["levels"]] == [{k: lv[k] for k in ACCURACY} for lv in again["levels"]]
+    rescored = [json.loads(line) for line in (tmp_path / "rescored" / "responses.jsonl").read_text().splitlines()]
+    keep = lambda rows: [(r["id"], r["response"], r["truncated"], r["correct"], r["extracted"]) for r in rows]  # noqa: E731
+    assert keep(rescored) == keep(saved)
 
 
 def test_responses_flag_is_accepted_anywhere():

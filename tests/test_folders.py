@@ -161,6 +161,9 @@ def test_an_evaluation_written_into_a_run_folder_is_part_of_it(tmp_path):
             "sampling.max_new_tokens=4", "device=cpu", f"model.name_or_path={checkpoint}"]
     assert main([*base, f"output_dir={out / 'eval'}"]) == 0
     assert main([*base, f"output_dir={checkpoint}"]) == 0  # into the checkpoint folder itself
+    # samples.jsonl and the evaluations' responses.jsonl are opsd's own files too
+    assert all((folder / name).is_file() for folder, name in
+               [(out, "samples.jsonl"), (out / "eval", "responses.jsonl"), (checkpoint, "responses.jsonl")])
     assert foreign_entry(out) is None
     plant(out / "eval" / "notes.txt")
     assert foreign_entry(out) == out / "eval" / "notes.txt"

@@ -63,3 +63,23 @@ def test_the_pipeline_shares_the_stages_run_contract(tmp_path, capsys):
     assert "run.steps is set per stage" in capsys.readouterr().err and not out.exists()
     assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "--resume"]) == 2
     assert "run.resume" in capsys.readouterr().err and not out.exists()
+
+
+def test_each_stage_opens_with_a_header_and_its_name_is_on_the_bars(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=2",
+                 "evaluate_start=false", "stages=[{name: warmup, command: sft, config: configs/sft-tiny.yaml, overrides: "
+                 "[data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=1]}, {name: compress, command: distill, "
+                 "config: configs/tiny.yaml, overrides: [run.steps=2, sampling.max_new_tokens=8, run.problems_per_step=2]}]"])
+    assert code == 0
+    err = capsys.readouterr().err
+    headers = [line for line in err.splitlines() if line.startswith("opsd pipeline: stage")]
+    assert headers == [
+        f"opsd pipeline: stage 1/2 'warmup': opsd sft, 1 step from 'start' (builtin:tiny) → {out / 'warmup'}",
+        f"opsd pipeline: stage 2/2 'compress': opsd distill, 2 steps from 'warmup' "
+        f"({out / 'warmup' / 'checkpoints' / 'step_000001'}) → {out / 'compress'}"]
+    frames = err.replace("\n", "\r").split("\r")
+    assert any(f.startswith("warmup:") and "1/1" in f for f in frames)
+    assert any(f.startswith("compress:") and "2/2" in f for f in frames)
+    assert any(f.startswith("eval compress · arithmetic") and "2/2" in f for f in frames)
+    assert err.index(headers[1]) < err.index("compress:")

@@ -1,6 +1,6 @@
 """Crash safety and exact resume: runs killed with SIGKILL at chosen moments (mid-generation, after a
-step, while a checkpoint is being written), started again on their folder, end with the weights
-and metrics of a run that was never interrupted (bitwise: same CPU, one thread, same seeds)."""
+step, while a checkpoint is being written), started again on their folder, end with the weights,
+metrics and saved samples of a run that was never interrupted (bitwise: same CPU, one thread, same seeds)."""
 
 import json
 import os
@@ -81,6 +81,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
     rows = metric_rows(out)
     assert [row["step"] for row in rows] == list(range(1, len(rows) + 1))
     assert rows == metric_rows(reference)
+    if command != "sft":  # the saved rollouts too: the redone steps' rows once, equal to the uninterrupted run's
+        assert (out / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
 
 
 def test_checkpoints_keep_the_last_k_and_leave_no_temporary_folder(uninterrupted):

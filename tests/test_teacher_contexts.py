@@ -117,6 +117,10 @@ def test_memo_run_puts_memos_into_teacher_prompts_and_not_the_student(tmp_path, 
     assert all("A memo you wrote" in text for text in seen["teacher"])
     row = json.loads((out / "metrics.jsonl").read_text())
     assert row["time/memo_s"] > 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["kept"] and isinstance(s["memo"], str) for s in samples)
+    assert all("A memo you wrote" in s["teacher_prompt"] and s["memo"] in s["teacher_prompt"] for s in samples)
+    assert all("A memo you wrote" not in s["prompt"] for s in samples)
 
 
 def test_external_teacher_with_the_same_weights_gives_the_self_teacher_loss(tmp_path):
@@ -144,6 +148,10 @@ def test_purified_run_logs_its_diagnostics(tmp_path):
                  "teacher.context=purified", "loss.kind=jsd", "sampling.max_new_tokens=8", "run.tensorboard=false"]) == 0
     row = json.loads((out / "metrics.jsonl").read_text())
     assert -1.0 <= row["purified/gap_cosine"] <= 1.0 and row["purified/gap_norm_ratio"] >= 0
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])  # the three views: πT, πR, P0
+    problem = sample["prompt"].split("user\n")[1].split("<|im_end|>")[0]
+    assert problem in sample["teacher_prompt"] and problem not in sample["reference_only_prompt"]
+    assert "Here is a reference solution to a problem:" in sample["reference_only_prompt"]
 
 
 def test_chunked_divergence_to_a_linear_teacher_is_the_plain_one():

@@ -13,11 +13,18 @@ filtered distribution's CDF at u[i, t], a uniform drawn up front from a generato
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 
 from opsd.faults import crash_point
 from opsd.generation import Generation, SamplingConfig, stop_ids
 from opsd.models import causal_lm
+
+
+# transformers 5.24 renamed the KV cache's argument and output field `past_key_values` to `cache` (the
+# old name warns there); the sampler speaks whichever name the installed release knows.
+CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 class HFEngine:
@@ -62,7 +69,7 @@ def sample(model: nn.Module, prompts: list[list[int]], config: SamplingConfig, e
     uniform_B_T = uniforms(seeds, config.max_new_tokens).to(device) if config.temperature > 0 else None
 
     out = model(input_ids=ids_B_L, attention_mask=mask_B_L, position_ids=positions_B_L, use_cache=True, logits_to_keep=1)
-    cache, logits_A_V = out.past_key_values, out.logits[:, -1]
+    cache, logits_A_V = getattr(out, CACHE), out.logits[:, -1]
     next_position_A = positions_B_L[:, -1] + 1
     # A = the rows still decoding; `active_A` maps them to rows of the batch
     active_A = torch.arange(batch, device=device)
@@ -88,9 +95,9 @@ def sample(model: nn.Module, prompts: list[list[int]], config: SamplingConfig, e
         mask_B_L = torch.cat([mask_B_L, torch.ones_like(mask_B_L[:, :1])], dim=-1)
         out = model(
             input_ids=token_A[:, None], attention_mask=mask_B_L, position_ids=next_position_A[:, None],
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{CACHE: cache},
         )
-        cache, logits_A_V = out.past_key_values, out.logits[:, -1]
+        cache, logits_A_V = getattr(out, CACHE), out.logits[:, -1]
         next_position_A = next_position_A + 1
 
     tokens_B_T, logprobs_B_T, lengths = tokens_B_T.cpu(), logprobs_B_T.cpu(), lengths_B.tolist()

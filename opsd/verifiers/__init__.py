@@ -5,22 +5,31 @@ rows without one use `verifier.default`. The dispatch on that name happens in `V
 only. A verdict says whether the response is correct, the reward it earns (what `opsd rlvr`
 optimises and `opsd distill`'s gating reads) and the answer that was extracted, for inspection.
 
-Verifiers: `math` (extraction: opsd/verifiers/answer.py; matching: opsd/verifiers/math.py; math-verify
-in a killable worker process: opsd/verifiers/worker.py). Exact-match and sandboxed code execution
-come next.
+Verifiers:
+  math         extraction: opsd/verifiers/answer.py; matching: opsd/verifiers/math.py; math-verify in a
+               killable worker process: opsd/verifiers/worker.py.
+  exact_match  the final answer of a chain of thought against the target, normalised (BBH):
+               opsd/verifiers/exact_match.py.
+  code         the response's code run with the row's `tests` in a sandboxed process (HumanEval):
+               extraction and program in opsd/verifiers/code.py; the sandbox in sandbox.py (trainer
+               side) and confine.py (child side). Needs `verifier.allow_code_execution=true`.
 """
 
 from __future__ import annotations
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from opsd.data import Problem
+from opsd.data import ANSWERLESS_VERIFIERS, Problem
 from opsd.errors import UserError, require
+from opsd.verifiers import code, exact_match
 from opsd.verifiers.answer import extract_answer
+from opsd.verifiers.sandbox import Limits, describe, isolation, run_program
 from opsd.verifiers.worker import Grader
 
-VerifierName = Literal["math"]
+VerifierName = Literal["math", "exact_match", "code"]
 KNOWN = get_args(VerifierName)
 
 
@@ -28,17 +37,24 @@ KNOWN = get_args(VerifierName)
 class VerifierConfig:
     default: VerifierName = "math"  # the verifier of problems whose row names none (`verifier` field)
     timeout_s: float = 5.0  # per-answer limit of the math worker process
+    allow_code_execution: bool = False  # run model-written code (verifier: code rows) in opsd's sandbox (README)
+    code_timeout_s: float = 10.0  # wall-clock limit of one program (prompt + code + tests)
+    code_memory_mb: int = 1024  # address-space limit of each process of a program
+    code_workers: int = 2  # programs run at once
 
 
 def check_verifier(config: VerifierConfig) -> None:
-    require(("verifier.timeout_s", config.timeout_s > 0, "positive"))
+    require(("verifier.timeout_s", config.timeout_s > 0, "positive"),
+            ("verifier.code_timeout_s", config.code_timeout_s > 0, "positive"),
+            ("verifier.code_memory_mb", config.code_memory_mb >= 64, "at least 64"),
+            ("verifier.code_workers", config.code_workers >= 1, "at least 1"))
 
 
 @dataclass(frozen=True)
 class Verdict:
     correct: bool
     reward: float  # 1.0 when correct, else 0.0
-    extracted: str | None  # the final answer found in the response (None: none found)
+    extracted: str | None  # the final answer (code: the code) found in the response (None: none found)
     restated: bool = False  # refused for restating an expression of the problem (math; README grader table)
 
 
@@ -46,33 +62,62 @@ def verifier_of(problem: Problem, default: VerifierName) -> str:
     return problem.extra.get("verifier") or default
 
 
-def check_problems(problems: list[Problem], path: str, default: VerifierName) -> None:
-    """Refuse a data file whose rows name a verifier opsd does not have, before any work starts."""
+def gradable(problem: Problem, default: VerifierName) -> bool:
+    """Whether a verdict on `problem` means something: it has a gold answer or needs none (code)."""
+    return bool(problem.answer) or verifier_of(problem, default) in ANSWERLESS_VERIFIERS
+
+
+def check_problems(problems: list[Problem], path: str, verifier: VerifierConfig, option: str = "verifier") -> None:
+    """Refuse, before any work starts, a data file whose rows name a verifier opsd does not have,
+    code rows without their tests, and code rows when running model-written code was not allowed
+    (`option` names the config section in the message)."""
     for problem in problems:
-        name = verifier_of(problem, default)
+        name = verifier_of(problem, verifier.default)
         if name not in KNOWN:
             raise UserError(f"data file {path}: problem '{problem.id}' asks for verifier '{name}', which opsd does not "
                             f"have (known: {', '.join(KNOWN)})")
+        if name != "code":
+            continue
+        if not verifier.allow_code_execution:
+            raise UserError(f"data file {path}: problem '{problem.id}' is graded by running model-written code; set "
+                            f"{option}.allow_code_execution=true to run it in opsd's sandbox (README: the code sandbox)")
+        for field in ("tests", "entry_point"):
+            if not isinstance(problem.extra.get(field), str) or not problem.extra[field].strip():
+                raise UserError(f"data file {path}: problem '{problem.id}' (verifier code) has no '{field}' text")
 
 
 class Verifiers:
     """Grades responses, each by its problem's verifier. A context manager: it owns worker processes."""
 
     def __init__(self, config: VerifierConfig = VerifierConfig()):
+        self.config = config
         self.default = config.default
         self.math = Grader(timeout_s=config.timeout_s)
+        self.limits = Limits(timeout_s=config.code_timeout_s, memory_mb=config.code_memory_mb)
+        self.code_timeouts = 0  # programs stopped at verifier.code_timeout_s
+        self.sandbox_errors = 0  # programs the sandbox itself failed to run
+        self._sandbox_checked = False
 
     def verify(self, responses: list[str], problems: list[Problem]) -> list[Verdict]:
         if len(responses) != len(problems):
             raise ValueError(f"{len(responses)} responses but {len(problems)} problems")
-        verdicts = []
-        for response, problem in zip(responses, problems):
+        verdicts: list[Verdict | None] = [None] * len(responses)
+        code_rows = []
+        for index, (response, problem) in enumerate(zip(responses, problems)):
             name = verifier_of(problem, self.default)
             if name == "math":
-                verdicts.append(self._math(response, problem))
+                verdicts[index] = self._math(response, problem)
+            elif name == "exact_match":
+                verdicts[index] = self._exact_match(response, problem)
+            elif name == "code":
+                code_rows.append(index)  # run together below, `code_workers` at a time
             else:
                 raise ValueError(f"unknown verifier {name!r}")
-        return verdicts
+        if code_rows:
+            graded = self._code([responses[i] for i in code_rows], [problems[i] for i in code_rows])
+            for index, verdict in zip(code_rows, graded):
+                verdicts[index] = verdict
+        return [v for v in verdicts if v is not None]
 
     def _math(self, response: str, problem: Problem) -> Verdict:
         if not problem.answer:
@@ -81,9 +126,40 @@ class Verifiers:
         correct = self.math.grade_one(response, problem.answer, problem.problem)
         return Verdict(correct, float(correct), extract_answer(response), restated=self.math.restated > before)
 
+    @staticmethod
+    def _exact_match(response: str, problem: Problem) -> Verdict:
+        extracted = exact_match.extract_final_answer(response)
+        correct = problem.answer is not None and exact_match.answers_match(extracted, problem.answer, problem.problem)
+        return Verdict(correct, float(correct), extracted)
+
+    def _code(self, responses: list[str], problems: list[Problem]) -> list[Verdict]:
+        self._check_sandbox()
+        codes = [code.extract_code(r, p.extra["entry_point"]) for r, p in zip(responses, problems)]
+        programs = [code.program_for(p.problem, c, p.extra["tests"], p.extra["entry_point"])
+                    for c, p in zip(codes, problems)]
+        with ThreadPoolExecutor(max_workers=self.config.code_workers) as pool:
+            outcomes = list(pool.map(lambda program: run_program(program, self.limits), programs))
+        self.code_timeouts += sum(o.status == "timeout" for o in outcomes)
+        self.sandbox_errors += sum(o.status == "error" for o in outcomes)
+        return [Verdict(o.passed, float(o.passed), c or None) for o, c in zip(outcomes, codes)]
+
+    def _check_sandbox(self) -> None:
+        """Before the first program: refuse without the opt-in, say once what confines programs here."""
+        if self._sandbox_checked:
+            return
+        if not self.config.allow_code_execution:
+            raise UserError("grading code rows runs model-written code; set verifier.allow_code_execution=true")
+        layers = isolation()
+        if not layers.get("works"):
+            raise UserError(describe(layers))
+        print(f"opsd: code sandbox: {describe(layers)}", file=sys.stderr)
+        self._sandbox_checked = True
+
     def counters(self) -> dict[str, int]:
-        """Events of the math verifier so far: answers that timed out, worker crashes, restatements refused."""
-        return {"timeouts": self.math.timeouts, "crashes": self.math.crashes, "restated": self.math.restated}
+        """Events so far: math answers that timed out, math worker crashes, restatements refused,
+        programs stopped at their time limit, programs the sandbox failed to run."""
+        return {"timeouts": self.math.timeouts, "crashes": self.math.crashes, "restated": self.math.restated,
+                "code_timeouts": self.code_timeouts, "sandbox_errors": self.sandbox_errors}
 
     def close(self) -> None:
         self.math.close()

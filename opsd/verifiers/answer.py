@@ -84,7 +84,7 @@ _PHRASE_CONTEXT = re.compile(
 )
 
 
-def _final_text(response: str) -> str:
+def final_text(response: str) -> str:
     """The graded part of a response: the text after the last `</think>`, cut at an unclosed
     `<think>` (a response that never closes its thinking states no answer)."""
     end = response.rfind(_THINK_CLOSE)
@@ -345,14 +345,14 @@ def _phrases(lower: str) -> list[int]:
 def extract_answer(response: str) -> str | None:
     """The response's final answer, or None.
 
-    Only `_final_text` (after the last `</think>`) is read. Candidates: the last `\\boxed{}`/
+    Only `final_text` (after the last `</think>`) is read. Candidates: the last `\\boxed{}`/
     `\\fbox{}`, each `Answer:`/`Final Answer:` line, each "the (final) answer is X" statement
     and each GSM8K `#### N`; the one starting last in the text wins. A candidate stating no
     clean answer (hedged, ambiguous, empty) is skipped in favour of the one before it.
     """
     if not isinstance(response, str) or not response:
         return None
-    text = _final_text(response)
+    text = final_text(response)
     if not text:
         return None
     lower = text.translate(_ASCII_LOWER)  # ASCII-only lowering keeps indices aligned

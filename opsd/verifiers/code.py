@@ -1,0 +1,60 @@
+"""The code verifier (HumanEval): does the response's code pass the problem's tests?
+
+Extraction (`extract_code`), on the text after the last `</think>`: of the fenced blocks
+(```python, ```py, ```python3 or a bare ```; an unclosed last fence runs to the end), the last one
+that defines the entry point, else the last one; without a fenced block, the raw response (a
+completion of the prompt), cut before a top-level `if __name__`, `print(`, `assert ` or fence.
+
+The program (`program_for`), as HumanEval runs it: when the code defines `def <entry_point>(` at
+the top level it is a full function, and it replaces the prompt's stub (the prompt's imports and
+helper functions before the stub are kept); otherwise it is the body completing the prompt
+(indented by four spaces when written flush left). Then the row's `tests` (which define
+`check(candidate)`) and `check(<entry_point>)`. The program runs in the sandbox
+(opsd/verifiers/sandbox.py); the response is correct when the program runs to its end.
+"""
+
+from __future__ import annotations
+
+import re
+
+from opsd.verifiers.answer import final_text
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```|\Z)", re.DOTALL | re.MULTILINE)
+_PYTHON_FENCES = ("", "python", "py", "python3")
+_RAW_END = re.compile(r"^(?:if\s+__name__|print\(|assert\s|```)", re.MULTILINE)
+
+
+def defines(code: str, entry_point: str) -> bool:
+    """Whether `code` defines the function `entry_point` at its top level."""
+    return re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE) is not None
+
+
+def extract_code(response: str, entry_point: str) -> str:
+    """The code of a response (see the module docstring); "" when there is none."""
+    text = final_text(response) if isinstance(response, str) else ""
+    blocks = [m.group(2) for m in _FENCE.finditer(text) if m.group(1).lower() in _PYTHON_FENCES]
+    if blocks:
+        defining = [block for block in blocks if defines(block, entry_point)]
+        return (defining or blocks)[-1]
+    if defines(text, entry_point):
+        return text
+    end = _RAW_END.search(text)
+    return text[: end.start()] if end else text
+
+
+def _as_body(code: str) -> str:
+    lines = code.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if first and not first[0].isspace():
+        lines = [f"    {line}" if line.strip() else line for line in lines]
+    return "\n".join(lines) + "\n"
+
+
+def program_for(prompt: str, code: str, tests: str, entry_point: str) -> str:
+    """The program that passes when `code` solves the problem (see the module docstring)."""
+    if defines(code, entry_point):
+        stub = re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", prompt, re.MULTILINE)
+        head = (prompt[: stub.start()] if stub else prompt) + "\n" + code
+    else:
+        head = prompt + _as_body(code)
+    return f"{head}\n\n{tests}\n\ncheck({entry_point})\n"
