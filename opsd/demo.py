@@ -5,12 +5,12 @@ operations (1–4). The model: a 0.8M-parameter Llama with a character-level tok
 scratch by `opsd sft` to think verbosely by default (restating, checking each step, detours,
 self-corrections) and to answer concisely after "Be concise.". The shipped SFT checkpoint
 (opsd/assets/toyworld-sft) was made by `opsd demo --from-scratch`; the demo starts from it, then runs
-RLVR (GRPO/DAPO) and OPSD (the concise teacher, correct-only gating, reverse KL) and evaluates every
+RLVR (GRPO/DAPO) and OPSD (the concise teacher, correct-only gating, forward KL) and evaluates every
 checkpoint on 200 held-out problems (50 per level), printing the stage table.
 
-    opsd demo                 # shipped SFT → RLVR → OPSD, about 10 minutes on 2 cores
+    opsd demo                 # shipped SFT → RLVR → OPSD, README: its measured time
     opsd demo --ablation      # + OPSD with gating all / incorrect_only from the same RLVR checkpoint
-    opsd demo --quick         # a 2-minute smoke run of every stage (tests use it)
+    opsd demo --quick         # two steps of every stage, a smoke run (tests use it)
     opsd demo --from-scratch  # re-run SFT from random weights first (see README for its time)
 """
 
