@@ -10,7 +10,8 @@ forward under bf16 autocast, as `opsd distill` runs on a GPU.
 
 MFU counts 2·P·T FLOPs for the teacher forward and 6·P·T for the student forward and backward (P
 parameters, T tokens of prompt ‖ response per side), over the time of the teacher and student
-passes (the optimizer step is timed apart), against the device's dense bf16 peak.
+passes and the divergence (the optimizer step is timed apart), against the device's dense bf16 peak.
+The functions here are also what benchmarks/gpu_suite.py runs (there against a measured matmul peak).
 
     python benchmarks/gpu_step.py               # CUDA: Qwen3-1.7B shape, 4 responses of 4096 tokens
     python benchmarks/gpu_step.py --small       # CPU: a small model; the GPU figures print "not measured"
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,10 +43,24 @@ SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_at
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
 
+@dataclass(frozen=True)
+class StepSizes:
+    micro_batches: int = 4  # micro-batches per optimizer step
+    per_micro: int = 1  # responses per micro-batch
+    prompt_tokens: int = 256  # the student's prompt
+    context_tokens: int = 512  # reference solution in the teacher prompt, before the prompt
+    response_tokens: int = 4096  # every response
+    warmup: int = 1  # steps run before the measured ones
+    steps: int = 2  # measured steps (times are their means)
+    gradient_checkpointing: bool = False
+
+
 def build_model(shape: dict, device: torch.device) -> Qwen3ForCausalLM:
+    """A randomly initialised Qwen3 of `shape`, float32, initialised directly on `device`."""
     torch.manual_seed(0)
     config = Qwen3Config(**shape, max_position_embeddings=32_768, attn_implementation="sdpa")
-    return Qwen3ForCausalLM(config).to(device)
+    with torch.device(device):  # a 1.7B model initialised on the CPU would take longer than its whole benchmark
+        return Qwen3ForCausalLM(config)
 
 
 def naive_reverse_kl(hidden_s, head, hidden_t, head_t, weight_N):
@@ -55,15 +71,18 @@ def naive_reverse_kl(hidden_s, head, hidden_t, head_t, weight_N):
 
 
 def distill_step(model, teacher, batches, divergence: str, device, gradient_checkpointing: bool) -> dict:
-    """One optimizer step's teacher and student passes over the micro-batches; times and tokens."""
+    """One optimizer step's teacher and student passes over the micro-batches; times and tokens.
+
+    "divergence" is the time of the divergence's forward call. Ours takes its gradient there (its
+    backward only hands it over); the naive one's backward runs inside the student's backward."""
     backbone = Backbone(model)
     head = output_head(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    times = {"teacher": 0.0, "student": 0.0}
+    times = {"teacher": 0.0, "student": 0.0, "divergence": 0.0}
     tokens = {"teacher": 0, "student": 0}
     responses_total = sum(len(r) for _, _, rs in batches for r in rs)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     for student_prompts, teacher_prompts, responses in batches:
         started = _now(device)
         packed_t = pack(teacher_prompts, responses, 0, device)
@@ -76,18 +95,21 @@ def distill_step(model, teacher, batches, divergence: str, device, gradient_chec
         with autocast:
             hidden_s = response_hidden(backbone, packed_s)
         weight_N = torch.full_like(packed_s.targets_N, 1.0 / responses_total, dtype=torch.float32)
-        if divergence == "ours":
+        forward_done = _now(device)
+        if divergence == "ours":  # outside autocast, as opsd/distill.py calls it
             loss = chunked_divergence(hidden_s, head, hidden_t, teacher.head(), weight_N, packed_s.targets_N,
                                       kind="reverse_kl").loss
         else:
             with autocast:
                 loss = naive_reverse_kl(hidden_s, head, hidden_t, teacher.head(), weight_N)
+        divergence_done = _now(device)
         loss.backward()
-        times["student"] += _now(device) - started
+        times["student"] += (forward_done - started) + (_now(device) - divergence_done)
+        times["divergence"] += divergence_done - forward_done
         tokens["teacher"] += int(packed_t.attention_mask_B_L.sum())
         tokens["student"] += int(packed_s.attention_mask_B_L.sum())
         del hidden_t, hidden_s, loss
-    model.gradient_checkpointing_disable()
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     return {"times": times, "tokens": tokens}
 
 
@@ -108,29 +130,32 @@ def make_batches(vocab: int, micro_batches: int, per_micro: int, prompt_len: int
     return batches
 
 
-def measure_step(args, device, divergence: str) -> dict:
-    model = build_model(SMALL if args.small else QWEN3_1_7B, device)
+def measure_step(shape: dict, sizes: StepSizes, device: torch.device, divergence: str) -> dict:
+    """Mean times of `sizes.steps` optimizer steps after `sizes.warmup`, FLOPs by the 2·P·T + 6·P·T
+    count, and the peak GPU memory (NaN on the CPU) of model, optimizer and step together."""
+    model = build_model(shape, device)
     params = sum(p.numel() for p in model.parameters())
     teacher = TeacherWeightsState(model, TeacherWeightsConfig("frozen"), uses_lora=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
-    batches = make_batches(model.config.vocab_size, args.micro_batches, args.per_micro, args.prompt_tokens,
-                           args.context_tokens, args.response_tokens)
+    batches = make_batches(model.config.vocab_size, sizes.micro_batches, sizes.per_micro, sizes.prompt_tokens,
+                           sizes.context_tokens, sizes.response_tokens)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     results = []
-    for _ in range(args.warmup + args.steps):
-        result = distill_step(model, teacher, batches, divergence, device, args.gradient_checkpointing)
+    for _ in range(sizes.warmup + sizes.steps):
+        result = distill_step(model, teacher, batches, divergence, device, sizes.gradient_checkpointing)
         started = _now(device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result["times"]["optimizer"] = _now(device) - started
         results.append(result)
-    measured = results[args.warmup:]
+    measured = results[sizes.warmup:]
     mean = lambda key: sum(r["times"][key] for r in measured) / len(measured)  # noqa: E731
     tokens = measured[0]["tokens"]
     flops = 2 * params * tokens["teacher"] + 6 * params * tokens["student"]
     out = {"params": params, "teacher_s": mean("teacher"), "student_s": mean("student"),
-           "optimizer_s": mean("optimizer"), "flops": flops,
+           "divergence_s": mean("divergence"), "optimizer_s": mean("optimizer"), "flops": flops,
+           "teacher_tokens": tokens["teacher"], "student_tokens": tokens["student"],
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
     del model, teacher, optimizer
     if device.type == "cuda":
@@ -138,21 +163,35 @@ def measure_step(args, device, divergence: str) -> dict:
     return out
 
 
-def measure_generation(args, device) -> float:
-    model = build_model(SMALL if args.small else QWEN3_1_7B, device).eval()
+def generation_speed(model, device: torch.device, batch: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Tokens/s of opsd's hf sampler decoding `batch` random prompts to exactly `new_tokens` tokens each
+    (no stop token), under bf16 autocast on a GPU as in training."""
     g = torch.Generator().manual_seed(2)
-    prompts = torch.randint(1, model.config.vocab_size, (args.gen_batch, args.prompt_tokens), generator=g).tolist()
-    config = SamplingConfig(temperature=1.0, max_new_tokens=args.gen_tokens, batch_size=args.gen_batch)
+    prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
+    config = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens, batch_size=batch)
     seeds = list(range(len(prompts)))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         sample(model, prompts[:2], SamplingConfig(max_new_tokens=8, batch_size=2), [], 0, seeds[:2])  # warm-up
         started = _now(device)
         results = sample(model, prompts, config, [], 0, seeds)  # no stop token: every row runs to the budget
         seconds = _now(device) - started
-    return sum(len(g.response_ids) for g in results) / seconds
+    tokens = sum(len(g.response_ids) for g in results)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def matmul_tflops(device: torch.device, n: int, repeats: int) -> float:
+    """Measured dense bf16 throughput of an [n × n] @ [n × n] product repeated `repeats` times."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(2):  # warm-up: library initialisation and kernel choice
+        a @ b
+    started = _now(device)
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (_now(device) - started) / 1e12
 
 
 def peak_tflops(device: torch.device) -> float | None:
+    """The datasheet's dense bf16 peak of known devices (None elsewhere)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -184,14 +223,19 @@ def main() -> None:
     print(f"device {name}; model {'small' if args.small else 'Qwen3-1.7B shape'}, random weights; "
           f"{args.micro_batches} micro-batches x {args.per_micro} responses of {args.response_tokens} tokens")
 
-    ours, naive = measure_step(args, device, "ours"), measure_step(args, device, "naive")
-    generate_tps = measure_generation(args, device)
+    shape = SMALL if args.small else QWEN3_1_7B
+    sizes = StepSizes(args.micro_batches, args.per_micro, args.prompt_tokens, args.context_tokens, args.response_tokens,
+                      args.warmup, args.steps, args.gradient_checkpointing)
+    ours, naive = measure_step(shape, sizes, device, "ours"), measure_step(shape, sizes, device, "naive")
+    generate_tps = generation_speed(build_model(shape, device).eval(), device, args.gen_batch, args.prompt_tokens,
+                                    args.gen_tokens)["tokens_per_s"]
     peak = peak_tflops(device)
-    train_s = ours["teacher_s"] + ours["student_s"]
+    train_s = ours["teacher_s"] + ours["student_s"] + ours["divergence_s"]
     print(f"parameters {ours['params'] / 1e9:.3f} B; FLOPs per step {ours['flops'] / 1e12:.1f} T")
     for label, r in (("ours", ours), ("naive", naive)):
         print(f"{label:<6} teacher {r['teacher_s']:.2f} s  student {r['student_s']:.2f} s  "
-              f"optimizer {r['optimizer_s']:.2f} s  peak GPU memory {r['peak_gib']:.1f} GiB")
+              f"divergence {r['divergence_s']:.2f} s  optimizer {r['optimizer_s']:.2f} s  "
+              f"peak GPU memory {r['peak_gib']:.1f} GiB")
     achieved = ours["flops"] / train_s / 1e12
     mfu = f"{achieved / peak:.3f}" if peak else "not_measured"
     print(f"achieved {achieved:.2f} TFLOP/s; MFU {mfu}; generation {generate_tps:.0f} tokens/s")

@@ -24,6 +24,7 @@ the step and TRL's a mean of per-sequence means (same work).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -179,9 +180,7 @@ def main() -> None:
         run = run_ours if args.child == "ours" else run_trl
         print(json.dumps(run(Path(args.workdir), args.steps, args.threads)))
         return
-    try:
-        import trl  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed in this environment; see the command at the top of this script")
     workdir = Path(tempfile.mkdtemp(prefix="opsd-vs-trl-"))
     build_inputs(workdir)
