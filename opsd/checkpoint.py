@@ -3,34 +3,89 @@
 A checkpoint folder is written under a temporary name, flushed to disk and renamed into place, so a
 reader never sees half a checkpoint and a crash while writing leaves the previous ones intact. LoRA
 runs are saved merged: the folder loads with `AutoModelForCausalLM.from_pretrained` as is, like any
-other. Next to the weights, training_state.pt holds what a run needs to continue exactly: the step,
-the optimizer state, the skip counters and (LoRA) the adapters; teacher.safetensors holds the
-teacher's weight snapshot. The data order and the sampling seeds are functions of (seed, step),
-so they need no state. opsd_checkpoint.json lists the folder's files: pruning deletes a checkpoint
-only when it holds nothing else. Which checkpoint a run continues from: opsd/runs.py.
+other. The weights are saved in the start model's dtype (`StartModel`): a bf16 model is trained on
+float32 master weights, which go into training_state.pt only when they differ from the saved ones.
+Next to the weights, training_state.pt holds what a run needs to continue exactly: the step, the
+optimizer state, the skip counters, (LoRA) the adapters and those master weights; teacher.safetensors
+holds a refresh or EMA teacher's snapshot. A frozen teacher (and LoRA's base) is the start model
+itself: the checkpoint records its path and fingerprint instead of a copy, and a resumed run rebuilds
+it from there, refusing when it changed. The data order and the sampling seeds are functions of
+(seed, step), so they need no state. opsd_checkpoint.json lists the folder's files: pruning deletes
+a checkpoint, or with `run.keep_weights` only its resume files, only when it holds nothing else.
+Which checkpoint a run continues from: opsd/runs.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from opsd.errors import UserError
 from opsd.faults import crash_point
-from opsd.folders import CHECKPOINT_INFO, checkpoint_step, foreign_checkpoint, remove_partial_checkpoint
-from opsd.models import causal_lm
+from opsd.folders import (CHECKPOINT_INFO, CHECKPOINT_INFO_TMP, checkpoint_step, foreign_checkpoint,
+                          remove_partial_checkpoint)
+from opsd.models import BUILTIN_TINY, ModelConfig, causal_lm
 from opsd.runs import TRAINING_STATE, RunConfig
 from opsd.training import new_progress
 
+TEACHER_FILE = "teacher.safetensors"
+RESUME_FILES = (TRAINING_STATE, TEACHER_FILE)  # what only resuming needs; the training state first: without it
+# a folder is no resume point (runs.latest_checkpoint), so a prune cut short never leaves a half resume point
+
+
+@dataclass(frozen=True)
+class StartModel:
+    """What a run's checkpoints need from the model it started from (built once, before any step)."""
+
+    path: str  # model.name_or_path
+    dtype: torch.dtype  # the checkpoints' weights are saved in it: the stored dtype, or the loaded one when narrower
+    sha256: str  # fingerprint of what a resumed run rebuilds from it (frozen teacher, LoRA base); "" when nothing
+
+
+def start_model(config: ModelConfig, model: nn.Module,
+                frozen_teacher: dict[str, torch.Tensor] | None = None) -> StartModel:
+    """The start model `config`, loaded as `model` before any step or restore. A resumed run takes
+    from it, not from the checkpoint, LoRA's base weights (the frozen teacher too, with LoRA) and
+    `frozen_teacher`, the snapshot of a frozen teacher (= the start model's weights): their
+    fingerprint is recorded in every checkpoint, so that a resume from changed weights is refused."""
+    loaded = causal_lm(model).dtype
+    dtype = _stored_dtype(config) if loaded == torch.float32 else loaded
+    rebuilt = {f"base/{n}": p for n, p in model.named_parameters() if not p.requires_grad}
+    rebuilt.update({f"teacher/{n}": t for n, t in (frozen_teacher or {}).items()})
+    return StartModel(config.name_or_path, dtype, fingerprint(rebuilt) if rebuilt else "")
+
+
+def _stored_dtype(config: ModelConfig) -> torch.dtype:
+    """The dtype the start model's weights are stored in (its config.json); float32 for builtin:tiny
+    and when it names none. Training upcasts them to float32 (models.resolve_dtype): saving that copy
+    would double a bf16 model on disk without adding anything a user of the weights needs."""
+    if config.name_or_path == BUILTIN_TINY:
+        return torch.float32
+    stored = AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code).dtype
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `tensors`: equal exactly when all are
+    bitwise equal. One pass over the weights (~1.5 GB/s on one core)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def checkpoint_due(step: int, steps: int, every: int) -> bool:
@@ -41,10 +96,11 @@ def checkpoint_due(step: int, steps: int, every: int) -> bool:
 def save_checkpoint(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, info: dict[str, Any],
     teacher_state: dict[str, torch.Tensor] | None = None, training_state: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `folder` atomically: model (merged if LoRA), tokenizer, opsd_checkpoint.json, the
-    teacher's weight snapshot (teacher.safetensors, names as in `model.named_parameters()`) and the
-    training state. Everything is flushed to disk before the rename."""
+    """Write `folder` atomically: model (merged if LoRA; in `dtype`, None: as trained), tokenizer,
+    opsd_checkpoint.json, the teacher's weight snapshot (teacher.safetensors, names as in
+    `model.named_parameters()`) and the training state. Everything is flushed to disk before the rename."""
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists() or tmp.is_symlink():
         remove_partial_checkpoint(tmp)
@@ -52,10 +108,14 @@ def save_checkpoint(
     # written first, so that an interrupted write is recognisable as ours (and only then deleted)
     (tmp / CHECKPOINT_INFO).write_text(json.dumps({**info, "partial": True}), encoding="utf-8")
     base = causal_lm(model)
-    base.save_pretrained(tmp, state_dict=_merged_state_dict(model), safe_serialization=True)
+    base.save_pretrained(tmp, state_dict=_cast(_merged_state_dict(model), dtype), safe_serialization=True)
+    if dtype is not None:  # save_pretrained writes the dtype of the live (float32) weights
+        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(tmp)
     if teacher_state:
-        save_file(teacher_state, str(tmp / "teacher.safetensors"))
+        save_file(teacher_state, str(tmp / TEACHER_FILE))
     if training_state is not None:
         torch.save(training_state, tmp / TRAINING_STATE)
     files = sorted(p.name for p in tmp.iterdir() if p.name != CHECKPOINT_INFO)  # what a later prune may delete
@@ -75,19 +135,23 @@ def save_checkpoint(
 
 def save_run_checkpoint(run_dir: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                         optimizer: torch.optim.Optimizer, progress: dict[str, int], info: dict[str, Any],
-                        keep_last: int, teacher_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """The checkpoint of step `progress["step"]` with all a run needs to continue; then all but the
-    `keep_last` latest checkpoints are deleted (0 keeps all)."""
+                        run: RunConfig, start: StartModel,
+                        teacher_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """The checkpoint of step `progress["step"]` with all a run needs to continue (weights in the
+    start model's dtype); then older checkpoints are pruned (`run.keep_last`, `run.keep_weights`)."""
     step = progress["step"]
-    folder = save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}", {"step": step, **info},
-                             teacher_state, training_state(model, optimizer, progress))
-    prune_checkpoints(run_dir, keep_last)
+    record = {"start_model": {"path": start.path, "sha256": start.sha256}} if start.sha256 else {}
+    folder = save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}",
+                             {"step": step, **info, **record}, teacher_state,
+                             training_state(model, optimizer, progress, start.dtype), start.dtype)
+    prune_checkpoints(run_dir, run.keep_last, run.keep_weights)
     return folder
 
 
 def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_row: int, model: nn.Module,
                        tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer, progress: dict[str, int],
-                       stage: str, teacher_state: dict[str, torch.Tensor] | None = None, why_empty: str = "") -> None:
+                       stage: str, start: StartModel, teacher_state: dict[str, torch.Tensor] | None = None,
+                       why_empty: str = "") -> None:
     """After a step: its checkpoint when due (rank 0), and a checkpoint and a stop when
     `max_skipped_in_a_row` non-finite steps in a row (optim.max_skipped_in_a_row) or
     `run.max_empty_steps_in_a_row` steps with nothing to train on (`why_empty` says why) have passed."""
@@ -96,8 +160,7 @@ def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_ro
     stop = progress["skipped_in_a_row"] >= max_skipped_in_a_row or empty
     step = progress["step"]
     if run_dir is not None and (stop or checkpoint_due(step, run.steps, run.save_every)):
-        save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run.keep_last,
-                            teacher_state)
+        save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run, start, teacher_state)
     if empty:
         raise UserError(f"training stopped after step {step}: {progress['empty_in_a_row']} steps in a row had nothing "
                         f"to train on ({why_empty}; run.max_empty_steps_in_a_row={run.max_empty_steps_in_a_row}); "
@@ -116,26 +179,49 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the `keep_last` checkpoints (step_N folders) of the highest steps (0 keeps
-    all). One holding a file opsd did not write (or written by an opsd that did not list its files)
-    is kept, with a warning: opsd deletes only what it wrote. Other names are never touched."""
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_weights: bool = False) -> None:
+    """Of all but the `keep_last` checkpoints (step_N folders) of the highest steps (0 keeps all),
+    delete the folder, or with `keep_weights` only its resume files: what stays is a Hugging Face
+    folder that a later stage or `opsd eval` loads and a resume never picks. One holding a file opsd
+    did not write (or written by an opsd that did not list its files) is kept, with a warning: opsd
+    deletes only what it wrote. Other names are never touched."""
     folders = sorted((f for f in (run_dir / "checkpoints").iterdir() if checkpoint_step(f) is not None),
                      key=checkpoint_step)
     for folder in folders[:-keep_last] if keep_last > 0 else []:
         foreign = foreign_checkpoint(folder)
-        if foreign is None:
-            shutil.rmtree(folder)
-        else:
+        if foreign is not None:
             print(f"opsd: warning: kept {folder} past run.keep_last: opsd did not write {foreign.name} (or it "
                   "predates opsd's file lists)", file=sys.stderr)
+        elif not keep_weights:
+            shutil.rmtree(folder)
+        elif any((folder / name).exists() for name in RESUME_FILES):
+            _drop_resume_files(folder)
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int]) -> dict[str, Any]:
-    """What training_state.pt holds: `progress` (step and counters), the optimizer state and, for
-    LoRA runs (whose saved weights are merged), the adapters themselves."""
-    adapters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad} if _is_peft(model) else {}
-    return {**progress, "optimizer": optimizer.state_dict(), "adapters": adapters}
+def _drop_resume_files(folder: Path) -> None:
+    """Delete the training state and teacher snapshot of checkpoint `folder` and take them off its
+    file list (written aside and renamed), so the list keeps naming exactly what opsd wrote there."""
+    for name in RESUME_FILES:
+        (folder / name).unlink(missing_ok=True)
+    info = _read_info(folder)  # readable: foreign_checkpoint checked it
+    info["files"] = [name for name in info.get("files", []) if name not in RESUME_FILES]
+    (folder / CHECKPOINT_INFO_TMP).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    (folder / CHECKPOINT_INFO_TMP).replace(folder / CHECKPOINT_INFO)
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int],
+                   weights_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """What training_state.pt holds: `progress` (step and counters), the optimizer state, for LoRA
+    runs (whose saved weights are merged) the adapters themselves, and, when the weights are saved in
+    `weights_dtype` other than the trained one (a bf16 model trained on float32), the trained
+    weights: continuing from the rounded ones would not be the same run."""
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if _is_peft(model):
+        return {**progress, "optimizer": optimizer.state_dict(), "adapters": trained}
+    state = {**progress, "optimizer": optimizer.state_dict(), "adapters": {}}
+    if weights_dtype is not None and any(p.dtype != weights_dtype for p in trained.values()):
+        state["master_weights"] = trained
+    return state
 
 
 def _load_state(checkpoint: Path, device) -> dict[str, Any]:
@@ -147,23 +233,51 @@ def _load_state(checkpoint: Path, device) -> dict[str, Any]:
         raise UserError(f"checkpoint {checkpoint} has an unreadable {TRAINING_STATE} ({message})") from None
 
 
-def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher=None) -> dict[str, int]:
-    """Load weights, optimizer state and teacher snapshot of `checkpoint` into a freshly built run;
-    return its progress (step and counters). The state file is read with the tensors-only loader."""
+def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, start: StartModel,
+            teacher=None) -> dict[str, int]:
+    """Load weights, optimizer state and teacher snapshot of `checkpoint` into a run freshly built
+    from `start`, after checking that what it rebuilds from `start` is what the run had; return its
+    progress (step and counters). The state file is read with the tensors-only loader."""
+    recorded = _read_info(checkpoint).get("start_model")
+    if isinstance(recorded, dict) and recorded.get("sha256") != start.sha256:
+        raise UserError(f"{checkpoint} cannot be resumed: its run takes weights it never saved (a frozen teacher, "
+                        f"LoRA's base) from the start model {recorded.get('path')}, which has changed since "
+                        f"(sha256 {str(recorded.get('sha256'))[:12]} then, {start.sha256[:12]} now); put that model "
+                        "back or start a new run (run.overwrite=true)")
     device = next(model.parameters()).device
     state = _load_state(checkpoint, device)
-    with torch.no_grad():
-        if _is_peft(model):
-            params = dict(model.named_parameters())
-            for name, value in state["adapters"].items():
-                params[name].copy_(value)
-        else:
-            _load_weights(causal_lm(model), checkpoint)
+    if _is_peft(model):
+        _copy_into(model, state["adapters"], checkpoint)
+    elif "master_weights" in state:  # the weights were saved rounded to the start model's dtype
+        _copy_into(model, state["master_weights"], checkpoint)
+    else:
+        _load_weights(causal_lm(model), checkpoint)
     optimizer.load_state_dict(state["optimizer"])
-    if teacher is not None and (checkpoint / "teacher.safetensors").is_file():
-        teacher.load_state_dict(load_file(str(checkpoint / "teacher.safetensors"), device=str(device)))
+    if teacher is not None and (checkpoint / TEACHER_FILE).is_file():
+        teacher.load_state_dict(load_file(str(checkpoint / TEACHER_FILE), device=str(device)))
     # counters a checkpoint of an earlier version does not hold start from zero
-    return {**new_progress(), **{k: v for k, v in state.items() if k not in ("optimizer", "adapters")}}
+    tensors = ("optimizer", "adapters", "master_weights")
+    return {**new_progress(), **{k: v for k, v in state.items() if k not in tensors}}
+
+
+def _read_info(checkpoint: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((checkpoint / CHECKPOINT_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+@torch.no_grad()
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Copy saved trained tensors (adapters, master weights) into the parameters of the same names."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if tensors.keys() != params.keys():
+        name = sorted(tensors.keys() ^ params.keys())[0]
+        raise UserError(f"checkpoint {checkpoint} does not match the model "
+                        f"({name} is {'unexpected' if name in tensors else 'missing'})")
+    for name, value in tensors.items():
+        params[name].copy_(value)
 
 
 @torch.no_grad()
@@ -183,6 +297,19 @@ def _load_weights(model: nn.Module, checkpoint: Path) -> None:
 
 def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "get_base_model")
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`state` with its floating tensors in `dtype` (None: unchanged). Tied tensors (one storage
+    under two names) stay one tensor, which save_pretrained writes once."""
+    if dtype is None:
+        return state
+    cast: dict[tuple, torch.Tensor] = {}
+    key = lambda value: (value.data_ptr(), value.dtype, value.shape, value.stride())  # noqa: E731
+    for value in state.values():
+        if key(value) not in cast:
+            cast[key(value)] = value.to(dtype) if value.is_floating_point() else value
+    return {name: cast[key(value)] for name, value in state.items()}
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_or_stop, restore
+from opsd.checkpoint import checkpoint_or_stop, restore, start_model
 from opsd.config import to_dict
 from opsd.data import Fields, Problem, load_problems
 from opsd.divergence import DivergenceKind, Estimator, chunked_divergence_to
@@ -185,8 +185,9 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     check_fits(model, longest + config.sampling.max_new_tokens,
                f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
     weights = TeacherWeightsState(model, teacher.weights, uses_lora=config.model.lora_rank > 0)
+    start = start_model(config.model, model, weights.start_snapshot())
     optimizer = make_optimizer(model, config.optim)
-    progress = restore(resume_from, model, optimizer, weights) if resume_from else new_progress()
+    progress = restore(resume_from, model, optimizer, start, weights) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     with Verifiers(config.verifier) as verifiers, \
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
@@ -213,7 +214,7 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
             if metrics["optim/empty_step"] and progress["empty"] == 1:
                 log.say(f"opsd: warning: step {step} had nothing to train on ({why_empty})")
             checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
-                               progress, "distill", weights.state_dict(), why_empty)
+                               progress, "distill", start, weights.checkpoint_state(), why_empty)
         del parts  # release the DDP reducer before the process group (see distributed.teardown)
     if run_dir is not None:
         print(stage_summary("distill", progress), file=sys.stderr)

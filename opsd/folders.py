@@ -21,6 +21,7 @@ from opsd.errors import UserError
 
 MARKER = "opsd_folder.json"
 CHECKPOINT_INFO = "opsd_checkpoint.json"
+CHECKPOINT_INFO_TMP = "opsd_checkpoint.json.tmp"  # its new version while a prune rewrites its file list
 Kind = Literal["run", "eval", "pipeline", "demo", "listed"]  # listed: the marker lists the files
 STEP = re.compile(r"step_(\d+)")  # a checkpoint folder, step_000010
 PARTIAL_STEP = re.compile(r"step_(\d+)\.tmp")  # one being written (or interrupted)
@@ -93,8 +94,9 @@ def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
 
 def foreign_checkpoint(step: Path) -> Path | None:
     """None when `step` is a checkpoint folder opsd wrote and holds nothing else: step_N with an
-    opsd_checkpoint.json of step N listing every file in it (plus an evaluation written into it), or
-    step_N.tmp, an interrupted write, whose info file was written first. Else the foreign entry."""
+    opsd_checkpoint.json of step N listing every file in it (plus an evaluation written into it, and
+    the info file's own rewrite cut short), or step_N.tmp, an interrupted write, whose info file was
+    written first. Else the foreign entry."""
     whole, partial = STEP.fullmatch(step.name), PARTIAL_STEP.fullmatch(step.name)
     if step.is_symlink() or not step.is_dir() or not (whole or partial):
         return step
@@ -103,7 +105,7 @@ def foreign_checkpoint(step: Path) -> Path | None:
         return step / CHECKPOINT_INFO
     if partial:
         return None
-    listed = set(info.get("files", [])) | {CHECKPOINT_INFO}
+    listed = set(info.get("files", [])) | {CHECKPOINT_INFO, CHECKPOINT_INFO_TMP}
     if kind_of(step) == "eval":
         listed |= EVAL_FILES | {MARKER}
     return _first(None if f.name in listed and not f.is_symlink() else f for f in sorted(step.iterdir()))

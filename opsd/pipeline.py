@@ -67,7 +67,7 @@ class PipelineConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pipeline"))  # folder, resume, device
 
 
-PER_STAGE = ("steps", "problems_per_step", "save_every", "keep_last", "seed", "max_empty_steps_in_a_row")  # run keys a pipeline leaves to its stages
+PER_STAGE = ("steps", "problems_per_step", "save_every", "keep_last", "keep_weights", "seed", "max_empty_steps_in_a_row")  # run keys a pipeline leaves to its stages
 
 
 def check_run_section(run: RunConfig) -> None:

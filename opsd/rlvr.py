@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_or_stop, restore
+from opsd.checkpoint import checkpoint_or_stop, restore, start_model
 from opsd.config import to_dict
 from opsd.data import Fields, load_problems
 from opsd.errors import require
@@ -123,8 +123,9 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
                f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
     reference = TeacherWeightsState(model, TeacherWeightsConfig("frozen"), uses_lora=config.model.lora_rank > 0) \
         if config.grpo.kl_coef > 0 else None
+    start = start_model(config.model, model, reference.start_snapshot() if reference else None)
     optimizer = make_optimizer(model, config.optim)
-    progress = restore(resume_from, model, optimizer, reference) if resume_from else new_progress()
+    progress = restore(resume_from, model, optimizer, start, reference) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     with Verifiers(config.verifier) as verifiers, \
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
@@ -149,7 +150,7 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
             if metrics["optim/empty_step"] and progress["empty"] == 1:
                 log.say(f"opsd: warning: step {step} had nothing to train on ({why_empty})")
             checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
-                               progress, "rlvr", why_empty=why_empty)
+                               progress, "rlvr", start, why_empty=why_empty)
         del parts  # release the DDP reducer before the process group (see distributed.teardown)
     if run_dir is not None:
         print(stage_summary("rlvr", progress), file=sys.stderr)

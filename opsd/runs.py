@@ -22,8 +22,8 @@ from opsd.folders import MARKER, Kind, checkpoint_step, mark, remove_own, remove
 
 TRAINING_STATE = "training_state.pt"
 # run options that may change between a run and its resumption; any other difference is refused
-CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.tensorboard", "run.threads", "run.resume",
-                        "run.overwrite", "verifier.timeout_s")
+CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.keep_weights", "run.tensorboard", "run.threads",
+                        "run.resume", "run.overwrite", "verifier.timeout_s")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class RunConfig:
     problems_per_step: int = 32  # problems per optimizer step (sft: problem/response pairs) (a pipeline: per stage)
     save_every: int = 0  # checkpoint every k steps (0: only at the end) (a pipeline: per stage)
     keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all) (a pipeline: per stage)
+    keep_weights: bool = False  # past keep_last, delete only resume files (training state, teacher), keep weights + tokenizer (a pipeline: per stage)
     seed: int = 0  # data order, sampling and initialisation (a pipeline: per stage)
     max_empty_steps_in_a_row: int = 5  # stop (exit 2) after this many steps with nothing to train on (a pipeline: per stage)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (a pipeline: given to every stage and evaluation)

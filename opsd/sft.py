@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from opsd import distributed
-from opsd.checkpoint import checkpoint_or_stop, restore
+from opsd.checkpoint import checkpoint_or_stop, restore, start_model
 from opsd.config import to_dict
 from opsd.data import load_pairs
 from opsd.errors import require
@@ -94,8 +94,9 @@ def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
     longest = max(len(p) + len(t) for p, t in examples)
     check_fits(model, longest, f"the longest problem and response (after data.max_length={config.data.max_length})")
     backbone = distributed.wrap(Backbone(model), device)
+    start = start_model(config.model, model)
     optimizer = make_optimizer(model, config.optim)
-    progress = restore(resume_from, model, optimizer) if resume_from else new_progress()
+    progress = restore(resume_from, model, optimizer, start) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     with MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"], name=name) as log:
         model.train()
@@ -128,7 +129,7 @@ def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
                              "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds},
                       postfix={"nll": loss_sum / tokens})
             checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
-                               progress, "sft")
+                               progress, "sft", start)
     if run_dir is not None:
         print(stage_summary("sft", progress), file=sys.stderr)
     del backbone  # release the DDP reducer before the process group (see distributed.teardown)

@@ -67,7 +67,8 @@ class TeacherWeightsConfig:
 
 
 class TeacherWeightsState:
-    """The teacher's weights for `model`, updated after each optimizer step."""
+    """The teacher's weights for `model`, updated after each optimizer step. Built from the start
+    model, before any step or restore: a frozen snapshot is the start model's weights."""
 
     def __init__(self, model: nn.Module, config: TeacherWeightsConfig, uses_lora: bool):
         self.model = model
@@ -113,6 +114,16 @@ class TeacherWeightsState:
         if self.snapshot is None:
             return {}
         return {name: saved.detach().contiguous() for name, saved in zip(self.names, self.snapshot)}
+
+    def start_snapshot(self) -> dict[str, torch.Tensor]:
+        """The snapshot when it is the start model's weights (frozen; none with LoRA): checkpoints
+        record its fingerprint instead of a copy, and a resumed run rebuilds it from the start model."""
+        return self.state_dict() if self.config.policy == "frozen" else {}
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint saves of the teacher (teacher.safetensors): a refresh or EMA snapshot,
+        which no file on disk holds; nothing for frozen (the start model) or live."""
+        return {} if self.config.policy == "frozen" else self.state_dict()
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """Crash safety and exact resume: runs killed with SIGKILL at chosen moments (mid-generation, after a
 step, while a checkpoint is being written), started again on their folder, end with the weights,
-metrics and saved samples of a run that was never interrupted (bitwise: same CPU, one thread, same seeds)."""
+metrics and saved samples of a run that was never interrupted (bitwise: same CPU, one thread, same seeds),
+also from a start model stored in bfloat16 (float32 master weights in the training state)."""
 
 import json
 import os
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from opsd.runs import latest_checkpoint
 from opsd.cli import main
+from opsd.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = [str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=12", "sampling.n=2", "run.problems_per_step=2",
@@ -83,6 +85,35 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
     assert rows == metric_rows(reference)
     if command != "sft":  # the saved rollouts too: the redone steps' rows once, equal to the uninterrupted run's
         assert (out / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
+
+
+def test_killed_run_of_a_bf16_model_resumes_to_the_uninterrupted_result(tmp_path):
+    """The start model is stored in bfloat16: checkpoints hold bf16 weights, the float32 master weights
+    go into the training state, and the frozen teacher is rebuilt from the start model."""
+    start = tmp_path / "tiny-bf16"
+    model, tokenizer = build_tiny()
+    model.to(torch.bfloat16).save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    args = [*DISTILL, f"model.name_or_path={start}", "teacher.weights.policy=frozen"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert opsd("distill", args, reference).returncode == 0
+    killed = opsd("distill", args, out, "step:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert latest_checkpoint(out).name == "step_000002"
+    resumed = opsd("distill", args, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    expected, got = final_weights(reference), final_weights(out)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16} and expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    state = lambda o: torch.load(latest_checkpoint(o) / "training_state.pt", weights_only=True)  # noqa: E731
+    expected, got = state(reference), state(out)
+    assert {t.dtype for t in got["master_weights"].values()} == {torch.float32}
+    assert all(torch.equal(expected["master_weights"][k], v) for k, v in got["master_weights"].items())
+    moments = lambda s: [t for p in s["optimizer"]["state"].values() for t in (p["exp_avg"], p["exp_avg_sq"])]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(expected), moments(got), strict=True))
+    assert not (latest_checkpoint(out) / "teacher.safetensors").exists()
+    assert metric_rows(out) == metric_rows(reference)
 
 
 def test_checkpoints_keep_the_last_k_and_leave_no_temporary_folder(uninterrupted):
