@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         _add_configured(commands, name, summary, example)
     demo = commands.add_parser("demo", help="SFT → RLVR → OPSD on the built-in synthetic world, with its table")
     demo.add_argument("--quick", action="store_true", help="a smoke run: every stage for two steps on 40 problems")
-    demo.add_argument("--ablation", action="store_true", help="also OPSD with gating all and incorrect_only")
+    demo.add_argument("--ablation", action="store_true", help="also the papers' experiments: gatings under the concise and the reference teacher, Purified OPSD")
     demo.add_argument("--from-scratch", action="store_true", help="re-run SFT from random weights first")
     demo.add_argument("--output-dir", default="runs/demo",
                       help="demo folder (an earlier demo's is replaced; a folder holding anything else is refused)")

@@ -221,15 +221,16 @@ def add_compression(rows: list[dict]) -> list[dict]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| stage | from | benchmark | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | compression | truncated |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | from | benchmark | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | compression | truncated "
+             "| markers /1k tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    num = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    num = lambda v, digits=1: "–" if v is None else f"{v:.{digits}f}"  # noqa: E731
     for row in rows:
         for b in row["benchmarks"]:
             accuracy = f"{100 * b['mean_at_k']:.1f} ± {100 * (b['mean_at_k_stderr'] or 0):.1f}"
             lines.append(f"| {row['stage']} | {row['start'] or '–'} | {b['name']} | {accuracy} | {pct(b['maj_at_k'])} | "
                          f"{num(b['response_tokens_mean'])} | {num(b['correct_response_tokens_mean'])} | "
-                         f"{pct(b['compression'])} | {pct(b['truncation_rate'])} |")
+                         f"{pct(b['compression'])} | {pct(b['truncation_rate'])} | {num(b['markers_per_1k_tokens'], 2)} |")
     k = rows[0]["k"] if rows else None
-    return "\n".join(lines) + f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error.\n"
+    return "\n".join(lines) + (f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error; "
+                               "markers: reflective words (wait, hmm, ...) per 1,000 response tokens.\n")

@@ -37,8 +37,10 @@ def test_seed_reaches_the_rlvr_and_opsd_stages_only(tmp_path):
 
     files = {name: tmp_path / f"{name}.jsonl" for name in ("heldout", "rlvr", "opsd")}
     config = demo_config(tmp_path, files, quick=False, ablation=True, from_scratch=False, seed=7)
-    assert [s.name for s in config.stages] == ["rlvr", "opsd", "opsd-all", "opsd-incorrect-only"]
+    assert [s.name for s in config.stages] == ["rlvr", "opsd", "opsd-all", "opsd-incorrect-only", "ref-correct-only",
+                                               "ref-incorrect-only", "ref-all", "ref-all-jsd", "purified"]
     assert all("run.seed=7" in stage.overrides for stage in config.stages)
+    assert all(stage.start == "rlvr" for stage in config.stages[1:])  # every experiment from the same RLVR model
     assert config.eval.seed == 0 and config.model.name_or_path == str(SHIPPED_SFT)  # evaluation and start unchanged
 
 
@@ -47,7 +49,7 @@ def test_across_seeds_is_the_mean_and_standard_error_over_seeds():
 
     def run(accuracy, tokens, compression):
         bench = {"name": "heldout", "mean_at_k": accuracy, "mean_at_k_stderr": 0.02, "response_tokens_mean": tokens,
-                 "compression": compression}
+                 "compression": compression, "markers_per_1k_tokens": 5.0}
         return [{"stage": "opsd", "start": "rlvr", "benchmarks": [bench]}]
 
     (row,) = across_seeds([run(0.4, 100.0, 0.5), run(0.6, 50.0, 0.7), run(0.8, 30.0, None)])
@@ -72,3 +74,31 @@ def test_quick_demo_over_seeds_reports_the_spread_across_them(tmp_path, capsys):
         assert abs(row["mean_at_k"]["stderr"] - abs(values[0] - values[1]) / 2) < 1e-12  # s.d./√2 for two
     assert yaml.safe_load((out / "seed_2" / "rlvr" / "config.yaml").read_text())["run"]["seed"] == 2
     assert "across seeds" in capsys.readouterr().out
+
+
+def test_ablation_rows_are_the_papers_experiments(tmp_path):
+    """Each ablation stage resolves to the distill config its name promises (a row mislabelled here
+    would put a wrong claim in the README's table)."""
+    from opsd.demo import REFERENCE_LR, demo_config
+    from opsd.distill import DistillConfig
+    from opsd.config import load_config
+
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("heldout", "rlvr", "opsd")}
+    stages = {s.name: s for s in demo_config(tmp_path, files, quick=False, ablation=True, from_scratch=False).stages}
+    resolved = {name: load_config(DistillConfig, s.config, list(s.overrides)) for name, s in stages.items() if name != "rlvr"}
+    demo_lr = resolved["opsd"].optim.lr
+    expect = {  # name: (teacher context, gating, divergence, learning rate)
+        "opsd": ("concise", "correct_only", "forward_kl", demo_lr),
+        "opsd-all": ("concise", "all", "forward_kl", demo_lr),
+        "opsd-incorrect-only": ("concise", "incorrect_only", "forward_kl", demo_lr),
+        "ref-correct-only": ("reference", "correct_only", "forward_kl", REFERENCE_LR),
+        "ref-incorrect-only": ("reference", "incorrect_only", "forward_kl", REFERENCE_LR),
+        "ref-all": ("reference", "all", "forward_kl", REFERENCE_LR),
+        "ref-all-jsd": ("reference", "all", "jsd", demo_lr),
+        "purified": ("purified", "all", "jsd", demo_lr),
+    }
+    got = {name: (c.teacher.context, c.gating, c.loss.kind, c.optim.lr) for name, c in resolved.items()}
+    assert got == expect
+    assert REFERENCE_LR < demo_lr
+    assert resolved["purified"].loss.beta == resolved["ref-all-jsd"].loss.beta == 0.5
+    assert all(c.teacher.weights.policy == "frozen" and c.run.steps == 30 for c in resolved.values())
