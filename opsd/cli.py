@@ -50,7 +50,7 @@ CONFIGURED = {  # command: (what it does, example overrides)
     "sft": ("supervised fine-tuning on problem/response pairs", "data.path=pairs.jsonl optim.lr=1e-5"),
     "rlvr": ("GRPO/DAPO with the verifiable math reward", "run.steps=5 sampling.n=8"),
     "pipeline": ("run stages in order, evaluate each, write a summary table", "run.output_dir=runs/p eval.limit=20"),
-    "eval": ("accuracy, lengths and reflective markers on benchmark files", "data=[a.jsonl] sampling.n=8"),
+    "eval": ("accuracy, lengths, reflective markers and serving cost on benchmark files", "data=[a.jsonl] sampling.n=8"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`opsd eval`: accuracy, length and reflection statistics of a policy on benchmark files.
+"""`opsd eval`: accuracy, length, reflection statistics and serving cost of a policy on benchmark files.
 
 For each benchmark file: put the optional `instruction` before every problem (e.g. the conciseness
 instruction of OPSDC), render it with the chat template, sample k = `sampling.n` responses per
@@ -19,7 +19,9 @@ task when they carry one (BIG-Bench Hard's `task`):
   markers    reflective markers ("wait", "hmm", ...) per 1,000 response tokens, the re-checking that
              OPSDC and "OPSD compresses what RLVR teaches" report shrinking;
   tok/s      generated tokens per second of decoding;
-  restated   samples graded wrong for restating an expression of the problem (eval.json only).
+  restated   samples graded wrong for restating an expression of the problem (eval.json only);
+  cost       batch-1 latency, throughput, peak memory, parameters and compute per solved problem
+             (opsd/cost.py), in a second table.
 
 `responses=FILE` scores responses made elsewhere instead, without loading a model: JSONL rows
 {"id", "response", optional "truncated"}, several rows per id = several samples. Their tokens are
@@ -51,6 +53,7 @@ import torch
 
 from opsd import distributed
 from opsd.config import to_dict
+from opsd.cost import NOT_MEASURED, CostConfig, compute_per_solved, latency, parameter_count, peak_memory, throughput
 from opsd.data import Fields, Problem, load_problems, read_rows
 from opsd.errors import UserError, require
 from opsd.folders import EVAL_OUTPUTS, foreign_checkpoint, kind_of, mark
@@ -86,6 +89,7 @@ class EvalConfig:
     seed: int = 0  # seed of the sampling requests (each problem and sample draws from its own)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU
+    cost: CostConfig = field(default_factory=CostConfig)  # serving cost: batch-1 latency (throughput, memory always)
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,7 @@ def check_options(config: EvalConfig) -> None:
         ("limit", config.limit >= 0, "non-negative (0 = all problems)"),
         ("model.lora_rank", config.model.lora_rank == 0, "0: eval loads plain (merged) checkpoints"),
         ("greedy", not (config.greedy and config.responses), "false with responses (nothing is decoded)"),
+        ("cost.latency_problems", config.cost.latency_problems >= 0, "non-negative (0 = no latency measurement)"),
     )
     check_sampling(config.sampling, "sampling")
     check_verifier(config.verifier)
@@ -268,20 +273,25 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
         for index, ((path, _), problems) in enumerate(zip(benchmarks, selected)):
             print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
             if responses is None:
-                texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s = generate(
-                    engine, tokenizer, problems, config, Path(path).stem, name)
+                texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s, cost = generate(
+                    engine, tokenizer, problems, config, Path(path).stem, name, device)
             else:
                 texts_P_K = [[text for text, _ in responses[index][p.id]] for p in problems]
                 truncated_P_K = [[cut for _, cut in responses[index][p.id]] for p in problems]
                 tokens_P_K = [count_tokens(texts, tokenizer) for texts in texts_P_K]
-                greedy_P, tokens_per_s = None, None
+                greedy_P, tokens_per_s, cost = None, None, NOT_MEASURED
             scored = score(problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_P, verifiers, pattern,
                            config.level_field, config.task_field)
             graded += response_rows(path, problems, texts_P_K, scored)
             levels = [{"level": level, **summarize(group)} for level, group in group_by_level(scored)]
             tasks = [{"task": task, **summarize(group)} for task, group in group_by_task(scored)]
-            rows.append({"file": path, "name": Path(path).stem, **summarize(scored),
-                         "generate_tokens_per_s": tokens_per_s, "levels": levels, "tasks": tasks})
+            summary = summarize(scored)
+            parameters = parameter_count(model) if model is not None else None
+            solved = compute_per_solved(parameters, summary["response_tokens_mean"], summary["mean_at_k"]) \
+                if parameters else None
+            rows.append({"file": path, "name": Path(path).stem, **summary, "generate_tokens_per_s": tokens_per_s,
+                         **cost, "parameters": parameters, "compute_per_solved_flops": solved,
+                         "levels": levels, "tasks": tasks})
     counted = f"tokenizer of {config.model.name_or_path}" if tokenizer is not None else "whitespace split"
     report = {"mode": "generate" if responses is None else "responses", "response_tokens_counted_by": counted,
               "k": None if responses else config.sampling.n, "benchmarks": rows, "config": to_dict(config)}
@@ -292,19 +302,26 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
     return out
 
 
-def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalConfig, file: str, name: str = "eval"):
-    """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second).
-    Sample j of a problem is seeded by (seed, file, its place in the file, id, j): the same whatever
-    else is evaluated. A progress bar `name · file` counts the problems done."""
+def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalConfig, file: str, name: str = "eval",
+             device: torch.device = torch.device("cpu")):
+    """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second, the
+    cost fields of opsd/cost.py). Sample j of a problem is seeded by (seed, file, its place in the
+    file, id, j): the same whatever else is evaluated, and the latency decodes draw from seeds of their
+    own. A progress bar `name · file` counts the problems done."""
     prompts = [render_prompt(tokenizer, f"{config.instruction}\n\n{p.problem}" if config.instruction else p.problem)
                for p in problems]
     k = config.sampling.n
     repeated = [prompt for prompt in prompts for _ in range(k)]
     seeds = [request_seed(config.seed, file, position, p.id, j) for position, p in enumerate(problems) for j in range(k)]
-    with progress_bar(f"{name} · {file}", len(problems), "problem") as bar:
+    with peak_memory(device) as memory, progress_bar(f"{name} · {file}", len(problems), "problem") as bar:
         ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds, bar, k)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     generated = sum(len(i) for i in ids)
+    timed = prompts[: config.cost.latency_problems]
+    cost = {**latency(engine, timed, config.sampling, [request_seed(config.seed, file, "latency", i)
+                                                        for i in range(len(timed))]),
+            **throughput(len(ids), generated, seconds, config.sampling.batch_size),
+            "peak_memory_mib": memory.mib, "peak_memory_measured_as": memory.measured_as}
     greedy_texts = None
     if config.greedy:
         greedy = replace(config.sampling, temperature=0.0, n=1)
@@ -314,7 +331,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
         generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
     per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
     return (per_problem(texts), per_problem([len(i) for i in ids]), per_problem(truncated), greedy_texts,
-            generated / seconds if seconds > 0 else None)
+            generated / seconds if seconds > 0 else None, cost)
 
 
 def decode(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], bar,
@@ -414,7 +431,25 @@ def markdown_table(rows: list[dict[str, Any]], mode: str, counted: str) -> str:
         lines.append(_table_line(row["name"], row))
         lines += [_table_line(f"{row['name']} · level {level['level']}", level) for level in row["levels"]]
         lines += [_table_line(f"{row['name']} · {task['task']}", task) for task in row.get("tasks", [])]
-    return "\n".join(lines) + f"\n\n{mode}; response tokens counted by the {counted}.\n"
+    return "\n".join(lines) + f"\n\n{mode}; response tokens counted by the {counted}.\n" + cost_table(rows)
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    """The serving cost of each file's evaluation (opsd/cost.py); empty when nothing was decoded."""
+    if all(row.get("parameters") is None for row in rows):
+        return ""
+    lines = ["", "| benchmark | parameters | latency p50 / p95 s (batch 1) | tok/s (batch 1) | responses/s | tok/s "
+             "| batch | peak memory MiB | GFLOPs per solved |", "|---" * 9 + "|"]
+    for row in rows:
+        cell = lambda key, spec=".3g": "–" if row.get(key) is None else format(row[key], spec)  # noqa: E731
+        solved = "–" if row.get("compute_per_solved_flops") is None else f"{row['compute_per_solved_flops'] / 1e9:.3g}"
+        lines.append(f"| {row['name']} | {cell('parameters', ',d')} | {cell('latency_p50_s')} / {cell('latency_p95_s')} "
+                     f"| {cell('latency_tokens_per_s', '.1f')} | {cell('throughput_responses_per_s')} "
+                     f"| {cell('throughput_tokens_per_s', '.1f')} | {cell('throughput_batch_size', 'd')} "
+                     f"| {cell('peak_memory_mib', '.1f')} ({row.get('peak_memory_measured_as')}) | {solved} |")
+    return "\n".join(lines) + ("\n\nLatency: each of the first problems decoded alone; responses/s and tok/s: the "
+                               "samples above, decoded `batch` at a time; GFLOPs per solved: 2 × parameters × "
+                               "mean response tokens / mean@k.\n")
 
 
 def _table_line(name: str, row: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from opsd.config import load_config, to_dict
+from opsd.cost import COST_FIELDS, CostConfig
 from opsd.data import load_problems
 from opsd.errors import UserError
 from opsd.eval import EVAL_SAMPLING, EvalConfig, run_eval
@@ -55,6 +56,7 @@ class PipelineEvalConfig:
     instruction: str = ""  # text before each problem (empty: the bare problem)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     seed: int = 0  # seed of the evaluations' sampling requests
+    cost: CostConfig = field(default_factory=CostConfig)  # serving cost; cost.latency_problems timed at batch 1
 
 
 @dataclass(frozen=True)
@@ -197,11 +199,12 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
     started = time.perf_counter()
     run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit, sampling=config.eval.sampling,
                         instruction=config.eval.instruction, verifier=config.eval.verifier, output_dir=str(eval_dir),
-                        seed=config.eval.seed, device=config.run.device), name=f"eval {stage}")
+                        seed=config.eval.seed, cost=config.eval.cost, device=config.run.device), name=f"eval {stage}")
     report = json.loads((eval_dir / "eval.json").read_text())
     benchmarks = [{key: b[key] for key in ("name", "problems", "mean_at_k", "mean_at_k_stderr", "maj_at_k",
                                            "response_tokens_mean", "correct_response_tokens_mean",
-                                           "truncation_rate", "markers_per_1k_tokens")} | {"levels": b["levels"]}
+                                           "truncation_rate", "markers_per_1k_tokens")}
+                  | {key: b.get(key) for key in COST_FIELDS} | {"levels": b["levels"]}
                   for b in report["benchmarks"]]
     row = {"stage": stage, "start": start, "train_s": train_s, "eval_s": time.perf_counter() - started,
            "k": report["k"], "benchmarks": benchmarks}
@@ -222,15 +225,20 @@ def add_compression(rows: list[dict]) -> list[dict]:
 
 def summary_table(rows: list[dict]) -> str:
     lines = ["| stage | from | benchmark | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | compression | truncated "
-             "| markers /1k tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| markers /1k tokens | latency p50 s | tok/s | peak MiB | GFLOPs / solved |", "|---" * 14 + "|"]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     num = lambda v, digits=1: "–" if v is None else f"{v:.{digits}f}"  # noqa: E731
     for row in rows:
         for b in row["benchmarks"]:
             accuracy = f"{100 * b['mean_at_k']:.1f} ± {100 * (b['mean_at_k_stderr'] or 0):.1f}"
+            flops = b.get("compute_per_solved_flops")
             lines.append(f"| {row['stage']} | {row['start'] or '–'} | {b['name']} | {accuracy} | {pct(b['maj_at_k'])} | "
                          f"{num(b['response_tokens_mean'])} | {num(b['correct_response_tokens_mean'])} | "
-                         f"{pct(b['compression'])} | {pct(b['truncation_rate'])} | {num(b['markers_per_1k_tokens'], 2)} |")
+                         f"{pct(b['compression'])} | {pct(b['truncation_rate'])} | {num(b['markers_per_1k_tokens'], 2)} | "
+                         f"{num(b.get('latency_p50_s'), 3)} | {num(b.get('throughput_tokens_per_s'), 0)} | "
+                         f"{num(b.get('peak_memory_mib'))} | {'–' if flops is None else f'{flops / 1e9:.3g}'} |")
     k = rows[0]["k"] if rows else None
     return "\n".join(lines) + (f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error; "
-                               "markers: reflective words (wait, hmm, ...) per 1,000 response tokens.\n")
+                               "markers: reflective words (wait, hmm, ...) per 1,000 response tokens; latency: one "
+                               "problem decoded alone; tok/s and peak memory: while the evaluation's samples are "
+                               "decoded; GFLOPs / solved: 2 × parameters × mean tokens / mean@k (eval.md has the rest).\n")

@@ -7,10 +7,12 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from opsd.cli import main
 from opsd.config import load_config
 from opsd.errors import UserError
+from opsd.models import ModelConfig, load_model
 from opsd.eval import (
     EvalConfig,
     Scored,
@@ -31,6 +33,9 @@ ARITHMETIC = ROOT / "configs/examples/arithmetic.jsonl"
 ROW_KEYS = {"problems", "samples", "mean_at_k", "mean_at_k_stderr", "pass_at_k", "pass_k", "maj_at_k", "greedy_accuracy",
             "response_tokens_mean", "response_tokens_median", "correct_response_tokens_mean",
             "correct_response_tokens_median", "truncation_rate", "markers_per_1k_tokens", "restated_answers"}
+COST_KEYS = {"latency_problems", "latency_p50_s", "latency_p95_s", "latency_tokens_per_s", "throughput_batch_size",
+             "throughput_responses_per_s", "throughput_tokens_per_s", "peak_memory_mib", "peak_memory_measured_as",
+             "parameters", "compute_per_solved_flops"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -132,11 +137,20 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]
     for row in (first, second):
-        assert set(row) == ROW_KEYS | {"file", "name", "generate_tokens_per_s", "levels", "tasks"}
+        assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "generate_tokens_per_s", "levels", "tasks"}
         assert row["problems"] == 4 and row["samples"] == 8
         assert 0 <= row["mean_at_k"] <= 1 and row["greedy_accuracy"] is not None
         assert 1 <= row["response_tokens_mean"] <= 8 and 0 <= row["truncation_rate"] <= 1
         assert row["generate_tokens_per_s"] > 0
+        assert row["latency_problems"] == 4 and 0 < row["latency_p50_s"] <= row["latency_p95_s"]
+        assert row["throughput_batch_size"] == 64 and row["throughput_responses_per_s"] > 0
+        assert row["throughput_tokens_per_s"] > 0 and row["latency_tokens_per_s"] > 0
+        assert row["peak_memory_measured_as"] == "cpu rss growth" and row["peak_memory_mib"] >= 0
+        assert row["parameters"] == sum(p.numel() for p in load_model(ModelConfig(), torch.device("cpu")).parameters())
+        if row["mean_at_k"]:
+            assert row["compute_per_solved_flops"] == pytest.approx(
+                2 * row["parameters"] * row["response_tokens_mean"] / row["mean_at_k"])
+    assert "| parameters | latency p50 / p95 s (batch 1) |" in table
     assert first["levels"] == [] and [lv["level"] for lv in second["levels"]] == ["1", "2"]
     assert all(set(lv) == ROW_KEYS | {"level"} for lv in second["levels"])
     assert "| arithmetic |" in table and "| levels · level 2 |" in table
@@ -214,6 +228,7 @@ def test_responses_are_counted_with_the_named_tokenizer(tmp_path):
     assert row["response_tokens_mean"] == (24 + 13) / 2 and row["correct_response_tokens_mean"] == 24
     assert row["mean_at_k"] == 0.5 and row["truncation_rate"] == 0.5
     assert row["markers_per_1k_tokens"] == pytest.approx(1000 * 2 / 37)
+    assert all(row[key] is None for key in COST_KEYS - {"peak_memory_measured_as"})  # nothing decoded, nothing timed
 
 
 def test_user_mistakes_name_the_file_and_line(tmp_path, capsys):

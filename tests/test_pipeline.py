@@ -19,11 +19,13 @@ def test_tiny_pipeline_writes_a_summary_with_every_field(tmp_path, capsys):
         bench = row["benchmarks"][0]
         for key in ("mean_at_k", "mean_at_k_stderr", "maj_at_k", "response_tokens_mean", "compression", "truncation_rate"):
             assert key in bench
+        assert bench["parameters"] > 0 and bench["latency_p50_s"] > 0 and bench["throughput_tokens_per_s"] > 0
     # each stage started from the previous stage's final checkpoint
     config = (out / "rlvr" / "config.yaml").read_text()
     assert str(out / "sft" / "checkpoints" / "step_000020") in config
     assert summary["checkpoints"]["opsd"].endswith("step_000002")
-    assert "| opsd | rlvr |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| opsd | rlvr |" in printed and "| latency p50 s |" in printed
 
 
 def test_a_mistake_in_a_later_stage_stops_the_pipeline_before_it_starts(tmp_path, capsys):

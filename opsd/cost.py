@@ -1,0 +1,142 @@
+"""What a checkpoint costs to serve, measured by `opsd eval` on its own engine (issue: what compression buys).
+
+    latency     seconds per problem decoded alone (batch 1, one sample), p50 and p95 over the first
+                `cost.latency_problems` problems of each benchmark file;
+    throughput  responses and generated tokens per second while the evaluation's own samples are
+                decoded `sampling.batch_size` at a time (one response = one problem answered once);
+    memory      peak while those samples are decoded: on CUDA torch's max allocated bytes (weights
+                included); on CPU the growth of the process's resident set above its size before
+                decoding (Linux: the kernel's peak, reset first; elsewhere not measured);
+    parameters  the policy's parameter count;
+    compute per solved problem
+                ≈ 2 × parameters × generated tokens per response / accuracy, the forward FLOPs of
+                decoding spent per correct response (prompt tokens and attention left out).
+
+The numbers are for comparing checkpoints measured the same way on the same machine; absolute
+times mean something only on the hardware a model is served on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    latency_problems: int = 8  # problems per file decoded alone to time batch-1 latency; 0 = skip
+
+
+# --- pure functions -----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def compute_per_solved(parameters: int, tokens_per_response: float | None, accuracy: float | None) -> float | None:
+    """Decoding FLOPs per correct response, 2·N·tokens / accuracy; None when nothing is solved."""
+    if tokens_per_response is None or not accuracy:
+        return None
+    return 2.0 * parameters * tokens_per_response / accuracy
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+@dataclass
+class PeakMemory:
+    mib: float | None = None  # None: not measurable here
+    measured_as: str = "not measured"
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
+    """Peak memory of the block: CUDA max allocated, or CPU resident-set growth (see the module doc)."""
+    result = PeakMemory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result.mib, result.measured_as = torch.cuda.max_memory_allocated(device) / MIB, "cuda max allocated"
+        return
+    before = _rss_kib("VmRSS") if _reset_rss_peak() else None
+    yield result
+    if before is not None and (peak := _rss_kib("VmHWM")) is not None:
+        result.mib, result.measured_as = max(peak - before, 0) / 1024, "cpu rss growth"
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux ≥ 4.0); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def latency(engine, prompts: Sequence[list[int]], sampling, seeds: Sequence[int]) -> dict[str, float | int | None]:
+    """Decode each prompt alone (batch 1, one sample, the evaluation's sampling otherwise) and time it;
+    the engines return on the CPU, so device work is done when a call returns."""
+    alone = replace(sampling, n=1, batch_size=1)
+    seconds, tokens = [], []
+    for prompt, seed in zip(prompts, seeds):
+        start = time.perf_counter()
+        [generation] = engine.generate([prompt], alone, [seed])
+        seconds.append(time.perf_counter() - start)
+        tokens.append(len(generation.response_ids))
+    return latency_summary(seconds, tokens)
+
+
+def latency_summary(seconds: Sequence[float], tokens: Sequence[int]) -> dict[str, float | int | None]:
+    """The batch-1 latency fields of eval.json from per-problem seconds and response tokens."""
+    if not seconds:
+        return {"latency_problems": 0, "latency_p50_s": None, "latency_p95_s": None, "latency_tokens_per_s": None}
+    return {"latency_problems": len(seconds), "latency_p50_s": percentile(seconds, 50),
+            "latency_p95_s": percentile(seconds, 95), "latency_tokens_per_s": sum(tokens) / sum(seconds)}
+
+
+def throughput(responses: int, tokens: int, seconds: float, batch_size: int) -> dict[str, float | int | None]:
+    ok = seconds > 0
+    return {"throughput_batch_size": batch_size,
+            "throughput_responses_per_s": responses / seconds if ok else None,
+            "throughput_tokens_per_s": tokens / seconds if ok else None}
+
+
+# what a pipeline's summary keeps of them
+COST_FIELDS = ("parameters", "latency_p50_s", "latency_p95_s", "throughput_tokens_per_s", "peak_memory_mib",
+               "compute_per_solved_flops")
+
+# responses scored without decoding: nothing was timed
+NOT_MEASURED = {**latency_summary([], []), **throughput(0, 0, 0.0, 0), "latency_problems": None, "throughput_batch_size": None,
+                "peak_memory_mib": None, "peak_memory_measured_as": "not measured"}
