@@ -8,6 +8,7 @@
                                            accuracy/length/marker table on benchmark files (opsd/eval.py)
     opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C] [--threads N]
                                            the built-in SFT → RLVR → OPSD demo (opsd/demo.py)
+    opsd report DIR                        an HTML page with plots of a pipeline, demo or run folder (opsd/report.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
 
 The commands with a config read an optional YAML file (the first argument, unless it is a `key=value`
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds.add_argument("--seed", type=int, default=0, help="run.seed of the RLVR and OPSD stages (default 0)")
     seeds.add_argument("--seeds", type=_seed_list, help="several seeds, e.g. 1,2,3: the RLVR → OPSD chain under each, "
                                                         "and a table across seeds")
+    report = commands.add_parser("report", help="an HTML page with plots of a pipeline, demo or run folder")
+    report.add_argument("folder", help="a pipeline folder, a demo folder or a run folder")
     tiny = commands.add_parser("tiny-model", help="write the local tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             return _configured(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "report":
+            from opsd.report import write_report
+
+            print(f"report: {write_report(args.folder)}")
+            return 0
         if args.command == "tiny-model":
             from opsd.tiny import save_tiny
 
@@ -186,7 +194,19 @@ def _demo(args: argparse.Namespace) -> int:
     out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch, args.seeds or (args.seed,))
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")
+    print(_report_line(out))
     return 0
+
+
+def _report_line(folder) -> str:
+    """Write the folder's report when matplotlib is there; say how to get it when it is not."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "report: not written (it needs matplotlib: pip install 'opsd[report]', then opsd report FOLDER)"
+    from opsd.report import write_report
+
+    return f"report: {write_report(folder)}"
 
 
 def _quiet_libraries() -> None:

@@ -25,6 +25,7 @@ CHECKPOINT_INFO_TMP = "opsd_checkpoint.json.tmp"  # its new version while a prun
 Kind = Literal["run", "eval", "pipeline", "demo", "listed"]  # listed: the marker lists the files
 STEP = re.compile(r"step_(\d+)")  # a checkpoint folder, step_000010
 PARTIAL_STEP = re.compile(r"step_(\d+)\.tmp")  # one being written (or interrupted)
+REPORT = "report"  # the folder `opsd report` writes into a run, pipeline or demo folder
 EVAL_OUTPUTS = ("eval.json", "eval.md", "responses.jsonl")  # what `opsd eval` writes (each through a .tmp)
 EVAL_FILES = frozenset({*EVAL_OUTPUTS, *(f"{name}.tmp" for name in EVAL_OUTPUTS)})
 
@@ -71,6 +72,8 @@ def foreign_entry(folder: Path) -> Path | None:
 
 
 def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
+    if entry.name == REPORT and entry.is_dir() and kind in ("run", "pipeline", "demo"):  # `opsd report`'s page
+        return _own_subfolder(entry, "listed")
     if entry.is_file():
         if kind == "listed":
             return None if entry.name in _read_json(folder / MARKER).get("files", []) else entry

@@ -16,6 +16,23 @@ def test_shipped_sft_checkpoint_is_a_model_folder():
     assert info["stage"] == "sft"
 
 
+def check_report(folder, stages, k):
+    """The demo's report: every figure a PNG that is not blank, embedded in the page; the stage
+    table and the before/after responses on it."""
+    import matplotlib.image
+
+    page = (folder / "report.html").read_text()
+    pngs = sorted(folder.glob("*.png"))
+    assert [p.name.split("-", 1)[1] for p in pngs] == ["accuracy-tokens.png", "training-curves.png",
+                                                       "compression-per-level.png", "reflective-markers.png"]
+    assert page.count("<img ") == len(pngs) and page.count("src='data:image/png;base64,") == len(pngs)
+    for png in pngs:
+        pixels = matplotlib.image.imread(png)
+        assert pixels.std() > 0.05, png.name  # something is drawn on the white page
+    assert all(f"<td>{stage}</td>" in page for stage in stages)
+    assert "One problem before and after 'opsd'" in page and page.count("<pre class=") == 2 * min(k, 3)
+
+
 def test_quick_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
@@ -30,6 +47,9 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
         assert [level["level"] for level in bench["levels"]] == [str(level) for level in toyworld.LEVELS]
     printed = capsys.readouterr().out
     assert "| opsd | rlvr | heldout |" in printed and "standard error" in printed
+    assert f"report: {out / 'pipeline' / 'report' / 'report.html'}" in printed
+    check_report(out / "pipeline" / "report", stages=["sft", "rlvr", "opsd"], k=summary["rows"][0]["k"])
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0  # a demo folder holding its report is replaced
 
 
 def test_seed_reaches_the_rlvr_and_opsd_stages_only(tmp_path):
