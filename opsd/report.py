@@ -68,6 +68,22 @@ def pipeline_folders(folder: Path) -> list[Path]:
     return []
 
 
+def _read_summary(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def across_seed_rows(rows: list[dict]) -> list[dict]:
+    """A demo's across-seed rows (opsd/demo.py `across_seeds`) in the shape of a pipeline's stage rows:
+    the mean across seeds, with the standard error across seeds as the error bar."""
+    return [{"stage": row["stage"], "start": row["start"], "benchmarks": [{
+        "response_tokens_mean": row["response_tokens_mean"]["mean"], "mean_at_k": row["mean_at_k"]["mean"],
+        "mean_at_k_stderr": row["mean_at_k"]["stderr"], "markers_per_1k_tokens": row["markers_per_1k_tokens"]["mean"]}]}
+        for row in rows]
+
+
 def stage_rows(pipeline: Path) -> list[dict]:
     return json.loads((pipeline / "summary.json").read_text())["rows"]
 
@@ -232,6 +248,13 @@ def write_report(folder: Path) -> Path:
         sections.append(f"<h2>Training curves of {html.escape(folder.name)}</h2>"
                         + image(curves_figure(plt, {folder.name: read_jsonl(folder / "metrics.jsonl")}, [folder.name]),
                               "training curves"))
+    seeds = _read_summary(folder).get("seeds")
+    if seeds and len(pipelines) > 1:  # a demo over several seeds: its across-seed table first
+        rows = across_seed_rows(_read_summary(folder)["rows"])
+        sections.append(f"<h2>Across seeds {', '.join(map(str, seeds))}</h2>"
+                        + markdown_table_html((folder / "summary.md").read_text()))
+        sections.append(image(accuracy_tokens_figure(plt, rows, "accuracy against length, mean ± s.e. across seeds"),
+                              "accuracy-tokens across seeds"))
     for pipeline in pipelines:
         rows = stage_rows(pipeline)
         title = pipeline.name if len(pipelines) > 1 else "stages"

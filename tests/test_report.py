@@ -113,3 +113,27 @@ def test_the_page_opens_in_headless_chromium_and_shows_its_plots(tmp_path):
     blank = tmp_path / "noimages.html"
     blank.write_text(re.sub(r"<img [^>]*>", "", page.read_text()))
     assert coloured_share(open_page(blank)[0]) < 0.002
+
+
+def test_a_demo_over_seeds_gets_its_across_seed_figure_and_each_seeds_pages(tmp_path):
+    from opsd.demo import across_seeds, across_seeds_table
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    runs = []
+    for seed in (1, 2):
+        rows = json.loads((synthetic_pipeline(demo / f"seed_{seed}") / "summary.json").read_text())["rows"]
+        for row in rows:
+            row["benchmarks"][0] |= {"mean_at_k": row["benchmarks"][0]["mean_at_k"] + seed / 100, "compression": None}
+        (demo / f"seed_{seed}" / "summary.json").write_text(json.dumps({"rows": rows}))
+        runs.append(rows)
+    across = across_seeds(runs)
+    (demo / "summary.json").write_text(json.dumps({"seeds": [1, 2], "rows": across}))
+    (demo / "summary.md").write_text(across_seeds_table(across, (1, 2)))
+    page = write_report(demo).read_text()
+    assert "Across seeds 1, 2" in page and "<h2>seed_1</h2>" in page and "<h2>seed_2</h2>" in page
+    assert page.count("<img ") == 1 + 2 * 4
+    from opsd.report import across_seed_rows
+
+    opsd = across_seed_rows(across)[2]["benchmarks"][0]
+    assert opsd["mean_at_k"] == pytest.approx(0.755) and opsd["mean_at_k_stderr"] == pytest.approx(0.005)
