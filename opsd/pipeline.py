@@ -30,7 +30,7 @@ from opsd.cost import COST_FIELDS, CostConfig
 from opsd.data import load_problems
 from opsd.errors import UserError
 from opsd.eval import EVAL_SAMPLING, EvalConfig, run_eval
-from opsd.folders import remove_own
+from opsd.folders import checkpoint_step, remove_own
 from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
 from opsd.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config, use_threads
@@ -57,6 +57,7 @@ class PipelineEvalConfig:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     seed: int = 0  # seed of the evaluations' sampling requests
     cost: CostConfig = field(default_factory=CostConfig)  # serving cost; cost.latency_problems timed at batch 1
+    every: int = 0  # also evaluate every N-th step's checkpoint of each stage (curves); 0: the final one only
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         cls, _ = stage_runner(stage.command)
         given = [f"run.device={config.run.device}", *([] if config.run.tensorboard else ["run.tensorboard=false"]),
                  *([] if config.run.threads is None else [f"run.threads={config.run.threads}"])]
-        overrides = [*given, *stage.overrides, f"run.output_dir={out / name}"]
+        # eval.every: the stage saves every N steps and keeps those checkpoints' weights for the curves
+        curves = [f"run.save_every={config.eval.every}", "run.keep_weights=true"] if config.eval.every else []
+        overrides = [*given, *stage.overrides, *curves, f"run.output_dir={out / name}"]
         stage_config = load_config(cls, stage.config or None, overrides)
         planned.append((StageSpec(name, stage.command, stage.config, stage.overrides, start), start, stage_config))
         names.append(name)
@@ -153,6 +156,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
         out = prepare_run_dir(out, config.run.overwrite, kind="pipeline")
     save_config(out, to_dict(config))
     checkpoints = {config.start_name: config.model.name_or_path}
+    curves: dict[str, list[dict]] = {}
     rows = [evaluate(config, config.start_name, "", config.model, out, 0.0)] if config.evaluate_start else []
     for number, (stage, start, stage_config) in enumerate(stages, 1):
         _, run = stage_runner(stage.command)
@@ -164,10 +168,42 @@ def run_pipeline(config: PipelineConfig) -> Path:
         # the stage's own model options (dtype, attention, remote code), its merged checkpoint
         model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
         rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
+        if config.eval.every:
+            curves[stage.name] = curve(config, stage.name, model, run_dir, out, rows, start)
     rows = add_compression(rows)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "checkpoints": checkpoints}, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_table(rows))
+    summary = {"rows": rows, "checkpoints": checkpoints, **({"curves": curves} if config.eval.every else {})}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_table(rows) + (curves_table(curves) if config.eval.every else ""))
     return out
+
+
+def curve(config: PipelineConfig, stage: str, model: ModelConfig, run_dir: Path, out: Path, rows: list[dict],
+          start: str) -> list[dict]:
+    """Accuracy and length along a stage: its start (step 0, when evaluated), every kept checkpoint
+    (eval/<stage>@<step>/) and the final one, first benchmark file."""
+    points = [{"step": 0, **_point(row)} for row in rows if row["stage"] == start]
+    final = checkpoint_step(Path(model.name_or_path))
+    for folder in sorted((run_dir / "checkpoints").iterdir()):
+        step = checkpoint_step(folder)
+        if step is None or step == final:
+            continue
+        row = evaluate(config, f"{stage}@{step}", start, dataclasses.replace(model, name_or_path=str(folder)), out, 0.0)
+        points.append({"step": step, **_point(row)})
+    points.append({"step": final, **_point(rows[-1])})
+    return sorted(points, key=lambda point: point["step"])
+
+
+def _point(row: dict) -> dict:
+    bench = row["benchmarks"][0]
+    return {key: bench[key] for key in ("mean_at_k", "mean_at_k_stderr", "response_tokens_mean")}
+
+
+def curves_table(curves: dict[str, list[dict]]) -> str:
+    lines = ["", "| stage | step | mean@k ± s.e. | mean tokens |", "|---|---|---|---|"]
+    for stage, points in curves.items():
+        lines += [f"| {stage} | {p['step']} | {100 * p['mean_at_k']:.1f} ± {100 * (p['mean_at_k_stderr'] or 0):.1f} | "
+                  f"{p['response_tokens_mean']:.1f} |" for p in points]
+    return "\n".join(lines) + "\n\nAlong each stage (eval.every): step 0 is the checkpoint it started from.\n"
 
 
 def stage_header(number: int, stages: int, stage: StageSpec, stage_config) -> str:

@@ -140,6 +140,30 @@ def curves_figure(plt, runs: dict[str, list[dict]], stages: list[str]):
     return figure
 
 
+def along_training_figure(plt, curves: dict[str, list[dict]], stages: list[str]):
+    """eval.every's curves: accuracy and tokens against the step, and the path each stage takes in
+    the accuracy-tokens plane."""
+    figure, (by_step, tokens_by_step, plane) = plt.subplots(1, 3, figsize=(15, 3.6))
+    for stage, points in curves.items():
+        steps = [p["step"] for p in points]
+        accuracy = [100 * p["mean_at_k"] for p in points]
+        tokens = [p["response_tokens_mean"] for p in points]
+        style = {"color": colour(stages.index(stage)), "label": stage, "marker": "o", "markersize": 3}
+        by_step.plot(steps, accuracy, **style)
+        tokens_by_step.plot(steps, tokens, **style)
+        plane.plot(tokens, accuracy, **style)
+        plane.annotate(f"step {steps[-1]}", (tokens[-1], accuracy[-1]), fontsize=7, xytext=(4, 4),
+                       textcoords="offset points")
+    by_step.set(xlabel="step", ylabel="accuracy, mean@k (%)", title="accuracy along training")
+    tokens_by_step.set(xlabel="step", ylabel="mean response tokens", title="length along training")
+    plane.set(xlabel="mean response tokens", ylabel="accuracy, mean@k (%)", title="path in the accuracy-length plane")
+    for axes in (by_step, tokens_by_step, plane):
+        axes.grid(alpha=0.3)
+    by_step.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
 def level_compression(rows: list[dict]) -> dict[str, list[tuple[str, float]]]:
     """Per stage with a start: [(level, 1 − its mean tokens / the start stage's at that level)]."""
     by_stage = {row["stage"]: row for row in rows}
@@ -262,6 +286,10 @@ def write_report(folder: Path) -> Path:
         runs = {stage: metrics for stage, metrics in runs.items() if metrics}
         sections.append(f"<h2>{html.escape(title)}</h2>" + markdown_table_html((pipeline / "summary.md").read_text()))
         sections.append(image(accuracy_tokens_figure(plt, rows, f"accuracy against length · {title}"), "accuracy-tokens"))
+        curves = _read_summary(pipeline).get("curves")
+        if curves:
+            sections.append("<h3>Along training (eval.every)</h3>" + image(
+                along_training_figure(plt, curves, [row["stage"] for row in rows]), "along training"))
         if runs:
             sections.append("<h3>Training curves</h3>" + image(curves_figure(plt, runs, [row["stage"] for row in rows]),
                                                                   "training curves"))

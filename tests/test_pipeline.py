@@ -85,3 +85,25 @@ def test_each_stage_opens_with_a_header_and_its_name_is_on_the_bars(tmp_path, ca
     assert any(f.startswith("compress:") and "2/2" in f for f in frames)
     assert any(f.startswith("eval compress · arithmetic") and "2/2" in f for f in frames)
     assert err.index(headers[1]) < err.index("compress:")
+
+
+def test_eval_every_follows_accuracy_and_length_along_each_stage(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    stages = ("stages=[{name: sft, command: sft, config: configs/sft-tiny.yaml, overrides: "
+              "[data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=6]}, {name: opsd, command: distill, "
+              "config: configs/tiny.yaml, overrides: [run.steps=4, run.save_every=3]}]")
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=4",
+                 "eval.every=2", "eval.cost.latency_problems=0", stages]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["step"] for p in summary["curves"]["sft"]] == [0, 2, 4, 6]
+    assert [p["step"] for p in summary["curves"]["opsd"]] == [0, 2, 4]  # eval.every wins over the stage's save_every
+    assert summary["curves"]["opsd"][0] == summary["curves"]["sft"][-1] | {"step": 0}  # opsd starts where sft ended
+    for stage, step in (("sft", 2), ("sft", 4), ("opsd", 2)):
+        row = json.loads((out / "eval" / f"{stage}@{step}" / "row.json").read_text())
+        point = next(p for p in summary["curves"][stage] if p["step"] == step)
+        assert point["mean_at_k"] == row["benchmarks"][0]["mean_at_k"]
+    assert [r["stage"] for r in summary["rows"]] == ["start", "sft", "opsd"]  # the summary rows are unchanged
+    assert "| sft | 4 |" in capsys.readouterr().out
+    from opsd.report import write_report
+
+    assert "Along training (eval.every)" in write_report(out).read_text()
