@@ -5,8 +5,9 @@
     throughput  responses and generated tokens per second while the evaluation's own samples are
                 decoded `sampling.batch_size` at a time (one response = one problem answered once);
     memory      peak while those samples are decoded: on CUDA torch's max allocated bytes (weights
-                included); on CPU the growth of the process's resident set above its size before
-                decoding (Linux: the kernel's peak, reset first; elsewhere not measured);
+                included); on CPU the process's peak resident set over the decoding (Linux: the
+                kernel's peak, reset first; elsewhere not measured) — weights, runtime and all, since
+                memory freed to the allocator does not leave the process and growth would say nothing;
     parameters  the policy's parameter count;
     compute per solved problem
                 ≈ 2 × parameters × generated tokens per response / accuracy, the forward FLOPs of
@@ -71,7 +72,7 @@ class PeakMemory:
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
-    """Peak memory of the block: CUDA max allocated, or CPU resident-set growth (see the module doc)."""
+    """Peak memory of the block: CUDA max allocated, or the CPU peak resident set (see the module doc)."""
     result = PeakMemory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -80,10 +81,10 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
         torch.cuda.synchronize(device)
         result.mib, result.measured_as = torch.cuda.max_memory_allocated(device) / MIB, "cuda max allocated"
         return
-    before = _rss_kib("VmRSS") if _reset_rss_peak() else None
+    reset = _reset_rss_peak()
     yield result
-    if before is not None and (peak := _rss_kib("VmHWM")) is not None:
-        result.mib, result.measured_as = max(peak - before, 0) / 1024, "cpu rss growth"
+    if reset and (peak := _rss_kib("VmHWM")) is not None:
+        result.mib, result.measured_as = peak / 1024, "cpu peak rss"
 
 
 def _reset_rss_peak() -> bool:
