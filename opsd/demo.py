@@ -90,8 +90,8 @@ def opsd_rows(ablation: bool) -> list[tuple[str, tuple[str, ...]]]:
     - Kim & Lee's gatings (all, incorrect-only) under the same concise teacher, one of their contexts;
     - Kim & Lee's gatings under the reference teacher (problem + reference solution), at REFERENCE_LR,
       a learning rate 33 times lower than the demo's: on seed 0, 2e-4 and 2e-5 drove held-out accuracy
-      to 5-20% within 30 steps whatever the gating, 2e-6 changed nothing measurable, 6e-6 moved the
-      model without destroying it (README, "The demo");
+      to 5-20% within 30 steps (the gatings tried), 2e-6 changed nothing measurable, 6e-6 moved the
+      model without destroying it (README, "The papers' experiments");
     - Purified OPSD (Shen et al.): the PMI target against the plain reference teacher, both with gating
       all and the generalised JSD (β 0.5) of configs/presets/purified_opsd.yaml, at the demo's rate."""
     rows = [("opsd", ("gating=correct_only",))]
