@@ -221,7 +221,7 @@ def before_after(pipeline: Path, rows: list[dict], samples: int = 3) -> str:
         cells = "".join(f"<pre class='{'ok' if r['correct'] else 'bad'}'>{html.escape(r['response'])}</pre>"
                         for r in [r for r in responses if r["id"] == problem][:samples])
         columns.append(f"<div class='col'><h4>{html.escape(name)}</h4>{cells}</div>")
-    return (f"<h2>One problem before and after '{html.escape(last['stage'])}'</h2><p>Problem <code>"
+    return (f"<h3>One problem before and after '{html.escape(last['stage'])}'</h3><p>Problem <code>"
             f"{html.escape(problem)}</code>; green: graded correct, red: wrong.</p><div class='row'>{''.join(columns)}</div>")
 
 
@@ -260,7 +260,7 @@ def write_report(folder: Path) -> Path:
     sections = []
 
     def image(figure, caption: str) -> str:
-        path = out / f"{len(written)}-{caption.replace(' ', '-')}.png"
+        path = out / f"{len(written):02d}-{caption.replace(' ', '-')}.png"
         written.append(path.name)
         mark(out, "listed", written)
         figure.savefig(path, dpi=110, bbox_inches="tight")
