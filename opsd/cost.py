@@ -5,9 +5,9 @@
     throughput  responses and generated tokens per second while the evaluation's own samples are
                 decoded `sampling.batch_size` at a time (one response = one problem answered once);
     memory      peak while those samples are decoded: on CUDA torch's max allocated bytes (weights
-                included); on CPU the process's peak resident set over the decoding (Linux: the
-                kernel's peak, reset first; elsewhere not measured) — weights, runtime and all, since
-                memory freed to the allocator does not leave the process and growth would say nothing;
+                included); on CPU the process's peak resident set over the decoding (Linux: freed heap
+                handed back and the kernel's peak reset first; elsewhere not measured) — weights,
+                runtime and all;
     parameters  the policy's parameter count;
     compute per solved problem
                 ≈ 2 × parameters × generated tokens per response / accuracy, the forward FLOPs of
@@ -20,6 +20,8 @@ times mean something only on the hardware a model is served on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -81,10 +83,21 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
         torch.cuda.synchronize(device)
         result.mib, result.measured_as = torch.cuda.max_memory_allocated(device) / MIB, "cuda max allocated"
         return
+    _release_freed_memory()  # so that the peak starts from what is live, not from what earlier work left
     reset = _reset_rss_peak()
     yield result
     if reset and (peak := _rss_kib("VmHWM")) is not None:
         result.mib, result.measured_as = peak / 1024, "cpu peak rss"
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the system (glibc's malloc_trim), so the resident set
+    is what is alive; elsewhere only the collection."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_rss_peak() -> bool:
@@ -110,6 +123,8 @@ def latency(engine, prompts: Sequence[list[int]], sampling, seeds: Sequence[int]
     """Decode each prompt alone (batch 1, one sample, the evaluation's sampling otherwise) and time it;
     the engines return on the CPU, so device work is done when a call returns."""
     alone = replace(sampling, n=1, batch_size=1)
+    if prompts:  # one untimed decode first: the first call of a process pays for warming up
+        engine.generate([prompts[0]], alone, [seeds[0]])
     seconds, tokens = [], []
     for prompt, seed in zip(prompts, seeds):
         start = time.perf_counter()

@@ -72,7 +72,7 @@ def foreign_entry(folder: Path) -> Path | None:
 
 
 def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
-    if entry.name == REPORT and entry.is_dir() and kind in ("run", "pipeline", "demo"):  # `opsd report`'s page
+    if entry.name == REPORT and kind_of(entry) == "listed" and kind in ("run", "pipeline", "demo"):  # `opsd report`
         return _own_subfolder(entry, "listed")
     if entry.is_file():
         if kind == "listed":

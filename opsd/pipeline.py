@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,14 +97,22 @@ def stage_runner(command: Command):
     return DistillConfig, run_distill
 
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name; '@' marks eval.every's checkpoints
+
+
 def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
     """(stage, start name, loaded stage config) for every stage, checked before anything runs."""
     if not config.stages:
         raise UserError("the pipeline lists no stages")
+    if config.eval.every < 0:
+        raise UserError("eval.every must be non-negative (0: only each stage's final checkpoint)")
     names = [config.start_name]
     planned = []
     for index, stage in enumerate(config.stages):
         name = stage.name or f"{index + 1}-{stage.command}"
+        if not STAGE_NAME.fullmatch(name) or name in ("eval", "report"):
+            raise UserError(f"stage name '{name}': use letters, digits, '.', '_' and '-' (not starting with "
+                            "'.' or '-'), and neither 'eval' nor 'report' (folders of the pipeline)")
         if name in names:
             raise UserError(f"two pipeline stages are named '{name}'")
         start = stage.start or names[-1]

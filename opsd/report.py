@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,9 +48,18 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file; a line that does not parse (a row cut short by a crash) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 # --- what the folders hold ----------------------------------------------------------------------
@@ -57,22 +67,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def pipeline_folders(folder: Path) -> list[Path]:
     """The pipeline folders under DIR: DIR itself, a demo's pipeline, or each seed of a demo."""
-    if (folder / "summary.json").is_file() and "rows" in json.loads((folder / "summary.json").read_text()) \
-            and (folder / "eval").is_dir():
+    if "rows" in _read_summary(folder) and (folder / "eval").is_dir():
         return [folder]
-    seeds = sorted(folder.glob("seed_*/summary.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    seeds = [p.parent for p in folder.glob("seed_*/summary.json")
+             if re.fullmatch(r"seed_\d+", p.parent.name) and "rows" in _read_summary(p.parent)]
     if seeds:
-        return [p.parent for p in seeds]
-    if (folder / "pipeline" / "summary.json").is_file():
+        return sorted(seeds, key=lambda p: int(p.name.split("_")[1]))
+    if "rows" in _read_summary(folder / "pipeline"):
         return [folder / "pipeline"]
     return []
 
 
 def _read_summary(folder: Path) -> dict:
     try:
-        return json.loads((folder / "summary.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def across_seed_rows(rows: list[dict]) -> list[dict]:
@@ -85,7 +96,7 @@ def across_seed_rows(rows: list[dict]) -> list[dict]:
 
 
 def stage_rows(pipeline: Path) -> list[dict]:
-    return json.loads((pipeline / "summary.json").read_text())["rows"]
+    return _read_summary(pipeline)["rows"]
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -226,13 +237,17 @@ def before_after(pipeline: Path, rows: list[dict], samples: int = 3) -> str:
 
 
 def markdown_table_html(markdown: str) -> str:
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    if len(lines) < 2:
-        return ""
-    cells = [[html.escape(cell.strip()) for cell in line.strip("|").split("|")] for line in lines]
-    head = "".join(f"<th>{c}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[2:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """Each markdown table of `markdown` (blocks of `|` lines) as an HTML table; other text is left out."""
+    tables = []
+    for block in markdown.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|")]
+        if len(lines) < 2:
+            continue
+        cells = [[html.escape(cell.strip()) for cell in line.strip("|").split("|")] for line in lines]
+        head = "".join(f"<th>{c}</th>" for c in cells[0])
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[2:])
+        tables.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return "<br>".join(tables)
 
 
 STYLE = """body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}

@@ -106,4 +106,18 @@ def test_eval_every_follows_accuracy_and_length_along_each_stage(tmp_path, capsy
     assert "| sft | 4 |" in capsys.readouterr().out
     from opsd.report import write_report
 
-    assert "Along training (eval.every)" in write_report(out).read_text()
+    page = write_report(out).read_text()
+    assert "Along training (eval.every)" in page
+    assert page.count("<table>") == 2 and page.count("<th>step</th>") == 1  # the stage table and the curves table
+
+
+def test_stage_names_and_eval_every_are_checked_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    for stages, words in [("[{name: opsd@2, command: sft}]", ["'opsd@2'"]), ("[{name: a/b, command: sft}]", ["'a/b'"]),
+                          ("[{name: report, command: sft}]", ["'report'"]), ("[{name: eval, command: sft}]", ["'eval'"])]:
+        assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", f"stages={stages}"]) == 2
+        err = capsys.readouterr().err
+        assert all(word in err for word in words) and "stage name" in err, err
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.every=-1"]) == 2
+    assert "eval.every" in capsys.readouterr().err
+    assert not out.exists()

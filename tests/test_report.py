@@ -45,7 +45,7 @@ def test_a_run_folder_gets_its_curves_and_a_foreign_report_folder_is_kept(tmp_pa
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss/divergence": 1.0 / s, "optim/grad_norm": 0.5})
-                                               + "\n" for s in (1, 2, 3)))
+                                               + "\n" for s in (1, 2, 3)) + '{"step": 4, "loss/di')  # cut by a crash
     assert main(["report", str(run)]) == 0
     page = run / "report" / "report.html"
     assert f"report: {page}" in capsys.readouterr().out and page.read_text().count("<img ") == 1
@@ -120,6 +120,8 @@ def test_a_demo_over_seeds_gets_its_across_seed_figure_and_each_seeds_pages(tmp_
 
     demo = tmp_path / "demo"
     demo.mkdir()
+    (demo / "seed_old").mkdir()  # not a seed folder of the demo's: ignored
+    (demo / "seed_old" / "summary.json").write_text("{not json")
     runs = []
     for seed in (1, 2):
         rows = json.loads((synthetic_pipeline(demo / f"seed_{seed}") / "summary.json").read_text())["rows"]
