@@ -495,7 +495,7 @@ def lora_overrides(sizes: dict, model_dir: Path, problems: Path, device) -> list
             f"data.path={problems}", "verifier.default=exact_match",
             f"sampling.max_new_tokens={sizes['max_new_tokens']}", f"sampling.n={sizes['samples']}",
             f"run.problems_per_step={sizes['problems_per_step']}",
-            f"run.device={device.type}", "run.tensorboard=false", "run.seed=0", "optim.lr=1e-4", "optim.bf16=true",
+            f"run.device={device.type}", "run.report_to=[]", "run.seed=0", "optim.lr=1e-4", "optim.bf16=true",
             "samples_per_step=2", *threads]
 
 

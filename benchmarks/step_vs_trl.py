@@ -85,7 +85,7 @@ def run_ours(workdir: Path, steps: int, threads: int) -> dict:
         "teacher.context=template", 'teacher.template="{problem}\\n\\n{solution}"', "gating=all",
         f"sampling.n={SAMPLES}", f"sampling.max_new_tokens={RESPONSE_TOKENS}", "sampling.temperature=1.0",
         f"run.problems_per_step={PROBLEMS_PER_STEP}", f"run.steps={steps}", f"run.output_dir={workdir / 'ours'}",
-        "run.overwrite=true", "run.tensorboard=false", f"run.seed={SEED}", f"optim.lr={LR}", "optim.max_grad_norm=1.0",
+        "run.overwrite=true", "run.report_to=[]", f"run.seed={SEED}", f"optim.lr={LR}", "optim.max_grad_norm=1.0",
         f"optim.micro_batch_size={PROBLEMS_PER_STEP * SAMPLES}", "optim.warmup_steps=0", "loss.kind=reverse_kl",
     ]
     run_dir = run_distill(load_config(DistillConfig, None, overrides))

@@ -121,6 +121,7 @@ MOVED = {
     "overwrite": "run.overwrite",
     "resume": "run.resume",
     "device": "run.device",
+    "run.tensorboard": "run.report_to (a list of trackers: [tensorboard], [] for none)",
 }
 
 

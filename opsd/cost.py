@@ -59,6 +59,27 @@ def compute_per_solved(parameters: int, tokens_per_response: float | None, accur
     return 2.0 * parameters * tokens_per_response / accuracy
 
 
+# O1-Pruner's weights (Luo et al. 2025, "O1-Pruner: Length-Harmonizing Fine-Tuning for O1-Like Reasoning
+# Pruning", arXiv 2501.12570, section 5.1 "Evaluation Metric": alpha = 1, beta = 3, gamma = 5)
+AES_WEIGHTS = (1.0, 3.0, 5.0)
+
+
+def accuracy_efficiency_score(accuracy: float | None, tokens: float | None, base_accuracy: float | None,
+                              base_tokens: float | None, weights: tuple[float, float, float] = AES_WEIGHTS) -> float | None:
+    """O1-Pruner's accuracy-efficiency score of a model against a baseline:
+    ΔL = (L_base − L) / L_base, ΔA = (A − A_base) / A_base, AES = α·ΔL + β·ΔA when ΔA ≥ 0, else
+    α·ΔL − γ·|ΔA| (γ > β: a loss of accuracy costs more than a gain earns). 0 for the baseline itself;
+    None without a baseline length and accuracy. As the paper defines it; its own table adds accuracy
+    drops as if they were gains (every row with ΔA < 0 reproduces with +β·|ΔA|), so compare AES values
+    with the paper's only where accuracy did not fall."""
+    if None in (accuracy, tokens, base_accuracy, base_tokens) or not base_accuracy or not base_tokens:
+        return None
+    alpha, beta, gamma = weights
+    length_gain = (base_tokens - tokens) / base_tokens
+    accuracy_change = (accuracy - base_accuracy) / base_accuracy
+    return alpha * length_gain + (beta * accuracy_change if accuracy_change >= 0 else gamma * accuracy_change)
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -191,7 +191,8 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
     with Verifiers(config.verifier) as verifiers, \
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
-            MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"], name=name) as log:
+            MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,
+                       config=to_dict(config)) as log:
         parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
                       make_engine(model, tokenizer, config.sampling), weights, external, tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):

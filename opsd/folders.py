@@ -26,6 +26,7 @@ Kind = Literal["run", "eval", "pipeline", "demo", "listed"]  # listed: the marke
 STEP = re.compile(r"step_(\d+)")  # a checkpoint folder, step_000010
 PARTIAL_STEP = re.compile(r"step_(\d+)\.tmp")  # one being written (or interrupted)
 REPORT = "report"  # the folder `opsd report` writes into a run, pipeline or demo folder
+WANDB_ID = "opsd-run-id"  # in RUN/wandb/ (run.report_to: wandb): the wandb run a resumed opsd run continues
 EVAL_OUTPUTS = ("eval.json", "eval.md", "responses.jsonl")  # what `opsd eval` writes (each through a .tmp)
 EVAL_FILES = frozenset({*EVAL_OUTPUTS, *(f"{name}.tmp" for name in EVAL_OUTPUTS)})
 
@@ -80,6 +81,8 @@ def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
         return None if entry.name in _FILES.get(kind, frozenset()) else entry
     if kind == "run" and entry.name == "checkpoints":
         return _first(foreign_checkpoint(step) for step in sorted(entry.iterdir()))
+    if kind == "run" and entry.name == "wandb" and (entry / WANDB_ID).is_file():  # run.report_to: wandb's own files
+        return None
     if kind == "run" and entry.name == "tensorboard":
         return _first(None if f.is_file() and not f.is_symlink() and f.name.startswith("events.out.tfevents.") else f
                       for f in sorted(entry.iterdir()))

@@ -1,5 +1,6 @@
-"""Per-step metrics: one JSON line per step in the run folder, TensorBoard when installed, a progress
-bar named by its stage ("distill", "rlvr", "sft", or the stage's name in a pipeline)."""
+"""Per-step metrics: one JSON line per step in the run folder, the trackers of `run.report_to`
+(opsd/tracking.py), a progress bar named by its stage ("distill", "rlvr", "sft", or the stage's name in
+a pipeline)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from opsd.tracking import open_trackers, scalars
+
 
 def progress_bar(name: str, total: int, unit: str, done: int = 0, disable: bool = False) -> tqdm:
     """A bar on stderr named `name` counting `unit`s; redrawn at every update, so its postfix is the
@@ -20,10 +23,11 @@ def progress_bar(name: str, total: int, unit: str, done: int = 0, disable: bool 
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path | None, total_steps: int, tensorboard: bool = True, done: int = 0,
-                 name: str = "opsd"):
+    def __init__(self, run_dir: Path | None, total_steps: int, report_to: tuple[str, ...] = ("tensorboard",),
+                 done: int = 0, name: str = "opsd", config: dict[str, Any] | None = None):
+        """`run_dir` None (ranks other than 0): nothing is written or shown."""
+        self.trackers = open_trackers(report_to, run_dir, config) if run_dir else []
         self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if run_dir else None
-        self.board = _summary_writer(run_dir / "tensorboard") if run_dir and tensorboard else None
         self.bar = progress_bar(name, total_steps, "step", done, disable=run_dir is None)
 
     def write(self, step: int, metrics: dict[str, Any], postfix: dict[str, float] | None = None) -> None:
@@ -32,10 +36,10 @@ class MetricsLog:
             row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
-        if self.board is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.board.add_scalar(key, value, step)
+        if self.trackers:
+            values = scalars(metrics)
+            for tracker in self.trackers:
+                tracker.log(values, step)
         # the postfix first: update() draws the bar, with this step's numbers
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in (postfix or {}).items()}, refresh=False)
         self.bar.update(1)
@@ -48,15 +52,15 @@ class MetricsLog:
     def __enter__(self) -> MetricsLog:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()  # also when a stop is raised: the bar ends its line before the error is printed
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        self.close(failed=kind is not None)  # also when a stop is raised: the bar ends its line before the error is printed
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.bar.close()
         if self.file is not None:
             self.file.close()
-        if self.board is not None:
-            self.board.close()
+        for tracker in self.trackers:
+            tracker.close(failed)
 
 
 def _plain(value: Any) -> Any:
@@ -64,10 +68,3 @@ def _plain(value: Any) -> Any:
         return None  # JSON has no NaN/inf
     return value
 
-
-def _summary_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(path))

@@ -1,13 +1,13 @@
 """`opsd pipeline`: stages in order (SFT → RLVR → OPSD, or any list of them), each starting from an
 earlier stage's final checkpoint, every checkpoint evaluated on the same held-out set, and a summary:
-accuracy (mean@k ± standard error), maj@k, mean response tokens, and compression against the stage it
-started from (1 − tokens / tokens of that stage). Stages hand work to each other only through
+accuracy (mean@k ± standard error), maj@k, mean response tokens, serving cost, and against the stage
+it started from: compression (1 − tokens / tokens of that stage), its ratio and O1-Pruner's AES. Stages hand work to each other only through
 checkpoint folders. Every stage's config is loaded and checked before the first one runs.
 
 Started again on its own folder (same config), a pipeline resumes: finished stages and evaluations
 are kept, the stage it was in continues from its latest checkpoint. The pipeline's `run` section is
 the run contract of every stage (opsd/runs.py): `run.output_dir` holds one folder per stage,
-`run.device` and `run.tensorboard` are given to every stage and evaluation; steps, batch sizes,
+`run.device` and `run.report_to` are given to every stage and evaluation; steps, batch sizes,
 checkpoint cadence and seeds are set per stage, in its config or overrides. Every checkpoint is
 evaluated with its stage's own model options (dtype, attention, trust_remote_code). Each stage opens
 with a header line on the terminal; its progress bar and its evaluation's carry the stage's name.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from opsd.config import load_config, to_dict
-from opsd.cost import COST_FIELDS, CostConfig
+from opsd.cost import COST_FIELDS, CostConfig, accuracy_efficiency_score
 from opsd.data import load_problems
 from opsd.errors import UserError
 from opsd.eval import EVAL_SAMPLING, EvalConfig, run_eval
@@ -35,6 +35,7 @@ from opsd.folders import checkpoint_step, remove_own
 from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
 from opsd.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config, use_threads
+from opsd.tracking import check_trackers
 from opsd.verifiers import VerifierConfig, check_problems
 
 Command = Literal["sft", "rlvr", "distill"]
@@ -46,7 +47,14 @@ class StageSpec:
     command: Command = "distill"  # sft | rlvr | distill
     config: str = ""  # YAML config of that command ("" = its defaults)
     overrides: tuple[str, ...] = ()  # key=value overrides of that config
-    start: str = ""  # stage whose checkpoint it starts from; "" = the previous stage (the first: `model`)
+    start: str = ""  # stage (or entry of `models`) whose checkpoint it starts from; "" = the previous stage (the first: `model`)
+    teacher: str = ""  # distill: an earlier stage (or entry of `models`) whose checkpoint is the external teacher (teacher.model)
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str = ""  # a name stages can start from (`start`) or distil from (`teacher`); its row label
+    name_or_path: str = ""  # the checkpoint (a folder or a hub name), loaded with `model`'s other options
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,8 @@ class PipelineEvalConfig:
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the starting checkpoint
     start_name: str = "start"  # row label of the starting checkpoint
-    evaluate_start: bool = True  # evaluate the starting checkpoint too
+    evaluate_start: bool = True  # evaluate the starting checkpoint (and each of `models`) too
+    models: tuple[NamedModel, ...] = ()  # other starting points, e.g. a smaller student for a bigger stage's teacher
     stages: tuple[StageSpec, ...] = ()  # the stages in order (YAML file: a list of mappings)
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pipeline"))  # folder, resume, device
@@ -75,6 +84,7 @@ PER_STAGE = ("steps", "problems_per_step", "save_every", "keep_last", "keep_weig
 
 
 def check_run_section(run: RunConfig) -> None:
+    check_trackers(run.report_to)
     default = RunConfig()
     for key in PER_STAGE:
         if getattr(run, key) != getattr(default, key):
@@ -106,27 +116,39 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         raise UserError("the pipeline lists no stages")
     if config.eval.every < 0:
         raise UserError("eval.every must be non-negative (0: only each stage's final checkpoint)")
-    names = [config.start_name]
+    names, previous = [config.start_name], config.start_name
+    labels = [("model", m.name) for m in config.models]
+    labels += [("stage", stage.name or f"{index + 1}-{stage.command}") for index, stage in enumerate(config.stages)]
+    for (what, name), item in zip(labels, [*config.models, *config.stages]):
+        if not STAGE_NAME.fullmatch(name) or name in ("eval", "report"):
+            raise UserError(f"{what} name '{name}': use letters, digits, '.', '_' and '-' (not starting with '.' "
+                            "or '-'), and neither 'eval' nor 'report' (folders of the pipeline)")
+        if name in names:
+            raise UserError(f"two pipeline stages or models are named '{name}'")
+        if what == "model" and not item.name_or_path:
+            raise UserError(f"pipeline model '{name}' names no checkpoint (name_or_path)")
+        names.append(name)
     planned = []
     for index, stage in enumerate(config.stages):
         name = stage.name or f"{index + 1}-{stage.command}"
-        if not STAGE_NAME.fullmatch(name) or name in ("eval", "report"):
-            raise UserError(f"stage name '{name}': use letters, digits, '.', '_' and '-' (not starting with "
-                            "'.' or '-'), and neither 'eval' nor 'report' (folders of the pipeline)")
-        if name in names:
-            raise UserError(f"two pipeline stages are named '{name}'")
-        start = stage.start or names[-1]
-        if start not in names:
-            raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage")
+        earlier = names[:names.index(name)]
+        start = stage.start or previous
+        if start not in earlier:
+            raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage or a model")
+        if stage.teacher and (stage.command != "distill" or stage.teacher not in earlier):
+            raise UserError(f"stage '{name}': teacher '{stage.teacher}' must be an earlier stage or a model, "
+                            "and the stage a distill stage")
         cls, _ = stage_runner(stage.command)
-        given = [f"run.device={config.run.device}", *([] if config.run.tensorboard else ["run.tensorboard=false"]),
+        given = [f"run.device={config.run.device}", f"run.report_to=[{','.join(config.run.report_to)}]",
                  *([] if config.run.threads is None else [f"run.threads={config.run.threads}"])]
         # eval.every: the stage saves every N steps and keeps those checkpoints' weights for the curves
         curves = [f"run.save_every={config.eval.every}", "run.keep_weights=true"] if config.eval.every else []
-        overrides = [*given, *stage.overrides, *curves, f"run.output_dir={out / name}"]
+        # stage.teacher: an external teacher, its checkpoint known once that stage has run (run_pipeline)
+        teacher = [f"teacher.model.name_or_path={config.model.name_or_path}"] if stage.teacher else []
+        overrides = [*given, *stage.overrides, *teacher, *curves, f"run.output_dir={out / name}"]
         stage_config = load_config(cls, stage.config or None, overrides)
-        planned.append((StageSpec(name, stage.command, stage.config, stage.overrides, start), start, stage_config))
-        names.append(name)
+        planned.append((dataclasses.replace(stage, name=name, start=start), start, stage_config))
+        previous = name
     return planned
 
 
@@ -164,12 +186,18 @@ def run_pipeline(config: PipelineConfig) -> Path:
     else:
         out = prepare_run_dir(out, config.run.overwrite, kind="pipeline")
     save_config(out, to_dict(config))
-    checkpoints = {config.start_name: config.model.name_or_path}
+    checkpoints = {config.start_name: config.model.name_or_path, **{m.name: m.name_or_path for m in config.models}}
     curves: dict[str, list[dict]] = {}
-    rows = [evaluate(config, config.start_name, "", config.model, out, 0.0)] if config.evaluate_start else []
+    rows = []
+    if config.evaluate_start:
+        for name, path in checkpoints.items():
+            rows.append(evaluate(config, name, "", dataclasses.replace(config.model, name_or_path=path), out, 0.0))
     for number, (stage, start, stage_config) in enumerate(stages, 1):
         _, run = stage_runner(stage.command)
         stage_config = _with_model(stage_config, checkpoints[start])
+        if stage.teacher:
+            teacher = dataclasses.replace(stage_config.teacher.model, name_or_path=checkpoints[stage.teacher])
+            stage_config = dataclasses.replace(stage_config, teacher=dataclasses.replace(stage_config.teacher, model=teacher))
         print(stage_header(number, len(stages), stage, stage_config), file=sys.stderr)
         started = time.perf_counter()
         run_dir = run(stage_config, name=stage.name)
@@ -219,8 +247,9 @@ def stage_header(number: int, stages: int, stage: StageSpec, stage_config) -> st
     """The line that opens a stage: which, what it runs, from which checkpoint, into which folder."""
     steps = stage_config.run.steps
     return (f"opsd pipeline: stage {number}/{stages} '{stage.name}': opsd {stage.command}, "
-            f"{steps} step{'s' if steps != 1 else ''} from '{stage.start}' ({stage_config.model.name_or_path}) "
-            f"→ {stage_config.run.output_dir}")
+            f"{steps} step{'s' if steps != 1 else ''} from '{stage.start}' ({stage_config.model.name_or_path})"
+            + (f", teacher '{stage.teacher}' ({stage_config.teacher.model.name_or_path})" if stage.teacher else "")
+            + f" → {stage_config.run.output_dir}")
 
 
 def _with_model(stage_config, name_or_path: str):
@@ -258,32 +287,45 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
 
 
 def add_compression(rows: list[dict]) -> list[dict]:
-    """compression = 1 − mean response tokens / those of the stage it started from, per benchmark."""
+    """Against the stage each one started from, per benchmark: compression = 1 − mean response tokens /
+    those of that stage, compression_ratio = its tokens / ours, and O1-Pruner's accuracy-efficiency
+    score `aes` (mean@k and mean tokens; opsd/cost.py)."""
     by_stage = {row["stage"]: row for row in rows}
     for row in rows:
         origin = by_stage.get(row["start"])
         for index, bench in enumerate(row["benchmarks"]):
-            before = origin["benchmarks"][index]["response_tokens_mean"] if origin else None
-            bench["compression"] = 1.0 - bench["response_tokens_mean"] / before if before else None
+            base = origin["benchmarks"][index] if origin else {}
+            before, tokens = base.get("response_tokens_mean"), bench["response_tokens_mean"]
+            bench["compression"] = 1.0 - tokens / before if before else None
+            bench["compression_ratio"] = before / tokens if before and tokens else None
+            bench["aes"] = accuracy_efficiency_score(bench["mean_at_k"], tokens, base.get("mean_at_k"), before)
     return rows
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| stage | from | benchmark | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | compression | truncated "
-             "| markers /1k tokens | latency p50 s | tok/s | peak MiB | GFLOPs / solved |", "|---" * 14 + "|"]
+    lines = ["| stage | from | benchmark | params | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | compression "
+             "| ratio | AES | truncated | markers /1k tokens | latency p50 s | tok/s | peak MiB | GFLOPs / solved |",
+             "|---" * 17 + "|"]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     num = lambda v, digits=1: "–" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    ratio = lambda v: "–" if v is None else f"{v:.2f}×"  # noqa: E731
     for row in rows:
         for b in row["benchmarks"]:
             accuracy = f"{100 * b['mean_at_k']:.1f} ± {100 * (b['mean_at_k_stderr'] or 0):.1f}"
             flops = b.get("compute_per_solved_flops")
-            lines.append(f"| {row['stage']} | {row['start'] or '–'} | {b['name']} | {accuracy} | {pct(b['maj_at_k'])} | "
+            params = b.get("parameters")
+            lines.append(f"| {row['stage']} | {row['start'] or '–'} | {b['name']} | "
+                         f"{'–' if params is None else f'{params / 1e6:.2f}M'} | {accuracy} | {pct(b['maj_at_k'])} | "
                          f"{num(b['response_tokens_mean'])} | {num(b['correct_response_tokens_mean'])} | "
-                         f"{pct(b['compression'])} | {pct(b['truncation_rate'])} | {num(b['markers_per_1k_tokens'], 2)} | "
+                         f"{pct(b['compression'])} | {ratio(b.get('compression_ratio'))} | {num(b.get('aes'), 2)} | "
+                         f"{pct(b['truncation_rate'])} | {num(b['markers_per_1k_tokens'], 2)} | "
                          f"{num(b.get('latency_p50_s'), 3)} | {num(b.get('throughput_tokens_per_s'), 0)} | "
                          f"{num(b.get('peak_memory_mib'))} | {'–' if flops is None else f'{flops / 1e9:.3g}'} |")
     k = rows[0]["k"] if rows else None
     return "\n".join(lines) + (f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error; "
+                               "compression: 1 − mean tokens / those of the stage it started from, ratio: theirs / ours; "
+                               "AES: O1-Pruner's accuracy-efficiency score against that stage (length gain + 3 × relative "
+                               "accuracy gain, or − 5 × relative accuracy loss; Luo et al. 2025, arXiv 2501.12570); "
                                "markers: reflective words (wait, hmm, ...) per 1,000 response tokens; latency: one "
                                "problem decoded alone; tok/s and peak memory: while the evaluation's samples are "
                                "decoded; GFLOPs / solved: 2 × parameters × mean tokens / mean@k (eval.md has the rest).\n")

@@ -7,7 +7,7 @@ the stage table (summary.md); accuracy against mean response tokens with the Par
 stages no other stage beats on both); the training curves of every stage (divergence, rollout
 accuracy, response length, student entropy, gradient norm, from metrics.jsonl); compression per
 difficulty level; reflective-marker density per stage; and three sampled responses to one held-out
-problem before and after the last stage, side by side (eval/<stage>/responses.jsonl). Figures are
+problem before and after each last stage of a branch, side by side (eval/<stage>/responses.jsonl). Figures are
 drawn with matplotlib (the `report` extra) and embedded in the page, which needs no network.
 
     opsd report runs/demo/pipeline          # → runs/demo/pipeline/report/report.html and its PNGs
@@ -219,20 +219,25 @@ def markers_figure(plt, rows: list[dict]):
 # --- the page -----------------------------------------------------------------------------------
 
 
-def before_after(pipeline: Path, rows: list[dict], samples: int = 3) -> str:
-    """Three responses to the first held-out problem, from the last stage's start and from the last stage."""
-    last = rows[-1]
-    before = read_jsonl(pipeline / "eval" / (last["start"] or "") / "responses.jsonl") if last["start"] else []
-    after = read_jsonl(pipeline / "eval" / last["stage"] / "responses.jsonl")
+def before_after(pipeline: Path, rows: list[dict], samples: int = 3, most: int = 12) -> str:
+    """Three responses to the first held-out problem before and after each stage no other stage
+    started from (the ends of the pipeline's branches: the demo's `opsd` and `small-opsd`), at most `most`."""
+    starts = {row["start"] for row in rows}
+    return "".join(_before_after(pipeline, row, samples) for row in [r for r in rows if r["stage"] not in starts][:most])
+
+
+def _before_after(pipeline: Path, row: dict, samples: int) -> str:
+    before = read_jsonl(pipeline / "eval" / row["start"] / "responses.jsonl") if row["start"] else []
+    after = read_jsonl(pipeline / "eval" / row["stage"] / "responses.jsonl")
     if not before or not after:
         return ""
     problem = after[0]["id"]
     columns = []
-    for name, responses in ((last["start"], before), (last["stage"], after)):
+    for name, responses in ((row["start"], before), (row["stage"], after)):
         cells = "".join(f"<pre class='{'ok' if r['correct'] else 'bad'}'>{html.escape(r['response'])}</pre>"
                         for r in [r for r in responses if r["id"] == problem][:samples])
         columns.append(f"<div class='col'><h4>{html.escape(name)}</h4>{cells}</div>")
-    return (f"<h3>One problem before and after '{html.escape(last['stage'])}'</h3><p>Problem <code>"
+    return (f"<h3>One problem before and after '{html.escape(row['stage'])}'</h3><p>Problem <code>"
             f"{html.escape(problem)}</code>; green: graded correct, red: wrong.</p><div class='row'>{''.join(columns)}</div>")
 
 

@@ -19,10 +19,13 @@ import yaml
 
 from opsd.errors import UserError, require
 from opsd.folders import MARKER, Kind, checkpoint_step, mark, remove_own, remove_partial_checkpoint
+from opsd.tracking import check_trackers
 
 TRAINING_STATE = "training_state.pt"
 # run options that may change between a run and its resumption; any other difference is refused
-CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.keep_weights", "run.tensorboard", "run.threads",
+# (run.tensorboard: the older spelling of run.report_to, in the config.yaml of runs begun before it)
+CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.keep_weights", "run.report_to",
+                        "run.tensorboard", "run.threads",
                         "run.resume", "run.overwrite", "verifier.timeout_s")
 
 
@@ -39,11 +42,17 @@ class RunConfig:
     seed: int = 0  # data order, sampling and initialisation (a pipeline: per stage)
     max_empty_steps_in_a_row: int = 5  # stop (exit 2) after this many steps with nothing to train on (a pipeline: per stage)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (a pipeline: given to every stage and evaluation)
-    tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed (a pipeline: every stage)
+    report_to: tuple[str, ...] | str = ("tensorboard",)  # trackers besides metrics.jsonl: tensorboard (when installed), wandb, trackio; [] or none: no tracker (a pipeline: every stage)
     threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU (a pipeline: every stage)
 
 
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # run.report_to=wandb reads as [wandb]; none as []
+            object.__setattr__(self, "report_to", () if self.report_to in ("none", "") else (self.report_to,))
+
+
 def check_run(run: RunConfig, world: int, per_step: str = "run.problems_per_step") -> None:
+    check_trackers(run.report_to)
     require(
         ("run.steps", run.steps >= 1, "at least 1"),
         (per_step, run.problems_per_step >= world, f"at least the number of processes ({world})"),

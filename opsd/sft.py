@@ -98,7 +98,8 @@ def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, start) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
-    with MetricsLog(run_dir, config.run.steps, config.run.tensorboard, done=progress["step"], name=name) as log:
+    with MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,
+                       config=to_dict(config)) as log:
         model.train()
         for step in range(progress["step"] + 1, config.run.steps + 1):
             started = time.perf_counter()

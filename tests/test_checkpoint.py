@@ -19,7 +19,7 @@ from opsd.tiny import build_tiny, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ["distill", str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=8", "sampling.n=2",
-           "run.problems_per_step=2", "optim.lr=1e-2", "run.tensorboard=false"]
+           "run.problems_per_step=2", "optim.lr=1e-2", "run.report_to=[]"]
 
 
 def distill(out: Path, *overrides: str) -> int:

@@ -162,7 +162,7 @@ def test_run_threads_reaches_torch_in_a_training_command_and_eval(tmp_path, monk
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     assert main(["distill", str(ROOT / "configs/tiny.yaml"), "run.threads=1", "run.steps=1", "run.problems_per_step=2",
-                 "sampling.max_new_tokens=4", "run.tensorboard=false", f"run.output_dir={tmp_path / 'run'}"]) == 0
+                 "sampling.max_new_tokens=4", "run.report_to=[]", f"run.output_dir={tmp_path / 'run'}"]) == 0
     assert calls == [1]
     responses = tmp_path / "r.jsonl"
     responses.write_text(json.dumps({"id": "arith_000", "response": "The answer is 54."}) + "\n")

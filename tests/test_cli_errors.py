@@ -115,7 +115,7 @@ def test_unknown_command_line_option_is_one_line(capsys):
 def test_duplicate_ids_are_a_warning(tmp_path, capsys):
     data = write(tmp_path / "dup.jsonl", rows(GOOD, GOOD, {**GOOD, "id": "b"}))
     code = main(["distill", str(ROOT / "configs/tiny.yaml"), f"data.path={data}", f"run.output_dir={tmp_path / 'run'}",
-                 "run.steps=1", "run.problems_per_step=2", "sampling.max_new_tokens=4", "run.tensorboard=false"])
+                 "run.steps=1", "run.problems_per_step=2", "sampling.max_new_tokens=4", "run.report_to=[]"])
     assert code == 0
     err = capsys.readouterr().err
     assert "opsd: warning: data file" in err and "dup.jsonl has 1 id(s) more than once (first: 'a')" in err

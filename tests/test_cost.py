@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opsd.config import load_config
-from opsd.cost import compute_per_solved, latency_summary, peak_memory, percentile, throughput
+from opsd.cost import accuracy_efficiency_score, compute_per_solved, latency_summary, peak_memory, percentile, throughput
 from opsd.eval import EvalConfig, run_eval
 from tests.test_eval import ARITHMETIC
 
@@ -59,3 +59,16 @@ def test_latency_can_be_skipped(tmp_path):
     row = evaluate(tmp_path, "none", "sampling.max_new_tokens=4", "cost.latency_problems=0")
     assert row["latency_problems"] == 0 and row["latency_p50_s"] is None
     assert row["throughput_tokens_per_s"] > 0
+
+
+def test_accuracy_efficiency_score_is_o1_pruners():
+    # O1-Pruner's Table 2, Marco-o1-7B on MATH: baseline 73.8% at 1156 tokens, O1-Pruner 77.5% at 657 → 0.58
+    assert accuracy_efficiency_score(77.5, 657, 73.8, 1156) == pytest.approx(0.582, abs=5e-4)
+    # accuracy in fractions or percent: the same score (both changes are relative)
+    assert accuracy_efficiency_score(0.775, 657, 0.738, 1156) == pytest.approx(accuracy_efficiency_score(77.5, 657, 73.8, 1156))
+    # a drop costs γ = 5 per relative point, as section 5.1 defines it: 0.1566 − 5 × 0.0841 (the paper's
+    # table prints 0.41 here, the drop added with β = 3: a slip of the table, not of the definition)
+    assert accuracy_efficiency_score(81.7, 447, 89.2, 530) == pytest.approx(83 / 530 - 5 * 7.5 / 89.2)
+    assert accuracy_efficiency_score(81.7, 447, 89.2, 530) < 0
+    assert accuracy_efficiency_score(0.5, 100, 0.5, 100) == 0.0
+    assert accuracy_efficiency_score(0.5, 100, 0.0, 100) is None and accuracy_efficiency_score(0.5, 100, 0.5, None) is None

@@ -15,7 +15,7 @@ from opsd.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["sampling.max_new_tokens=16", "sampling.n=2", "run.problems_per_step=4", "optim.micro_batch_size=3",
-        "optim.lr=1e-2", "optim.chunk_size=7", "run.tensorboard=false"]
+        "optim.lr=1e-2", "optim.chunk_size=7", "run.report_to=[]"]
 
 
 def distill(tmp_path, *overrides, name="run"):

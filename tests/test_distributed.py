@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 # greedy decoding and a fixed problem order: both runs see the same rollouts
 SAME_WORK = ["run.steps=1", "run.problems_per_step=4", "sampling.n=1", "sampling.temperature=0",
-             "sampling.max_new_tokens=12", "data.shuffle=false", "run.tensorboard=false", "optim.max_grad_norm=1e9",
+             "sampling.max_new_tokens=12", "data.shuffle=false", "run.report_to=[]", "optim.max_grad_norm=1e9",
              "optim.micro_batch_size=1", "optim.lr=1e-2"]
 
 

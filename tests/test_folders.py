@@ -14,7 +14,7 @@ from opsd.folders import MARKER, foreign_entry, mark, remove_own
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ["distill", str(ROOT / "configs/tiny.yaml"), "run.steps=2", "run.save_every=1", "run.keep_last=1",
-           "run.problems_per_step=2", "sampling.max_new_tokens=8", "run.tensorboard=false"]
+           "run.problems_per_step=2", "sampling.max_new_tokens=8", "run.report_to=[]"]
 
 
 def plant(path: Path) -> Path:

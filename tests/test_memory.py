@@ -51,7 +51,7 @@ def test_a_whole_training_step_never_materialises_batch_logits(tmp_path):
     with VocabRows(vocab) as probe:
         code = main(["distill", "configs/tiny.yaml", f"run.output_dir={tmp_path / 'run'}", "run.steps=1",
                      "run.problems_per_step=4", "sampling.n=2", "sampling.batch_size=4", "sampling.max_new_tokens=24",
-                     "optim.micro_batch_size=8", "optim.chunk_size=5", "run.tensorboard=false"])
+                     "optim.micro_batch_size=8", "optim.chunk_size=5", "run.report_to=[]"])
     assert code == 0
     # 8 rollouts × up to 24 tokens are distilled in one micro-batch; only 5 positions (or the 4
     # sequences being decoded) ever have logits at once

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from opsd.cli import main
 from opsd.pipeline import add_compression
 
@@ -40,11 +42,16 @@ def test_a_mistake_in_a_later_stage_stops_the_pipeline_before_it_starts(tmp_path
 
 
 def test_compression_is_against_the_stage_it_started_from():
-    rows = [{"stage": "rlvr", "start": "", "benchmarks": [{"response_tokens_mean": 200.0}]},
-            {"stage": "all", "start": "rlvr", "benchmarks": [{"response_tokens_mean": 50.0}]},
-            {"stage": "inc", "start": "rlvr", "benchmarks": [{"response_tokens_mean": 190.0}]}]
+    rows = [{"stage": "rlvr", "start": "", "benchmarks": [{"response_tokens_mean": 200.0, "mean_at_k": 0.5}]},
+            {"stage": "all", "start": "rlvr", "benchmarks": [{"response_tokens_mean": 50.0, "mean_at_k": 0.6}]},
+            {"stage": "inc", "start": "rlvr", "benchmarks": [{"response_tokens_mean": 190.0, "mean_at_k": 0.4}]},
+            {"stage": "more", "start": "all", "benchmarks": [{"response_tokens_mean": 50.0, "mean_at_k": 0.6}]}]
     add_compression(rows)
-    assert [r["benchmarks"][0]["compression"] for r in rows] == [None, 0.75, 0.050000000000000044]
+    benches = [r["benchmarks"][0] for r in rows]
+    assert [b["compression"] for b in benches] == [None, 0.75, pytest.approx(0.05), 0.0]
+    assert [b["compression_ratio"] for b in benches] == [None, 4.0, pytest.approx(200 / 190), 1.0]
+    # AES by hand: 0.75 + 3 × 0.2 (accuracy up 20%); 0.05 − 5 × 0.2 (down 20%); the same as its start: 0
+    assert [b["aes"] for b in benches] == [None, pytest.approx(1.35), pytest.approx(-0.95), 0.0]
 
 
 def test_each_checkpoint_is_evaluated_with_its_stages_model_options(tmp_path):
@@ -120,4 +127,41 @@ def test_stage_names_and_eval_every_are_checked_before_anything_runs(tmp_path, c
         assert all(word in err for word in words) and "stage name" in err, err
     assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.every=-1"]) == 2
     assert "eval.every" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_smaller_student_learns_from_an_earlier_stage_as_its_external_teacher(tmp_path, capsys):
+    from opsd.tiny import save_tiny
+
+    small = save_tiny(tmp_path / "small", hidden_size=32, num_layers=1)  # the same tokenizer as builtin:tiny
+    out = tmp_path / "pipe"
+    stages = ("stages=[{name: rlvr, command: rlvr, config: configs/rlvr-tiny.yaml, overrides: [run.steps=1]}, "
+              "{name: student, command: distill, config: configs/tiny.yaml, start: small, teacher: rlvr, "
+              "overrides: [run.steps=2, teacher.context=concise]}]")
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=4",
+                 "eval.cost.latency_problems=0", f"models=[{{name: small, name_or_path: {small}}}]", stages]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["stage"]: r for r in summary["rows"]}
+    assert [r["stage"] for r in summary["rows"]] == ["start", "small", "rlvr", "student"]
+    assert rows["student"]["start"] == "small" and rows["rlvr"]["start"] == "start"  # a model is not "the previous stage"
+    params = {name: row["benchmarks"][0]["parameters"] for name, row in rows.items()}
+    assert params["student"] == params["small"] < params["rlvr"] // 4
+    config = (out / "student" / "config.yaml").read_text()
+    assert summary["checkpoints"]["rlvr"] in config and str(small) in config  # the teacher: rlvr's final checkpoint
+    err = capsys.readouterr()
+    assert f"teacher 'rlvr' ({summary['checkpoints']['rlvr']})" in err.err and "| params |" in err.out
+
+
+def test_models_and_teachers_are_checked_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    base = ["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}"]
+    for extra, words in [
+        (["stages=[{name: a, command: sft, teacher: start}]"], ["teacher 'start'", "distill stage"]),
+        (["stages=[{name: a, command: distill, teacher: b}, {name: b, command: sft}]"], ["teacher 'b'"]),
+        (["models=[{name: m}]", "stages=[{name: a, command: sft}]"], ["model 'm' names no checkpoint"]),
+        (["models=[{name: a, name_or_path: x}]", "stages=[{name: a, command: sft}]"], ["named 'a'"]),
+    ]:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert all(word in err for word in words), err
     assert not out.exists()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs/presets").glob("*.yaml"))
 TINY = ["model.name_or_path=builtin:tiny", f"data.path={ROOT / 'configs/examples/arithmetic.jsonl'}",
         "sampling.max_new_tokens=8", "run.steps=2", "run.problems_per_step=2", "run.save_every=0",
-        "run.tensorboard=false", "optim.gradient_checkpointing=false"]
+        "run.report_to=[]", "optim.gradient_checkpointing=false"]
 
 
 def test_the_presets_are_there():

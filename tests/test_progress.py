@@ -27,7 +27,7 @@ def last_drawn(err: str) -> str:
 
 
 def test_the_bar_shows_the_numbers_of_the_step_just_done(tmp_path, capsys):
-    with MetricsLog(tmp_path, total_steps=3, tensorboard=False, name="distill") as log:
+    with MetricsLog(tmp_path, total_steps=3, report_to=(), name="distill") as log:
         log.write(1, {"x": 1.0}, postfix={"div": 0.25})
         frame = last_drawn(capsys.readouterr().err)
         assert frame.startswith("distill:") and "1/3" in frame and "div=0.25" in frame and "step" in frame
@@ -39,7 +39,7 @@ def test_the_bar_shows_the_numbers_of_the_step_just_done(tmp_path, capsys):
 @pytest.mark.parametrize("command", STAGES)
 def test_each_command_names_its_bar_and_counts_steps(tmp_path, capsys, command):
     out = tmp_path / command
-    assert main([command, *STAGES[command], f"run.output_dir={out}", "run.steps=2", "run.tensorboard=false"]) == 0
+    assert main([command, *STAGES[command], f"run.output_dir={out}", "run.steps=2", "run.report_to=[]"]) == 0
     err = capsys.readouterr().err
     frame = last_drawn(err.split(f"opsd {command}: 2 steps done")[0])  # the bar's last frame, before the summary
     assert frame.startswith(f"{command}:") and "2/2" in frame and "step" in frame

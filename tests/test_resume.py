@@ -21,11 +21,11 @@ from opsd.tiny import build_tiny
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = [str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=12", "sampling.n=2", "run.problems_per_step=2",
            "optim.micro_batch_size=2", "optim.lr=1e-2", "run.steps=4", "run.save_every=1", "run.keep_last=2",
-           "run.tensorboard=false", "teacher.weights.policy=ema", "teacher.weights.ema_decay=0.5"]
+           "run.report_to=[]", "teacher.weights.policy=ema", "teacher.weights.ema_decay=0.5"]
 SFT = [str(ROOT / "configs/sft-tiny.yaml"), f"data.path={ROOT / 'configs/examples/arithmetic-pairs.jsonl'}",
-       "run.steps=4", "run.save_every=1", "run.problems_per_step=4", "run.tensorboard=false"]
+       "run.steps=4", "run.save_every=1", "run.problems_per_step=4", "run.report_to=[]"]
 RLVR = [str(ROOT / "configs/rlvr-tiny.yaml"), "run.steps=3", "run.save_every=1", "run.problems_per_step=2",
-        "sampling.max_new_tokens=12", "run.tensorboard=false"]
+        "sampling.max_new_tokens=12", "run.report_to=[]"]
 UNTIMED = ("time/", "throughput/")
 
 

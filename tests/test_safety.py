@@ -19,7 +19,7 @@ from opsd.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [str(ROOT / "configs/tiny.yaml"), "run.steps=1", "run.problems_per_step=2", "sampling.max_new_tokens=4",
-       "run.tensorboard=false"]
+       "run.report_to=[]"]
 
 
 class Payload:

@@ -14,7 +14,7 @@ from opsd.runs import trim_rows
 from opsd.samples import pick
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["sampling.max_new_tokens=12", "run.problems_per_step=4", "run.tensorboard=false"]
+COMMON = ["sampling.max_new_tokens=12", "run.problems_per_step=4", "run.report_to=[]"]
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -85,7 +85,7 @@ def test_rlvr_samples_hold_reward_advantage_and_the_group_filter(tmp_path):
     out = tmp_path / "rlvr"
     assert main(["rlvr", str(ROOT / "configs/rlvr-tiny.yaml"), f"run.output_dir={out}", "run.steps=1",
                  "grpo.overlong_buffer=24", "sampling.max_new_tokens=32", "samples_per_step=100",
-                 "run.tensorboard=false"]) == 0
+                 "run.report_to=[]"]) == 0
     samples, (metrics,) = rows_of(out / "samples.jsonl"), rows_of(out / "metrics.jsonl")
     assert len(samples) == metrics["rollout/count"]
     assert sum(s["reward"] for s in samples) / len(samples) == pytest.approx(metrics["reward/mean"], abs=1e-6)

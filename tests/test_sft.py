@@ -31,7 +31,7 @@ def test_targets_are_the_response_and_eos_only():
 def test_sft_learns_the_responses(tmp_path):
     out = tmp_path / "sft"
     code = main(["sft", str(ROOT / "configs/sft-tiny.yaml"), f"data.path={pairs_file(tmp_path)}",
-                 f"run.output_dir={out}", "run.steps=30", "run.tensorboard=false"])
+                 f"run.output_dir={out}", "run.steps=30", "run.report_to=[]"])
     assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0]["loss/nll"], sum(r["loss/nll"] for r in rows[-5:]) / 5

@@ -111,7 +111,7 @@ def test_memo_run_puts_memos_into_teacher_prompts_and_not_the_student(tmp_path, 
     out = tmp_path / "memo"
     assert main(["distill", str(ROOT / "configs/tiny.yaml"), f"run.output_dir={out}", "run.steps=1",
                  "teacher.context=memo", "teacher.memo_max_tokens=8", "sampling.max_new_tokens=8",
-                 "run.tensorboard=false"]) == 0
+                 "run.report_to=[]"]) == 0
     assert len(seen["teacher"]) == 16 and len(seen["student"]) == 16  # 8 problems × 2 samples, kept by gating=all
     assert all("A memo you wrote" not in text for text in seen["student"])
     assert all("A memo you wrote" in text for text in seen["teacher"])
@@ -125,7 +125,7 @@ def test_memo_run_puts_memos_into_teacher_prompts_and_not_the_student(tmp_path, 
 
 def test_external_teacher_with_the_same_weights_gives_the_self_teacher_loss(tmp_path):
     folder = save_tiny(tmp_path / "teacher")  # the builtin tiny model's initial weights
-    common = [str(ROOT / "configs/tiny.yaml"), "run.steps=1", "run.tensorboard=false", "sampling.max_new_tokens=12"]
+    common = [str(ROOT / "configs/tiny.yaml"), "run.steps=1", "run.report_to=[]", "sampling.max_new_tokens=12"]
     assert main(["distill", *common, f"run.output_dir={tmp_path / 'self'}"]) == 0
     assert main(["distill", *common, f"run.output_dir={tmp_path / 'ext'}", f"teacher.model.name_or_path={folder}"]) == 0
     own, ext = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("self", "ext"))
@@ -145,7 +145,7 @@ def test_external_teacher_with_another_vocabulary_is_refused(tmp_path, capsys):
 def test_purified_run_logs_its_diagnostics(tmp_path):
     out = tmp_path / "pur"
     assert main(["distill", str(ROOT / "configs/tiny.yaml"), f"run.output_dir={out}", "run.steps=1",
-                 "teacher.context=purified", "loss.kind=jsd", "sampling.max_new_tokens=8", "run.tensorboard=false"]) == 0
+                 "teacher.context=purified", "loss.kind=jsd", "sampling.max_new_tokens=8", "run.report_to=[]"]) == 0
     row = json.loads((out / "metrics.jsonl").read_text())
     assert -1.0 <= row["purified/gap_cosine"] <= 1.0 and row["purified/gap_norm_ratio"] >= 0
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])  # the three views: πT, πR, P0
@@ -166,7 +166,7 @@ def test_chunked_divergence_to_a_linear_teacher_is_the_plain_one():
 
 def test_external_teacher_in_another_dtype(tmp_path):
     folder = save_tiny(tmp_path / "teacher")
-    common = [str(ROOT / "configs/tiny.yaml"), "run.steps=1", "run.tensorboard=false", "sampling.max_new_tokens=12",
+    common = [str(ROOT / "configs/tiny.yaml"), "run.steps=1", "run.report_to=[]", "sampling.max_new_tokens=12",
               f"teacher.model.name_or_path={folder}"]
     assert main(["distill", *common, f"run.output_dir={tmp_path / 'fp32'}"]) == 0
     assert main(["distill", *common, f"run.output_dir={tmp_path / 'bf16'}", "teacher.model.dtype=bfloat16"]) == 0
