@@ -42,6 +42,12 @@ Command = Literal["sft", "rlvr", "distill"]
 
 
 @dataclass(frozen=True)
+class Sweep:
+    key: str = ""  # a config key of the stage's command (optim.lr, run.steps, teacher.concise_instruction, ...)
+    values: tuple[Any, ...] = ()  # one stage per value, named <stage>-<value> (<stage>-<n> when a value is no folder name)
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str = ""  # row label and sub-folder name
     command: Command = "distill"  # sft | rlvr | distill
@@ -49,6 +55,7 @@ class StageSpec:
     overrides: tuple[str, ...] = ()  # key=value overrides of that config
     start: str = ""  # stage (or entry of `models`) whose checkpoint it starts from; "" = the previous stage (the first: `model`)
     teacher: str = ""  # distill: an earlier stage (or entry of `models`) whose checkpoint is the external teacher (teacher.model)
+    sweep: Sweep | None = None  # run this stage once per value of one key, each from the same start (a stage after it starts from the last)
 
 
 @dataclass(frozen=True)
@@ -116,10 +123,10 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         raise UserError("the pipeline lists no stages")
     if config.eval.every < 0:
         raise UserError("eval.every must be non-negative (0: only each stage's final checkpoint)")
-    names, previous = [config.start_name], config.start_name
-    labels = [("model", m.name) for m in config.models]
-    labels += [("stage", stage.name or f"{index + 1}-{stage.command}") for index, stage in enumerate(config.stages)]
-    for (what, name), item in zip(labels, [*config.models, *config.stages]):
+    stages = expand_sweeps(config.stages, config.start_name)
+    names = [config.start_name]
+    for what, item in [*(("model", m) for m in config.models), *(("stage", stage) for stage in stages)]:
+        name = item.name
         if not STAGE_NAME.fullmatch(name) or name in ("eval", "report"):
             raise UserError(f"{what} name '{name}': use letters, digits, '.', '_' and '-' (not starting with '.' "
                             "or '-'), and neither 'eval' nor 'report' (folders of the pipeline)")
@@ -129,10 +136,9 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
             raise UserError(f"pipeline model '{name}' names no checkpoint (name_or_path)")
         names.append(name)
     planned = []
-    for index, stage in enumerate(config.stages):
-        name = stage.name or f"{index + 1}-{stage.command}"
+    for stage in stages:
+        name, start = stage.name, stage.start
         earlier = names[:names.index(name)]
-        start = stage.start or previous
         if start not in earlier:
             raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage or a model")
         if stage.teacher and (stage.command != "distill" or stage.teacher not in earlier):
@@ -147,9 +153,30 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         teacher = [f"teacher.model.name_or_path={config.model.name_or_path}"] if stage.teacher else []
         overrides = [*given, *stage.overrides, *teacher, *curves, f"run.output_dir={out / name}"]
         stage_config = load_config(cls, stage.config or None, overrides)
-        planned.append((dataclasses.replace(stage, name=name, start=start), start, stage_config))
-        previous = name
+        planned.append((stage, start, stage_config))
     return planned
+
+
+def expand_sweeps(stages: tuple[StageSpec, ...], start_name: str) -> list[StageSpec]:
+    """The stages with their names and starts filled in, a stage with a sweep replaced by one stage per
+    value (its overrides plus `key=value`), each from the sweep's start."""
+    expanded, previous = [], start_name
+    for index, stage in enumerate(stages):
+        stage = dataclasses.replace(stage, name=stage.name or f"{index + 1}-{stage.command}", start=stage.start or previous)
+        if stage.sweep is None:
+            expanded.append(stage)
+        else:
+            key, values = stage.sweep.key, stage.sweep.values
+            if not key or not values:
+                raise UserError(f"stage '{stage.name}': sweep needs a key and at least one value")
+            names = [f"{stage.name}-{value}" for value in values]
+            if not all(STAGE_NAME.fullmatch(name) for name in names) or len(set(names)) < len(names):
+                names = [f"{stage.name}-{number}" for number in range(1, len(values) + 1)]
+            expanded += [dataclasses.replace(stage, name=name, sweep=None,
+                                             overrides=(*stage.overrides, f"{key}={json.dumps(value)}"))
+                         for name, value in zip(names, values)]
+        previous = expanded[-1].name
+    return expanded
 
 
 def check_data(config: PipelineConfig, stages: list[tuple[StageSpec, str, Any]]) -> None:

@@ -165,3 +165,26 @@ def test_models_and_teachers_are_checked_before_anything_runs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert all(word in err for word in words), err
     assert not out.exists()
+
+
+def test_a_sweep_runs_one_stage_per_value_from_the_same_start(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    stages = ("stages=[{name: sft, command: sft, config: configs/sft-tiny.yaml, overrides: "
+              "[data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=2]}, {name: opsd, command: distill, "
+              "config: configs/tiny.yaml, sweep: {key: run.steps, values: [1, 2]}}, "
+              "{name: concise, command: distill, config: configs/tiny.yaml, start: sft, overrides: [run.steps=1], "
+              "sweep: {key: teacher.concise_instruction, values: ['Be concise.', 'Be brief.']}}]")
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=4",
+                 "eval.cost.latency_problems=0", stages]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["stage"], r["start"]) for r in summary["rows"]] == [
+        ("start", ""), ("sft", "start"), ("opsd-1", "sft"), ("opsd-2", "sft"), ("concise-1", "sft"), ("concise-2", "sft")]
+    assert summary["checkpoints"]["opsd-1"].endswith("step_000001") and summary["checkpoints"]["opsd-2"].endswith("step_000002")
+    import yaml
+
+    instruction = [yaml.safe_load((out / f"concise-{n}" / "config.yaml").read_text())["teacher"]["concise_instruction"]
+                   for n in (1, 2)]
+    assert instruction == ["Be concise.", "Be brief."]  # values that are no folder names: numbered stages
+    assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={tmp_path / 'bad'}",
+                 "stages=[{name: a, command: sft, sweep: {key: run.steps}}]"]) == 2
+    assert "sweep needs a key and at least one value" in capsys.readouterr().err
