@@ -6,7 +6,11 @@ scratch by `opsd sft` to think verbosely by default (restating, checking each st
 self-corrections) and to answer concisely after "Be concise.". The shipped SFT checkpoint
 (opsd/assets/toyworld-sft) was made by `opsd demo --from-scratch`; the demo starts from it, then runs
 RLVR (GRPO/DAPO) and OPSD (the concise teacher, correct-only gating, forward KL) and evaluates every
-checkpoint on 200 held-out problems (50 per level), printing the stage table.
+checkpoint on 200 held-out problems (50 per level), printing the stage table. Big → small: a student
+with a quarter of the parameters, SFT'd on the same data (opsd/assets/toyworld-sft-small, also made
+by `--from-scratch`), is distilled on its own rollouts from the RLVR model as an external teacher
+under the same concise instruction (row `small-opsd`, from `small-sft`, teacher `rlvr`); the ablation
+adds the small student as its own concise teacher (`small-self`), which tells what the bigger teacher adds.
 
     opsd demo                 # shipped SFT → RLVR → OPSD, README: its measured time
     opsd demo --ablation      # + the papers' experiments from the same RLVR checkpoint (opsd_rows)
@@ -27,14 +31,16 @@ from opsd.errors import UserError
 from opsd.folders import mark
 from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
-from opsd.pipeline import PipelineConfig, PipelineEvalConfig, StageSpec, run_pipeline
+from opsd.pipeline import NamedModel, PipelineConfig, PipelineEvalConfig, StageSpec, run_pipeline
 from opsd.runs import RunConfig, prepare_run_dir
 from opsd.tiny import save_tiny
 
 ASSETS = Path(str(resources.files("opsd") / "assets"))
 SHIPPED_SFT = ASSETS / "toyworld-sft"
 INSTRUCTION = "Be concise."
-MODEL_SHAPE = dict(hidden_size=128, num_layers=4, intermediate_size=384, seed=0)
+SHIPPED_SMALL_SFT = ASSETS / "toyworld-sft-small"
+MODEL_SHAPE = dict(hidden_size=128, num_layers=4, intermediate_size=384, seed=0)  # 0.80M parameters
+SMALL_SHAPE = dict(hidden_size=64, num_layers=4, intermediate_size=192, seed=0)  # 0.20M: the big → small student
 SFT_ROWS, RLVR_PROBLEMS, OPSD_PROBLEMS = 100_000, 2_000, 2_000
 REFERENCE_LR = 6.0e-6  # the ablation's reference-teacher rows (opsd_rows)
 
@@ -66,18 +72,30 @@ def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, 
     short.append(f"run.seed={seed}")
     stages = []
     if from_scratch:
-        sft_overrides = [f"data.path={files['sft']}", *(["run.steps=20"] if quick else [])]
-        stages.append(StageSpec("sft", "sft", str(ASSETS / "demo" / "sft.yaml"), tuple(sft_overrides)))
-    stages.append(StageSpec("rlvr", "rlvr", str(ASSETS / "demo" / "rlvr.yaml"), (f"data.path={files['rlvr']}", *short)))
+        sft_overrides = (f"data.path={files['sft']}", *(["run.steps=20"] if quick else []))
+        stages.append(StageSpec("sft", "sft", str(ASSETS / "demo" / "sft.yaml"), sft_overrides))
+        stages.append(StageSpec("small-sft", "sft", str(ASSETS / "demo" / "sft.yaml"), sft_overrides, start="init-small"))
+    stages.append(StageSpec("rlvr", "rlvr", str(ASSETS / "demo" / "rlvr.yaml"), (f"data.path={files['rlvr']}", *short),
+                            start="sft" if from_scratch else ""))
     for name, overrides in opsd_rows(ablation):
         overrides = (f"data.path={files['opsd']}", *overrides, *short)
         stages.append(StageSpec(name, "distill", str(ASSETS / "demo" / "opsd.yaml"), overrides, start="rlvr"))
+    # big → small: the RLVR model teaches the small student on the student's rollouts, as `opsd` does;
+    # the ablation's control: the small student as its own concise teacher (what the big teacher adds)
+    small_overrides = (f"data.path={files['opsd']}", "gating=correct_only", *short)
+    stages.append(StageSpec("small-opsd", "distill", str(ASSETS / "demo" / "opsd.yaml"), small_overrides,
+                            start="small-sft", teacher="rlvr"))
+    if ablation:
+        stages.append(StageSpec("small-self", "distill", str(ASSETS / "demo" / "opsd.yaml"), small_overrides,
+                                start="small-sft"))
+    small = NamedModel("init-small", str(out / "init-small")) if from_scratch else NamedModel("small-sft", str(SHIPPED_SMALL_SFT))
     start = out / "init" if from_scratch else SHIPPED_SFT
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=400, n=1 if quick else 4, batch_size=800)
     return PipelineConfig(
         model=ModelConfig(name_or_path=str(start)),
         start_name="init" if from_scratch else "sft",
         evaluate_start=not from_scratch,
+        models=(small,),
         stages=tuple(stages),
         eval=PipelineEvalConfig(data=(str(files["heldout"]),), sampling=sampling),
         run=RunConfig(output_dir=str(out / pipeline_dir), device="cpu"),
@@ -119,8 +137,9 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, ablation: bool 
     out = prepare_run_dir(output_dir, overwrite=True, kind="demo", deleting_for="opsd demo --output-dir")
     files = write_world(out / "data", quick, from_scratch)
     if from_scratch:
-        init = save_tiny(out / "init", alphabet=toyworld.ALPHABET, **MODEL_SHAPE)
-        mark(Path(init), "listed", [path.name for path in Path(init).iterdir()])
+        for name, shape in (("init", MODEL_SHAPE), ("init-small", SMALL_SHAPE)):
+            init = save_tiny(out / name, alphabet=toyworld.ALPHABET, **shape)
+            mark(Path(init), "listed", [path.name for path in Path(init).iterdir()])
     if len(seeds) == 1:
         return run_pipeline(demo_config(out, files, quick, ablation, from_scratch, seeds[0]))
     for seed in seeds:

@@ -6,14 +6,16 @@ import pytest
 import yaml
 
 from opsd.cli import main
-from opsd.demo import SHIPPED_SFT
+from opsd.demo import SHIPPED_SFT, SHIPPED_SMALL_SFT
 from opsd import toyworld
 
 
-def test_shipped_sft_checkpoint_is_a_model_folder():
-    assert (SHIPPED_SFT / "model.safetensors").is_file() and (SHIPPED_SFT / "tokenizer.json").is_file()
-    info = json.loads((SHIPPED_SFT / "opsd_checkpoint.json").read_text())
+@pytest.mark.parametrize("folder", [SHIPPED_SFT, SHIPPED_SMALL_SFT])
+def test_shipped_sft_checkpoints_are_model_folders(folder):
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    info = json.loads((folder / "opsd_checkpoint.json").read_text())
     assert info["stage"] == "sft"
+    assert (folder / "tokenizer.json").read_text() == (SHIPPED_SFT / "tokenizer.json").read_text()  # one tokenizer
 
 
 def check_report(folder, stages, k):
@@ -30,14 +32,19 @@ def check_report(folder, stages, k):
         pixels = matplotlib.image.imread(png)
         assert pixels.std() > 0.05, png.name  # something is drawn on the white page
     assert all(f"<td>{stage}</td>" in page for stage in stages)
-    assert "One problem before and after 'opsd'" in page and page.count("<pre class=") == 2 * min(k, 3)
+    assert "One problem before and after 'opsd'" in page and "One problem before and after 'small-opsd'" in page
+    assert page.count("<pre class=") == 2 * 2 * min(k, 3)
 
 
 def test_quick_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "pipeline" / "summary.json").read_text())
-    assert [(r["stage"], r["start"]) for r in summary["rows"]] == [("sft", ""), ("rlvr", "sft"), ("opsd", "rlvr")]
+    assert [(r["stage"], r["start"]) for r in summary["rows"]] == [("sft", ""), ("small-sft", ""), ("rlvr", "sft"),
+                                                                   ("opsd", "rlvr"), ("small-opsd", "small-sft")]
+    params = {r["stage"]: r["benchmarks"][0]["parameters"] for r in summary["rows"]}
+    assert params["small-opsd"] == params["small-sft"] and 3.5 < params["rlvr"] / params["small-opsd"] < 4.5
+    assert summary["checkpoints"]["rlvr"] in (out / "pipeline" / "small-opsd" / "config.yaml").read_text()  # its teacher
     for row in summary["rows"]:
         (bench,) = row["benchmarks"]
         assert bench["problems"] == 10 * len(toyworld.LEVELS)
@@ -48,7 +55,8 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| opsd | rlvr | heldout |" in printed and "standard error" in printed
     assert f"report: {out / 'pipeline' / 'report' / 'report.html'}" in printed
-    check_report(out / "pipeline" / "report", stages=["sft", "rlvr", "opsd"], k=summary["rows"][0]["k"])
+    check_report(out / "pipeline" / "report", stages=["sft", "small-sft", "rlvr", "opsd", "small-opsd"],
+                 k=summary["rows"][0]["k"])
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0  # a demo folder holding its report is replaced
 
 
@@ -58,9 +66,11 @@ def test_seed_reaches_the_rlvr_and_opsd_stages_only(tmp_path):
     files = {name: tmp_path / f"{name}.jsonl" for name in ("heldout", "rlvr", "opsd")}
     config = demo_config(tmp_path, files, quick=False, ablation=True, from_scratch=False, seed=7)
     assert [s.name for s in config.stages] == ["rlvr", "opsd", "opsd-all", "opsd-incorrect-only", "ref-correct-only",
-                                               "ref-incorrect-only", "ref-all", "ref-all-jsd", "purified"]
+                                               "ref-incorrect-only", "ref-all", "ref-all-jsd", "purified", "small-opsd",
+                                               "small-self"]
     assert all("run.seed=7" in stage.overrides for stage in config.stages)
-    assert all(stage.start == "rlvr" for stage in config.stages[1:])  # every experiment from the same RLVR model
+    assert all(stage.start == "rlvr" for stage in config.stages[1:-2])  # every experiment from the same RLVR model
+    assert [(s.start, s.teacher) for s in config.stages[-2:]] == [("small-sft", "rlvr"), ("small-sft", "")]  # big → small
     assert config.eval.seed == 0 and config.model.name_or_path == str(SHIPPED_SFT)  # evaluation and start unchanged
 
 
@@ -85,7 +95,7 @@ def test_quick_demo_over_seeds_reports_the_spread_across_them(tmp_path, capsys):
     assert main(["demo", "--quick", "--seeds", "1,2", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [1, 2]
-    assert [row["stage"] for row in summary["rows"]] == ["sft", "rlvr", "opsd"]
+    assert [row["stage"] for row in summary["rows"]] == ["sft", "small-sft", "rlvr", "opsd", "small-opsd"]
     per_seed = {seed: json.loads((out / f"seed_{seed}" / "summary.json").read_text())["rows"] for seed in (1, 2)}
     for index, row in enumerate(summary["rows"]):
         values = [per_seed[seed][index]["benchmarks"][0]["mean_at_k"] for seed in (1, 2)]
@@ -116,6 +126,8 @@ def test_ablation_rows_are_the_papers_experiments(tmp_path):
         "ref-all": ("reference", "all", "forward_kl", REFERENCE_LR),
         "ref-all-jsd": ("reference", "all", "jsd", demo_lr),
         "purified": ("purified", "all", "jsd", demo_lr),
+        "small-opsd": ("concise", "correct_only", "forward_kl", demo_lr),  # the RLVR model as its external teacher
+        "small-self": ("concise", "correct_only", "forward_kl", demo_lr),  # the small student as its own teacher
     }
     got = {name: (c.teacher.context, c.gating, c.loss.kind, c.optim.lr) for name, c in resolved.items()}
     assert got == expect
