@@ -123,11 +123,15 @@ def colour(index: int) -> str:
 def accuracy_tokens_figure(plt, rows: list[dict], title: str):
     points = [(b["response_tokens_mean"], 100 * b["mean_at_k"]) for row in rows for b in row["benchmarks"][:1]]
     errors = [100 * (b["mean_at_k_stderr"] or 0) for row in rows for b in row["benchmarks"][:1]]
+    sizes = [b.get("parameters") for row in rows for b in row["benchmarks"][:1]]
     figure, axes = plt.subplots(figsize=(7.4, 4.2))
-    for index, ((tokens, accuracy), error, row) in enumerate(zip(points, errors, rows)):
-        axes.errorbar(tokens, accuracy, yerr=error, fmt="o", capsize=3, color=colour(index), label=row["stage"])
-    front = pareto_front(points)
-    axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", linewidth=1, label="Pareto front")
+    for index, ((tokens, accuracy), error, row, size) in enumerate(zip(points, errors, rows, sizes)):
+        # models of several sizes (big → small): each label says its size
+        label = row["stage"] + (f" ({size / 1e6:.2f}M)" if size and len(set(sizes)) > 1 else "")
+        axes.errorbar(tokens, accuracy, yerr=error, fmt="o", capsize=3, color=colour(index), label=label)
+    front = pareto_front(points)  # ringed, so that a front of one point shows too
+    axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", marker="o", markersize=12,
+              markerfacecolor="none", linewidth=1, label="Pareto front")
     axes.set(xlabel="mean response tokens", ylabel="accuracy, mean@k ± s.e. (%)", title=title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
