@@ -27,12 +27,14 @@ STEP = re.compile(r"step_(\d+)")  # a checkpoint folder, step_000010
 PARTIAL_STEP = re.compile(r"step_(\d+)\.tmp")  # one being written (or interrupted)
 REPORT = "report"  # the folder `opsd report` writes into a run, pipeline or demo folder
 WANDB_ID = "opsd-run-id"  # in RUN/wandb/ (run.report_to: wandb): the wandb run a resumed opsd run continues
+TRACKIO_NAME = "trackio-run-name"  # in RUN/ (run.report_to: trackio): the trackio run a resumed opsd run continues
+_WANDB_FILES = frozenset({WANDB_ID, "debug.log", "debug-internal.log", "latest-run"})  # what wandb.init(dir=RUN) writes
 EVAL_OUTPUTS = ("eval.json", "eval.md", "responses.jsonl")  # what `opsd eval` writes (each through a .tmp)
 EVAL_FILES = frozenset({*EVAL_OUTPUTS, *(f"{name}.tmp" for name in EVAL_OUTPUTS)})
 
 # files a folder of each kind may hold besides the marker (subfolders are checked by `_foreign`)
 _FILES: dict[str, frozenset[str]] = {
-    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "samples.jsonl", "samples.jsonl.tmp"}),
+    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "samples.jsonl", "samples.jsonl.tmp", TRACKIO_NAME}),
     "eval": EVAL_FILES | {"row.json"},
     "pipeline": frozenset({"config.yaml", "summary.json", "summary.md"}),
     "demo": frozenset({"summary.json", "summary.md"}),
@@ -81,8 +83,8 @@ def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
         return None if entry.name in _FILES.get(kind, frozenset()) else entry
     if kind == "run" and entry.name == "checkpoints":
         return _first(foreign_checkpoint(step) for step in sorted(entry.iterdir()))
-    if kind == "run" and entry.name == "wandb" and (entry / WANDB_ID).is_file():  # run.report_to: wandb's own files
-        return None
+    if kind == "run" and entry.name == "wandb" and (entry / WANDB_ID).is_file():  # run.report_to: wandb
+        return _foreign_in_wandb(entry)
     if kind == "run" and entry.name == "tensorboard":
         return _first(None if f.is_file() and not f.is_symlink() and f.name.startswith("events.out.tfevents.") else f
                       for f in sorted(entry.iterdir()))
@@ -96,6 +98,17 @@ def _foreign(entry: Path, kind: str, folder: Path) -> Path | None:
         pipeline = entry.name == "pipeline" or entry.name.startswith("seed_")
         return _own_subfolder(entry, "pipeline" if pipeline else "listed")
     return entry
+
+
+def _foreign_in_wandb(folder: Path) -> Path | None:
+    """RUN/wandb/ holds our run id, wandb's logs and the latest-run link, and wandb's folder of each
+    session of that run (offline-run-DATE-ID or run-DATE-ID, whose inside is wandb's); anything else
+    is not ours."""
+    run_id = (folder / WANDB_ID).read_text(encoding="utf-8").strip()
+    session = re.compile(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}")
+    return _first(None if entry.name in _WANDB_FILES or (entry.is_dir() and not entry.is_symlink()
+                                                         and session.fullmatch(entry.name)) else entry
+                  for entry in sorted(folder.iterdir()))
 
 
 def foreign_checkpoint(step: Path) -> Path | None:

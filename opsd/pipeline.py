@@ -31,7 +31,7 @@ from opsd.cost import COST_FIELDS, CostConfig, accuracy_efficiency_score
 from opsd.data import load_problems
 from opsd.errors import UserError
 from opsd.eval import EVAL_SAMPLING, EvalConfig, run_eval
-from opsd.folders import checkpoint_step, remove_own
+from opsd.folders import MARKER, checkpoint_step, remove_own
 from opsd.generation import SamplingConfig
 from opsd.models import ModelConfig
 from opsd.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config, use_threads
@@ -115,6 +115,22 @@ def stage_runner(command: Command):
 
 
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name; '@' marks eval.every's checkpoints
+RESERVED_NAMES = frozenset({"eval", "report", "config.yaml", "summary.json", "summary.md", MARKER})
+# keys a pipeline sets on its stages (a sweep over them would run the same stage N times)
+SET_BY_PIPELINE = frozenset({"model.name_or_path", "run.output_dir"})
+SET_BY_EVAL_EVERY = frozenset({"run.save_every", "run.keep_weights"})
+
+
+def check_stage(command: Command, stage_config) -> None:
+    """A stage's own checks (its command's check_options and its trackers), for one process."""
+    check_trackers(stage_config.run.report_to)
+    if command == "sft":
+        from opsd.sft import check_options
+    elif command == "rlvr":
+        from opsd.rlvr import check_options
+    else:
+        from opsd.distill import check_options
+    check_options(stage_config)
 
 
 def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
@@ -123,41 +139,51 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         raise UserError("the pipeline lists no stages")
     if config.eval.every < 0:
         raise UserError("eval.every must be non-negative (0: only each stage's final checkpoint)")
-    stages = expand_sweeps(config.stages, config.start_name)
+    stages = expand_sweeps(config.stages, config.start_name, config.eval.every)
     names = [config.start_name]
     for what, item in [*(("model", m) for m in config.models), *(("stage", stage) for stage in stages)]:
         name = item.name
-        if not STAGE_NAME.fullmatch(name) or name in ("eval", "report"):
+        if not STAGE_NAME.fullmatch(name) or name in RESERVED_NAMES:
             raise UserError(f"{what} name '{name}': use letters, digits, '.', '_' and '-' (not starting with '.' "
-                            "or '-'), and neither 'eval' nor 'report' (folders of the pipeline)")
+                            f"or '-'), and none of {', '.join(sorted(RESERVED_NAMES))} (the pipeline's own files)")
         if name in names:
-            raise UserError(f"two pipeline stages or models are named '{name}'")
+            raise UserError(f"two pipeline stages or models are named '{name}'"
+                            + (" (a sweep names its stages <stage>-<value>)" if item in stages and "-" in name else ""))
         if what == "model" and not item.name_or_path:
             raise UserError(f"pipeline model '{name}' names no checkpoint (name_or_path)")
         names.append(name)
-    planned = []
-    for stage in stages:
+    for stage in stages:  # the graph first, then each stage's config
         name, start = stage.name, stage.start
         earlier = names[:names.index(name)]
         if start not in earlier:
             raise UserError(f"stage '{name}' starts from '{start}', which is not an earlier stage or a model")
-        if stage.teacher and (stage.command != "distill" or stage.teacher not in earlier):
-            raise UserError(f"stage '{name}': teacher '{stage.teacher}' must be an earlier stage or a model, "
-                            "and the stage a distill stage")
+        if stage.teacher and stage.command != "distill":
+            raise UserError(f"stage '{name}': only a distill stage has a teacher (it is an {stage.command} stage)")
+        if stage.teacher and stage.teacher not in earlier:
+            raise UserError(f"stage '{name}': its teacher '{stage.teacher}' is not an earlier stage or a model")
+    planned = []
+    for stage in stages:
+        name, start = stage.name, stage.start
         cls, _ = stage_runner(stage.command)
-        given = [f"run.device={config.run.device}", f"run.report_to=[{','.join(config.run.report_to)}]",
+        # the pipeline's run.report_to reaches every stage when it is not the default (a stage's own stays)
+        trackers = [] if config.run.report_to == RunConfig().report_to else [f"run.report_to=[{','.join(config.run.report_to)}]"]
+        given = [f"run.device={config.run.device}", *trackers,
                  *([] if config.run.threads is None else [f"run.threads={config.run.threads}"])]
         # eval.every: the stage saves every N steps and keeps those checkpoints' weights for the curves
         curves = [f"run.save_every={config.eval.every}", "run.keep_weights=true"] if config.eval.every else []
         # stage.teacher: an external teacher, its checkpoint known once that stage has run (run_pipeline)
-        teacher = [f"teacher.model.name_or_path={config.model.name_or_path}"] if stage.teacher else []
+        teacher = [f"teacher.model.name_or_path=stage:{stage.teacher}"] if stage.teacher else []
         overrides = [*given, *stage.overrides, *teacher, *curves, f"run.output_dir={out / name}"]
         stage_config = load_config(cls, stage.config or None, overrides)
+        try:  # the stage's own checks, before the first stage runs
+            check_stage(stage.command, stage_config)
+        except UserError as err:
+            raise UserError(f"pipeline stage '{name}': {err}") from None
         planned.append((stage, start, stage_config))
     return planned
 
 
-def expand_sweeps(stages: tuple[StageSpec, ...], start_name: str) -> list[StageSpec]:
+def expand_sweeps(stages: tuple[StageSpec, ...], start_name: str, eval_every: int = 0) -> list[StageSpec]:
     """The stages with their names and starts filled in, a stage with a sweep replaced by one stage per
     value (its overrides plus `key=value`), each from the sweep's start."""
     expanded, previous = [], start_name
@@ -169,6 +195,12 @@ def expand_sweeps(stages: tuple[StageSpec, ...], start_name: str) -> list[StageS
             key, values = stage.sweep.key, stage.sweep.values
             if not key or not values:
                 raise UserError(f"stage '{stage.name}': sweep needs a key and at least one value")
+            if (key in SET_BY_PIPELINE or (key in SET_BY_EVAL_EVERY and eval_every)
+                    or (key == "teacher.model.name_or_path" and stage.teacher)):
+                raise UserError(f"stage '{stage.name}': sweep.key {key} is set by the pipeline itself "
+                                "(start models are stages or `models`; eval.every sets the checkpoints)")
+            if len({json.dumps(value, sort_keys=True) for value in values}) < len(values):
+                raise UserError(f"stage '{stage.name}': sweep.values repeats a value")
             names = [f"{stage.name}-{value}" for value in values]
             if not all(STAGE_NAME.fullmatch(name) for name in names) or len(set(names)) < len(names):
                 names = [f"{stage.name}-{number}" for number in range(1, len(values) + 1)]
@@ -207,7 +239,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
             raise UserError(f"evaluation file {path} does not exist")
     check_data(config, stages)
     if (out / "config.yaml").is_file() and not config.run.overwrite:
-        check_same_config(out, to_dict(config), ("run.overwrite", "run.resume", "run.threads"))
+        check_same_config(out, to_dict(config), ("run.overwrite", "run.resume", "run.threads", "run.report_to",
+                                                 "run.tensorboard"), PipelineConfig)
     elif config.run.resume:
         raise UserError(f"run.resume: {out} holds no pipeline to resume")
     else:

@@ -227,7 +227,8 @@ def before_after(pipeline: Path, rows: list[dict], samples: int = 3, most: int =
     """Three responses to the first held-out problem before and after each stage no other stage
     started from (the ends of the pipeline's branches: the demo's `opsd` and `small-opsd`), at most `most`."""
     starts = {row["start"] for row in rows}
-    return "".join(_before_after(pipeline, row, samples) for row in [r for r in rows if r["stage"] not in starts][:most])
+    ends = [row for row in rows if row["start"] and row["stage"] not in starts]  # trained stages no other starts from
+    return "".join(_before_after(pipeline, row, samples) for row in ends[:most])
 
 
 def _before_after(pipeline: Path, row: dict, samples: int) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from opsd.config import build, to_dict
 from opsd.errors import UserError, require
 from opsd.folders import MARKER, Kind, checkpoint_step, mark, remove_own, remove_partial_checkpoint
 from opsd.tracking import check_trackers
@@ -128,22 +129,36 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file()
 
 
-def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...]) -> None:
+def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...], cls: type | None = None) -> None:
     """Refuse to continue the run in `run_dir` under a config that differs in other keys than `changeable`
-    (or one written by an opsd without folder markers, whose keys and sampling differ)."""
+    (or one written by an opsd without folder markers, whose keys and sampling differ). With `cls`
+    (the config's class) the saved config is read through it first, so that a key added since it was
+    written compares as its default (a pipeline's stages are a list, whose items lack such keys)."""
     if not (run_dir / MARKER).is_file():
         raise UserError(f"output folder {run_dir} holds a run of an earlier opsd version (no {MARKER}), which this "
                         "version neither continues nor replaces; choose another output folder")
     try:
-        saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        saved = _flatten(raw)
     except (yaml.YAMLError, AttributeError):
         raise UserError(f"{run_dir / 'config.yaml'} is not the config of an opsd run") from None
+    if cls is not None:
+        try:
+            saved = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(build(cls, _without(raw, changeable), prefix="")))))
+        except UserError:
+            pass  # compared as written: the first difference is named below
     current = _flatten(yaml.safe_load(yaml.safe_dump(config)))
     differ = [k for k in sorted(saved.keys() | current.keys()) if k not in changeable and saved.get(k) != current.get(k)]
     if differ:
         key = differ[0]
         raise UserError(f"output folder {run_dir} holds a run of another config ({key} is {saved.get(key)!r} there, "
                         f"{current.get(key)!r} here); choose another run.output_dir or set run.overwrite=true")
+
+
+def _without(tree: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    """`tree` less the dotted `keys` (whose values may differ, or may be spelt as an older version did)."""
+    return {key: _without(value, keys, f"{prefix}{key}.") if isinstance(value, dict) else value
+            for key, value in tree.items() if f"{prefix}{key}" not in keys}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -33,7 +33,8 @@ def test_tiny_pipeline_writes_a_summary_with_every_field(tmp_path, capsys):
 def test_a_mistake_in_a_later_stage_stops_the_pipeline_before_it_starts(tmp_path, capsys):
     out = tmp_path / "pipe"
     code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}",
-                 "stages=[{command: sft, config: configs/sft-tiny.yaml}, {command: distill, overrides: [loss.kindd=1]}]"])
+                 "stages=[{command: sft, config: configs/sft-tiny.yaml, overrides: [data.path=configs/examples/arithmetic-pairs.jsonl]},"
+                 " {command: distill, overrides: [loss.kindd=1]}]"])
     assert code == 2 and "loss.kindd" in capsys.readouterr().err
     assert not out.exists()
     code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}",
@@ -125,6 +126,9 @@ def test_stage_names_and_eval_every_are_checked_before_anything_runs(tmp_path, c
         assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", f"stages={stages}"]) == 2
         err = capsys.readouterr().err
         assert all(word in err for word in words) and "stage name" in err, err
+    for stages in ("[{name: summary.json, command: sft}]", "[{name: config.yaml, command: sft}]"):
+        assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", f"stages={stages}"]) == 2
+        assert "the pipeline's own files" in capsys.readouterr().err
     assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.every=-1"]) == 2
     assert "eval.every" in capsys.readouterr().err
     assert not out.exists()
@@ -156,8 +160,14 @@ def test_models_and_teachers_are_checked_before_anything_runs(tmp_path, capsys):
     out = tmp_path / "pipe"
     base = ["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}"]
     for extra, words in [
-        (["stages=[{name: a, command: sft, teacher: start}]"], ["teacher 'start'", "distill stage"]),
-        (["stages=[{name: a, command: distill, teacher: b}, {name: b, command: sft}]"], ["teacher 'b'"]),
+        (["stages=[{name: a, command: sft, teacher: start}]"], ["only a distill stage has a teacher"]),
+        (["stages=[{name: a, command: distill, teacher: b}, {name: b, command: sft}]"], ["teacher 'b' is not an earlier"]),
+        (["stages=[{name: a, command: distill, teacher: start, overrides: [teacher.weights.policy=ema]}]"],
+         ["pipeline stage 'a'", "external teacher"]),  # the stage's own checks, before anything runs
+        (["stages=[{name: a, command: distill}, {name: b, command: distill, overrides: ['run.report_to=[mlflow]']}]"],
+         ["pipeline stage 'b'", "unknown tracker 'mlflow'"]),
+        (["stages=[{name: a, command: distill, sweep: {key: model.name_or_path, values: [x, y]}}]"], ["set by the pipeline"]),
+        (["stages=[{name: a, command: distill, sweep: {key: optim.lr, values: [0.1, 0.1]}}]"], ["repeats a value"]),
         (["models=[{name: m}]", "stages=[{name: a, command: sft}]"], ["model 'm' names no checkpoint"]),
         (["models=[{name: a, name_or_path: x}]", "stages=[{name: a, command: sft}]"], ["named 'a'"]),
     ]:
@@ -188,3 +198,24 @@ def test_a_sweep_runs_one_stage_per_value_from_the_same_start(tmp_path, capsys):
     assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={tmp_path / 'bad'}",
                  "stages=[{name: a, command: sft, sweep: {key: run.steps}}]"]) == 2
     assert "sweep needs a key and at least one value" in capsys.readouterr().err
+
+
+def test_a_pipeline_of_the_previous_version_resumes(tmp_path):
+    """Its config.yaml lacks the keys added since (models, a stage's teacher and sweep) and spells
+    run.report_to as run.tensorboard: read through the config class, they compare as defaults."""
+    import yaml
+
+    out = tmp_path / "pipe"
+    args = ["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=4",
+            "eval.cost.latency_problems=0", "stages=[{name: sft, command: sft, config: configs/sft-tiny.yaml, "
+            "overrides: [data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=2]}]"]
+    assert main(args) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["models"]
+    for stage in saved["stages"]:
+        del stage["teacher"], stage["sweep"]
+    saved["run"]["tensorboard"] = saved["run"].pop("report_to") == ["tensorboard"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(args) == 0
+    assert main([*args, "run.report_to=none"]) == 0  # trackers may change on resume, as for a stage
+    assert main([*args, "eval.limit=3"]) == 2  # any other difference is still refused

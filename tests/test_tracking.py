@@ -16,7 +16,7 @@ import pytest
 
 from opsd.cli import main
 from opsd.errors import UserError
-from opsd.folders import WANDB_ID, foreign_entry
+from opsd.folders import TRACKIO_NAME, WANDB_ID, foreign_entry
 from opsd.tracking import check_trackers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,10 @@ def test_wandb_offline_gets_every_step_and_a_resumed_run_continues_it(tmp_path):
             assert key.encode() in data, key
     assert data.count(b"loss/nll") >= 2
     assert foreign_entry(out) is None  # wandb's folder is part of the run (overwrite may replace it)
+    mine = out / "wandb" / "mine.txt"
+    mine.write_text("a user's file")
+    assert foreign_entry(out) == mine  # but not what someone else put there
+    mine.unlink()
 
     resumed = run_cli(sft_args(tmp_path, out, "run.steps=3", "run.report_to=[wandb]"), **env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -64,17 +68,37 @@ def test_wandb_offline_gets_every_step_and_a_resumed_run_continues_it(tmp_path):
 
 def test_trackio_gets_every_step_in_its_local_database(tmp_path):
     pytest.importorskip("trackio")
+    store, env = tmp_path / "trackio", {"TRACKIO_DIR": str(tmp_path / "trackio"), "TRACKIO_PROJECT": "opsd-test"}
+
+    def rows(name: str) -> list[tuple]:
+        with sqlite3.connect(store / "opsd-test.db") as db:
+            return db.execute("SELECT step, metrics FROM metrics WHERE run_name = ? ORDER BY step", (name,)).fetchall()
+
     out = tmp_path / "pipeline-a" / "run"
-    store = tmp_path / "trackio"
-    done = run_cli(sft_args(tmp_path, out, "run.steps=3", "run.report_to=[trackio, tensorboard]"),
-                   TRACKIO_DIR=str(store), TRACKIO_PROJECT="opsd-test")
+    done = run_cli(sft_args(tmp_path, out, "run.steps=2", "run.report_to=[trackio, tensorboard]"), **env)
     assert done.returncode == 0, done.stderr[-2000:]
-    with sqlite3.connect(store / "opsd-test.db") as db:
-        rows = db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY step").fetchall()
-    assert [(name, step) for name, step, _ in rows] == [("pipeline-a-run", 1), ("pipeline-a-run", 2), ("pipeline-a-run", 3)]
-    logged = [json.loads(blob) for _, _, blob in rows]
-    for ours, theirs in zip(metric_rows(out), logged):
-        assert theirs["loss/nll"] == pytest.approx(ours["loss/nll"])
+    name = (out / TRACKIO_NAME).read_text().strip()
+    assert name.startswith("pipeline-a-run-") and [step for step, _ in rows(name)] == [1, 2]
+    resumed = run_cli(sft_args(tmp_path, out, "run.steps=3", "run.report_to=trackio"), **env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [step for step, _ in rows(name)] == [1, 2, 3]  # the resumed run continues its trackio run
+    for ours, (_, theirs) in zip(metric_rows(out), rows(name)):
+        assert json.loads(theirs)["loss/nll"] == pytest.approx(ours["loss/nll"])
+    # another run whose folders have the same names is a run of its own
+    other = tmp_path / "elsewhere" / "pipeline-a" / "run"
+    assert run_cli(sft_args(tmp_path, other, "run.steps=1", "run.report_to=trackio"), **env).returncode == 0
+    assert (other / TRACKIO_NAME).read_text().strip() != name and [step for step, _ in rows(name)] == [1, 2, 3]
+
+
+def test_wandb_online_without_a_login_is_refused_up_front(tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    result = subprocess.run([sys.executable, "-m", "opsd.cli", *sft_args(tmp_path, out, "run.steps=1", "run.report_to=wandb")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            env={**env, "HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc")})
+    assert result.returncode == 2 and "wandb, which has no login here" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
 
 
 def test_no_tracker_writes_no_tracker_files(tmp_path):
