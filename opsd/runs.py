@@ -43,9 +43,8 @@ class RunConfig:
     seed: int = 0  # data order, sampling and initialisation (a pipeline: per stage)
     max_empty_steps_in_a_row: int = 5  # stop (exit 2) after this many steps with nothing to train on (a pipeline: per stage)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (a pipeline: given to every stage and evaluation)
-    report_to: tuple[str, ...] | str = ("tensorboard",)  # trackers besides metrics.jsonl: tensorboard (when installed), wandb, trackio; [] or none: no tracker (a pipeline: every stage)
+    report_to: tuple[str, ...] | str = ("tensorboard",)  # trackers besides metrics.jsonl: tensorboard (when installed), wandb, trackio; [] or none: no tracker (a pipeline: every stage, when not the default)
     threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU (a pipeline: every stage)
-
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # run.report_to=wandb reads as [wandb]; none as []

@@ -23,14 +23,13 @@ import netrc
 import os
 import sys
 import uuid
-from urllib.parse import urlparse
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
+from urllib.parse import urlparse
 
 from opsd.errors import UserError
 from opsd.folders import TRACKIO_NAME, WANDB_ID
 
-Tracker = Literal["tensorboard", "wandb", "trackio"]
 TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "trackio")
 
 
