@@ -86,8 +86,8 @@ def distill_step(model, teacher, batches, divergence: str, device, gradient_chec
     for student_prompts, teacher_prompts, responses in batches:
         started = _now(device)
         packed_t = pack(teacher_prompts, responses, 0, device)
-        with autocast:
-            hidden_t = teacher_hidden(model, packed_t, teacher)
+        with teacher.active(), autocast:
+            hidden_t = teacher_hidden(model, packed_t)
         times["teacher"] += _now(device) - started
         started = _now(device)
         packed_s = pack(student_prompts, responses, 0, device)

@@ -13,6 +13,13 @@ it from there, refusing when it changed. The data order and the sampling seeds a
 (seed, step), so they need no state. opsd_checkpoint.json lists the folder's files: pruning deletes
 a checkpoint, or with `run.keep_weights` only its resume files, only when it holds nothing else.
 Which checkpoint a run continues from: opsd/runs.py.
+
+With `run.parallel=fsdp` every process takes part in a checkpoint: the weights are gathered
+parameter by parameter into rank 0's CPU memory for the Hugging Face folder, and the trained tensors
+(float32), the sharded optimizer state and a refresh/EMA teacher's sharded snapshot are written by
+all processes with torch.distributed.checkpoint into sharded_state/, which loads re-sharded on any
+number of processes (one included); training_state.pt then holds the counters only. A multi-node run
+needs run.output_dir on a filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
@@ -40,7 +48,8 @@ from opsd.runs import TRAINING_STATE, RunConfig
 from opsd.training import new_progress
 
 TEACHER_FILE = "teacher.safetensors"
-RESUME_FILES = (TRAINING_STATE, TEACHER_FILE)  # what only resuming needs; the training state first: without it
+SHARDED_STATE = "sharded_state"  # run.parallel=fsdp: torch.distributed.checkpoint's folder
+RESUME_FILES = (TRAINING_STATE, SHARDED_STATE, TEACHER_FILE)  # what only resuming needs; the training state first: without it
 # a folder is no resume point (runs.latest_checkpoint), so a prune cut short never leaves a half resume point
 
 
@@ -96,19 +105,45 @@ def checkpoint_due(step: int, steps: int, every: int) -> bool:
 def save_checkpoint(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, info: dict[str, Any],
     teacher_state: dict[str, torch.Tensor] | None = None, training_state: dict[str, Any] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, sharded_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write `folder` atomically: model (merged if LoRA; in `dtype`, None: as trained), tokenizer,
     opsd_checkpoint.json, the teacher's weight snapshot (teacher.safetensors, names as in
-    `model.named_parameters()`) and the training state. Everything is flushed to disk before the rename."""
+    `model.named_parameters()`) and the training state. Everything is flushed to disk before the rename.
+    With `sharded_state` (run.parallel=fsdp) every process calls this: the weights are gathered to
+    rank 0, which writes the files, and `sharded_state` goes to sharded_state/ from all processes."""
+    weights = _gathered_state_dict(model) if sharded_state is not None and dist.is_initialized() \
+        else _merged_state_dict(model)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     tmp = folder.with_name(folder.name + ".tmp")
+    if rank0:
+        _write_files(model, tokenizer, tmp, info, weights, teacher_state, training_state, dtype)
+    if sharded_state is not None:
+        _barrier()  # the folder exists before any process writes into it
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sharded_state, checkpoint_id=tmp / SHARDED_STATE)
+        _barrier()
+    if rank0:
+        _finish(tmp, folder, info)
+    return folder
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tmp: Path, info: dict[str, Any],
+                 weights: dict[str, torch.Tensor], teacher_state: dict[str, torch.Tensor] | None,
+                 training_state: dict[str, Any] | None, dtype: torch.dtype | None) -> None:
     if tmp.exists() or tmp.is_symlink():
         remove_partial_checkpoint(tmp)
     tmp.mkdir(parents=True)
     # written first, so that an interrupted write is recognisable as ours (and only then deleted)
     (tmp / CHECKPOINT_INFO).write_text(json.dumps({**info, "partial": True}), encoding="utf-8")
     base = causal_lm(model)
-    base.save_pretrained(tmp, state_dict=_cast(_merged_state_dict(model), dtype), safe_serialization=True)
+    base.save_pretrained(tmp, state_dict=_cast(weights, dtype), safe_serialization=True)
     if dtype is not None:  # save_pretrained writes the dtype of the live (float32) weights
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -118,6 +153,10 @@ def save_checkpoint(
         save_file(teacher_state, str(tmp / TEACHER_FILE))
     if training_state is not None:
         torch.save(training_state, tmp / TRAINING_STATE)
+
+
+def _finish(tmp: Path, folder: Path, info: dict[str, Any]) -> None:
+    """List the files, flush them, and rename `tmp` into `folder`."""
     files = sorted(p.name for p in tmp.iterdir() if p.name != CHECKPOINT_INFO)  # what a later prune may delete
     (tmp / CHECKPOINT_INFO).write_text(json.dumps({**info, "files": files}, indent=2), encoding="utf-8")
     crash_point("checkpoint")
@@ -130,22 +169,39 @@ def save_checkpoint(
         shutil.rmtree(folder)
     tmp.rename(folder)
     _fsync(folder.parent)
-    return folder
 
 
-def save_run_checkpoint(run_dir: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+def save_run_checkpoint(run_dir: Path | None, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                         optimizer: torch.optim.Optimizer, progress: dict[str, int], info: dict[str, Any],
                         run: RunConfig, start: StartModel,
                         teacher_state: dict[str, torch.Tensor] | None = None) -> Path:
     """The checkpoint of step `progress["step"]` with all a run needs to continue (weights in the
-    start model's dtype); then older checkpoints are pruned (`run.keep_last`, `run.keep_weights`)."""
+    start model's dtype); then older checkpoints are pruned (`run.keep_last`, `run.keep_weights`).
+    Under FSDP every process calls it, `run_dir` None but on rank 0."""
     step = progress["step"]
     record = {"start_model": {"path": start.path, "sha256": start.sha256}} if start.sha256 else {}
-    folder = save_checkpoint(model, tokenizer, run_dir / "checkpoints" / f"step_{step:06d}",
-                             {"step": step, **info, **record}, teacher_state,
-                             training_state(model, optimizer, progress, start.dtype), start.dtype)
-    prune_checkpoints(run_dir, run.keep_last, run.keep_weights)
+    folder = Path(run.output_dir) / "checkpoints" / f"step_{step:06d}"
+    if run.parallel == "fsdp":
+        save_checkpoint(model, tokenizer, folder, {"step": step, **info, **record},
+                        training_state={**progress, "sharded": True}, dtype=start.dtype,
+                        sharded_state=sharded_state(model, optimizer, teacher_state or {}))
+    else:
+        save_checkpoint(model, tokenizer, folder, {"step": step, **info, **record}, teacher_state,
+                        training_state(model, optimizer, progress, start.dtype), start.dtype)
+    if run_dir is not None:
+        prune_checkpoints(run_dir, run.keep_last, run.keep_weights)
     return folder
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  teacher_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What sharded_state/ holds (run.parallel=fsdp), as views of the live tensors, so that
+    torch.distributed.checkpoint saves them and loads into them in place: the trained parameters,
+    the optimizer state by parameter name, the teacher's snapshot."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return {"trained": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": get_optimizer_state_dict(model, optimizer), "teacher": dict(teacher_state)}
 
 
 def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_row: int, model: nn.Module,
@@ -159,7 +215,9 @@ def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_ro
     empty = progress["empty_in_a_row"] >= run.max_empty_steps_in_a_row
     stop = progress["skipped_in_a_row"] >= max_skipped_in_a_row or empty
     step = progress["step"]
-    if run_dir is not None and (stop or checkpoint_due(step, run.steps, run.save_every)):
+    # FSDP: every process writes its shards (rank 0 alone has a run_dir)
+    writes = run_dir is not None or (run.parallel == "fsdp" and dist.is_initialized())
+    if writes and (stop or checkpoint_due(step, run.steps, run.save_every)):
         save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run, start, teacher_state)
     if empty:
         raise UserError(f"training stopped after step {step}: {progress['empty_in_a_row']} steps in a row had nothing "
@@ -202,7 +260,10 @@ def _drop_resume_files(folder: Path) -> None:
     """Delete the training state and teacher snapshot of checkpoint `folder` and take them off its
     file list (written aside and renamed), so the list keeps naming exactly what opsd wrote there."""
     for name in RESUME_FILES:
-        (folder / name).unlink(missing_ok=True)
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            shutil.rmtree(folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)
     info = _read_info(folder)  # readable: foreign_checkpoint checked it
     info["files"] = [name for name in info.get("files", []) if name not in RESUME_FILES]
     (folder / CHECKPOINT_INFO_TMP).write_text(json.dumps(info, indent=2), encoding="utf-8")
@@ -246,6 +307,9 @@ def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                         "back or start a new run (run.overwrite=true)")
     device = next(model.parameters()).device
     state = _load_state(checkpoint, device)
+    if state.get("sharded"):
+        _load_sharded(checkpoint, model, optimizer, teacher)
+        return {**new_progress(), **{k: v for k, v in state.items() if k != "sharded"}}
     if _is_peft(model):
         _copy_into(model, state["adapters"], checkpoint)
     elif "master_weights" in state:  # the weights were saved rounded to the start model's dtype
@@ -258,6 +322,23 @@ def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     # counters a checkpoint of an earlier version does not hold start from zero
     tensors = ("optimizer", "adapters", "master_weights")
     return {**new_progress(), **{k: v for k, v in state.items() if k not in tensors}}
+
+
+def _load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher) -> None:
+    """sharded_state/ into this run's tensors, re-sharded to however many processes run now."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if not (checkpoint / SHARDED_STATE).is_dir():
+        raise UserError(f"checkpoint {checkpoint} has no {SHARDED_STATE}/ (written with run.parallel=fsdp); "
+                        "resume it with that setting or start a new run")
+    state = sharded_state(model, optimizer, teacher.checkpoint_state() if teacher is not None else {})
+    try:
+        dcp.load(state, checkpoint_id=checkpoint / SHARDED_STATE)
+    except Exception as err:  # a missing or mis-shaped tensor: DCP's CheckpointException lists every rank's
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {checkpoint} does not match the model ({message[:300]})") from None
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def _read_info(checkpoint: Path) -> dict[str, Any]:
@@ -310,6 +391,38 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
         if key(value) not in cast:
             cast[key(value)] = value.to(dtype) if value.is_floating_point() else value
     return {name: cast[key(value)] for name, value in state.items()}
+
+
+@torch.no_grad()
+def _gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Under FSDP: the weights whole in rank 0's CPU memory, gathered one parameter at a time (every
+    process takes part; the others get an empty dict); LoRA merged as in `_merged_state_dict`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    base = causal_lm(model)
+    state = get_model_state_dict(base, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return state
+    tied: dict[int, str] = {}  # one tensor under every name of a tied parameter, as save_pretrained expects
+    for name, param in base.named_parameters(remove_duplicate=False):
+        first = tied.setdefault(id(param), name)
+        if first != name and first in state:
+            state[name] = state[first]
+    if not _is_peft(model):
+        return state
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for name, module in base.named_modules():
+        if hasattr(module, "lora_A") and not isinstance(module, LoraLinear):
+            raise UserError(f"run.parallel=fsdp merges LoRA on linear layers only, and {name} is a "
+                            f"{type(module).__name__}; adapt linear layers (model.lora_target_modules)")
+        if isinstance(module, LoraLinear):
+            key = f"{name}.base_layer.weight"
+            for adapter in module.active_adapters:
+                delta = state[f"{name}.lora_B.{adapter}.weight"].float() @ state[f"{name}.lora_A.{adapter}.weight"].float()
+                delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
+                state[key] = state[key] + delta.to(state[key].dtype)
+    return {key.replace(".base_layer.", "."): value for key, value in state.items() if "lora_" not in key}
 
 
 @torch.no_grad()

@@ -162,7 +162,7 @@ def _configured(args: argparse.Namespace) -> int:
     if args.command == "eval":
         print((out / "eval.md").read_text(encoding="utf-8"), end="")
         print(f"eval folder: {out}")
-    elif args.command == "pipeline":
+    elif args.command == "pipeline" and out is not None:
         print((out / "summary.md").read_text(encoding="utf-8"))
         print(f"run folder: {out}")
     elif out is not None:  # None on ranks other than 0 under torchrun

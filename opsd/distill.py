@@ -16,7 +16,8 @@ One step, top to bottom:
 
 Deviations from the papers: the teacher's user turn wordings are ours (opsd/prompts.py). The loop
 runs unchanged under `torchrun`: each process takes its share of the step's problems, the student
-backbone is wrapped in DistributedDataParallel, only rank 0 writes, and the token mean is over the
+backbone is wrapped as `run.parallel` says (DDP, or FSDP2 with the weights gathered for generation
+and the teacher's forward: opsd/distributed.py), only rank 0 writes, and the token mean is over the
 kept tokens of all processes. Metrics are rank 0's own rollouts. Sampling goes through the
 generation engine (`sampling.engine`), grading through the verifiers (a row's `verifier`), the
 teacher's prompts and target through opsd/teacher.py.
@@ -27,6 +28,7 @@ teacher's prompts and target through opsd/teacher.py.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import sys
 import time
@@ -45,7 +47,7 @@ from opsd.gating import Gating, gate
 from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
 from opsd.memo import MEMO_INSTRUCTION
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
+from opsd.models import ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.packing import pack, per_sequence_mean, response_hidden
 from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template
 from opsd.purified import PurifiedTarget
@@ -54,9 +56,9 @@ from opsd.runs import RunConfig, check_run, open_run_dir, resume_point, use_thre
 from opsd.samples import SamplesLog, pick, render, rollout_rows
 from opsd.teacher import (CONTEXTS, ExternalTeacher, TeacherPrompts, TeacherWeightsConfig, TeacherWeightsState,
                           check_same_vocabulary, load_external_teacher, render_teacher_prompts, rollout_teacher_prompts,
-                          teacher_target)
+                          start_snapshot, teacher_target)
 from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step, load_policy,
-                           make_optimizer, new_progress, set_lr, stage_summary, step_items)
+                           make_optimizer, new_progress, set_lr, stage_summary, step_items, wrap_policy)
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier, gradable
 
 
@@ -150,7 +152,7 @@ class Parts:
     """What a step works with (built once by `run_distill`)."""
 
     model: torch.nn.Module  # the student (PEFT-wrapped with LoRA)
-    backbone: torch.nn.Module  # its final hidden states, DDP-wrapped under torchrun
+    backbone: torch.nn.Module  # its final hidden states, wrapped by run.parallel under torchrun
     optimizer: torch.optim.Optimizer
     engine: Engine  # samples rollouts and memos
     weights: TeacherWeightsState  # the self-teacher's weights
@@ -184,8 +186,10 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     longest = max(len(p) for p in [*prompts.student, *prompts.teacher, *(prompts.reference_only or [])]) + memo
     check_fits(model, longest + config.sampling.max_new_tokens,
                f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
-    weights = TeacherWeightsState(model, teacher.weights, uses_lora=config.model.lora_rank > 0)
-    start = start_model(config.model, model, weights.start_snapshot())
+    uses_lora = config.model.lora_rank > 0
+    start = start_model(config.model, model, start_snapshot(model, teacher.weights, uses_lora))
+    backbone = wrap_policy(model, device, config.run.parallel, config.run.fsdp_offload, config.optim)
+    weights = TeacherWeightsState(model, teacher.weights, uses_lora=uses_lora)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, start, weights) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
@@ -193,8 +197,8 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
             MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,
                        config=to_dict(config)) as log:
-        parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
-                      make_engine(model, tokenizer, config.sampling), weights, external, tokenizer, verifiers, device)
+        parts = Parts(model, backbone, optimizer, make_engine(model, tokenizer, config.sampling), weights, external,
+                      tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
             set_lr(optimizer, config.optim, step, config.run.steps)
             order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
@@ -216,7 +220,7 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
                 log.say(f"opsd: warning: step {step} had nothing to train on ({why_empty})")
             checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
                                progress, "distill", start, weights.checkpoint_state(), why_empty)
-        del parts  # release the DDP reducer before the process group (see distributed.teardown)
+        del parts, backbone  # release DDP's reducer / FSDP's state before the process group (see distributed.teardown)
     if run_dir is not None:
         print(stage_summary("distill", progress), file=sys.stderr)
     distributed.teardown()
@@ -229,14 +233,15 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
     metrics and the samples.jsonl rows of `samples_wanted` of its rollouts."""
     timer, started = Timer(), time.perf_counter()
     parts.model.eval()
-    with timer("generate"):
+    with timer("generate"), distributed.gathered(parts.backbone):
         rollouts = collect_rollouts(parts.engine, prompts.student, config.sampling, seeds)
     with timer("grade"):
         verdicts = grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)
     correct = [v.correct for v in verdicts]
     keep = gate(correct, [r.truncated for r in rollouts], config.gating)
     kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
-    with timer("memo"):
+    writes_memo = CONTEXTS[config.teacher.context].writes_memo
+    with timer("memo"), distributed.gathered(parts.backbone) if writes_memo else contextlib.nullcontext():
         teacher_prompts, memos = rollout_teacher_prompts(
             config.teacher.context, parts.engine, parts.tokenizer, kept, problems, prompts,
             config.teacher.memo_instruction, config.teacher.memo_max_tokens)
@@ -305,7 +310,7 @@ def distill_kept(config: DistillConfig, parts: Parts, kept, teacher_prompts: lis
     """Teacher target and student forward per micro-batch of kept rollouts, divergence, backward;
     gradients accumulate (token mean over the whole step). Sums of the per-token metrics, and each
     kept rollout's divergence averaged over its response tokens (from the same forward)."""
-    # token mean over the whole step: DDP averages gradients over processes, hence the factor world
+    # token mean over the whole step: DDP and FSDP average gradients over processes, hence the factor world
     token_weight = distributed.world_size() / max(total_tokens, 1)
     sums: dict[str, float] = collections.defaultdict(float)
     divergence_K: list[float] = []
@@ -314,14 +319,18 @@ def distill_kept(config: DistillConfig, parts: Parts, kept, teacher_prompts: lis
     for index in range(n_micro):
         batch = kept[index * micro : (index + 1) * micro]
         with distributed.no_sync_unless(parts.backbone, last=index == n_micro - 1):
-            if not batch:  # this process has run out: a zero-weight pass keeps DDP's collectives in step
-                distributed.idle_backward(parts.backbone, output_head(parts.model), pad_id, device)
+            # FSDP: the self-teacher's weights are gathered whole for its forward (an external one is not sharded)
+            gathered = distributed.gathered(parts.backbone) if parts.external is None else contextlib.nullcontext()
+            if not batch:  # this process has run out: zero-weight passes keep the collectives in step
+                with parts.weights.active(), gathered:  # its shards of the teacher's weights, for the others
+                    pass
+                distributed.idle_backward(parts.backbone, parts.model, pad_id, device)
                 continue
             with timer("teacher"):
                 target = teacher_target(config.teacher.context, (config.teacher.purified_clip, config.teacher.purified_beta),
                                         parts.model, parts.weights, parts.external, batch,
                                         teacher_prompts[index * micro : (index + 1) * micro], prompts, pad_id, device,
-                                        autocast(config.optim, device))
+                                        autocast(config.optim, device), gathered)
             with timer("student"):
                 parts.model.train()
                 packed = pack([prompts.student[r.problem_index] for r, _ in batch], [r.response_ids for r, _ in batch],

@@ -1,25 +1,46 @@
 """The few places where many processes differ from one, so the training loop reads the same for both.
 
 With no `WORLD_SIZE` in the environment (or 1) every function here is a no-op. Under
-`torchrun`/`accelerate launch` the process group is initialised, the student backbone is wrapped in
-DistributedDataParallel, each process takes its share of a step's problems, and token counts are
-summed across processes.
+`torchrun`/`accelerate launch` the process group is initialised, each process takes its share of a
+step's problems, token counts are summed across processes, and the student backbone is wrapped as
+`run.parallel` says:
+
+- `ddp` (the default): DistributedDataParallel. Every process holds the whole model, its gradients
+  and the optimizer state (16 bytes per parameter in float32 with AdamW); one all-reduce per step.
+- `fsdp`: FSDP2 (`fully_shard`) on every decoder layer and on the backbone as the root. Each process
+  holds 1/N of the weights, gradients and optimizer state; a layer's weights are all-gathered for its
+  forward and again for its backward, its gradient reduce-scattered. Work without autograd —
+  generation and the teacher's or reference's forward — runs inside `gathered`: the whole model is
+  all-gathered once, the block runs with no collective in it (so processes may take different
+  numbers of decoding steps or micro-batches), and the weights are sharded again after it.
+
+Because FSDP's forward all-gathers are collectives, every process runs the same number of training
+forwards and backwards in a step; a process with fewer micro-batches runs `idle_backward` passes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from opsd.errors import UserError
+from opsd.models import causal_lm, output_head
+
+Parallel = Literal["ddp", "fsdp"]
 
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before any process group."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def setup(device: torch.device) -> int:
@@ -33,13 +54,32 @@ def setup(device: torch.device) -> int:
     return dist.get_rank()
 
 
+_kept = False  # inside `one_group`: a stage's teardown leaves the group to the next stage
+
+
 def teardown() -> None:
-    """Wait for every process, then destroy the group. Callers drop their DistributedDataParallel
-    wrapper first: its reducer holds the group, and a group destroyed from a reducer's finaliser at
-    function exit was seen to deadlock (gloo's worker thread waiting for the GIL the finaliser holds)."""
+    """Wait for every process, then destroy the group (inside `one_group`, only wait). Callers drop
+    their DistributedDataParallel wrapper first: its reducer holds the group, and a group destroyed
+    from a reducer's finaliser at function exit was seen to deadlock (gloo's worker thread waiting
+    for the GIL the finaliser holds)."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not _kept:
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_group():
+    """One process group for several stages (a pipeline), destroyed at the end. A group destroyed
+    and created again reuses the rendezvous keys of the first, so a process that arrives early (while
+    rank 0 still evaluates) can connect to the old, closed addresses."""
+    global _kept
+    _kept = True
+    try:
+        yield
+    finally:
+        _kept = False
+        teardown()
 
 
 def device(name: str) -> torch.device:
@@ -58,11 +98,76 @@ def device(name: str) -> torch.device:
     return chosen
 
 
-def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", bf16: bool = False,
+         offload: bool = False) -> nn.Module:
+    """The student's `Backbone` as `run.parallel` says (unchanged in one process). With `fsdp` the
+    model's parameters become sharded DTensors: build the optimizer and the teacher's snapshot after.
+    `bf16` (GPU): bf16 all-gathers and compute, float32 gradient reduction and master weights.
+    `offload` (GPU): the sharded weights, gradients and optimizer state live in CPU memory."""
     if not dist.is_initialized():
-        return module
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return backbone
+    if parallel == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(backbone, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    options = {"mesh": mesh, "mp_policy": precision, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    layers = decoder_layers(backbone)
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(backbone, **options)
+    # Backward prefetch named explicitly: FSDP's default guesses the next layer from the order of
+    # the last forwards, which here include `gathered` ones (the teacher's) that only some processes
+    # ran, and processes that guess differently all-gather different layers and hang.
+    backbone.set_modules_to_backward_prefetch([layers[-1]])
+    for previous, layer in zip([backbone, *layers], layers):  # the first layer's "previous" is the
+        layer.set_modules_to_backward_prefetch([previous])    # root, whole throughout the backward
+    # FSDP takes as its root the first sharded module to run forward: run the backbone once, so that
+    # generation (which calls the decoder layers directly) never makes a layer the root
+    with torch.no_grad():
+        ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+        backbone(ids, torch.ones_like(ids))
+    backbone.reshard()
+    return backbone
+
+
+def decoder_layers(backbone: nn.Module) -> list[nn.Module]:
+    layers = getattr(causal_lm(backbone.model).get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError("run.parallel=fsdp shards each decoder layer, and this model's decoder has no `layers` list")
+    return list(layers)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(backbone: nn.Module):
+    """Under FSDP, the whole weights on every process for the block (one all-gather per layer at its
+    start, a collective every process enters together), and none of FSDP's collectives inside it:
+    the block may run any number of forwards without autograd. Elsewhere a no-op."""
+    if not is_sharded(backbone):
+        yield
+        return
+    layers = decoder_layers(backbone)
+    for unit in [backbone, *layers]:
+        unit.unshard()
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+        for unit in [backbone, *layers]:
+            unit.reshard()
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -84,14 +189,28 @@ def _reduce(value: int, op) -> int:
     return int(tensor.item())
 
 
+@contextlib.contextmanager
 def no_sync_unless(module: nn.Module, last: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last micro-batch of a step."""
     if isinstance(module, nn.parallel.DistributedDataParallel) and not last:
-        return module.no_sync()
-    return contextlib.nullcontext()
+        with module.no_sync():
+            yield
+    elif is_sharded(module):
+        module.set_requires_gradient_sync(last)
+        yield
+    else:
+        yield
 
 
-def idle_backward(backbone: nn.Module, head: torch.Tensor, pad_id: int, device: torch.device) -> None:
-    """A zero-valued backward through the backbone and head, for a process with no micro-batch left."""
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor's whole value (a collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def idle_backward(backbone: nn.Module, model: nn.Module, pad_id: int, device: torch.device) -> None:
+    """A zero-valued backward through the backbone and `model`'s head, for a process with no micro-batch left."""
     ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
-    ((backbone(ids, torch.ones_like(ids)).sum() + head.sum()) * 0.0).backward()
+    hidden = backbone(ids, torch.ones_like(ids))
+    ((hidden.sum() + output_head(model).sum()) * 0.0).backward()  # the head read after the forward: whole under FSDP

@@ -13,9 +13,12 @@ _crash_counts: Counter[str] = Counter()
 
 def crash_point(name: str) -> None:
     """Testing hook: with OPSD_CRASH_AT=name:N in the environment, the process kills itself (SIGKILL,
-    as a cluster would) the N-th time it passes this point. Does nothing otherwise."""
+    as a cluster would) the N-th time it passes this point; with OPSD_CRASH_RANK=R too, only the
+    process of that rank under torchrun. Does nothing otherwise."""
     wanted = os.environ.get("OPSD_CRASH_AT")
     if not wanted or wanted.rpartition(":")[0] != name:
+        return
+    if os.environ.get("OPSD_CRASH_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     _crash_counts[name] += 1
     if _crash_counts[name] == int(wanted.rpartition(":")[2]):

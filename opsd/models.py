@@ -132,7 +132,7 @@ def causal_lm(model: nn.Module) -> PreTrainedModel:
 class Backbone(nn.Module):
     """Final hidden states (after the last norm) of a causal LM, without computing any logits.
 
-    A module of its own so that DistributedDataParallel can wrap exactly what the student runs.
+    A module of its own so that DistributedDataParallel or FSDP can wrap exactly what the student runs.
     """
 
     def __init__(self, model: nn.Module):

@@ -12,6 +12,10 @@ checkpoint cadence and seeds are set per stage, in its config or overrides. Ever
 evaluated with its stage's own model options (dtype, attention, trust_remote_code). Each stage opens
 with a header line on the terminal; its progress bar and its evaluation's carry the stage's name.
 
+Under torchrun every process runs every stage (`run.parallel` and `run.fsdp_offload` reach every
+stage); rank 0 alone writes the pipeline's folder and evaluates, one process, while the others wait
+for it at the next stage's start (within the process group's timeout, 30 minutes by default).
+
     opsd pipeline configs/pipeline-tiny.yaml [--resume]
 """
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from opsd import distributed
 from opsd.config import load_config, to_dict
 from opsd.cost import COST_FIELDS, CostConfig, accuracy_efficiency_score
 from opsd.data import load_problems
@@ -168,7 +173,8 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
         # the pipeline's run.report_to reaches every stage when it is not the default (a stage's own stays)
         trackers = [] if config.run.report_to == RunConfig().report_to else [f"run.report_to=[{','.join(config.run.report_to)}]"]
         given = [f"run.device={config.run.device}", *trackers,
-                 *([] if config.run.threads is None else [f"run.threads={config.run.threads}"])]
+                 *([] if config.run.threads is None else [f"run.threads={config.run.threads}"]),
+                 f"run.parallel={config.run.parallel}", f"run.fsdp_offload={str(config.run.fsdp_offload).lower()}"]
         # eval.every: the stage saves every N steps and keeps those checkpoints' weights for the curves
         curves = [f"run.save_every={config.eval.every}", "run.keep_weights=true"] if config.eval.every else []
         # stage.teacher: an external teacher, its checkpoint known once that stage has run (run_pipeline)
@@ -229,7 +235,13 @@ def check_data(config: PipelineConfig, stages: list[tuple[StageSpec, str, Any]])
             raise UserError(f"pipeline stage '{stage.name}': {err}") from None
 
 
-def run_pipeline(config: PipelineConfig) -> Path:
+def run_pipeline(config: PipelineConfig) -> Path | None:
+    """Run (or resume) the pipeline; its folder (None on ranks other than 0 under torchrun)."""
+    with distributed.one_group():  # under torchrun: one process group for all stages
+        return _run_pipeline(config)
+
+
+def _run_pipeline(config: PipelineConfig) -> Path | None:
     out = Path(config.run.output_dir)
     check_run_section(config.run)
     use_threads(config.run.threads)
@@ -238,18 +250,20 @@ def run_pipeline(config: PipelineConfig) -> Path:
         if not Path(path).is_file():
             raise UserError(f"evaluation file {path} does not exist")
     check_data(config, stages)
+    writer = distributed.rank() == 0  # under torchrun: the pipeline's folder and evaluations are rank 0's
     if (out / "config.yaml").is_file() and not config.run.overwrite:
         check_same_config(out, to_dict(config), ("run.overwrite", "run.resume", "run.threads", "run.report_to",
                                                  "run.tensorboard"), PipelineConfig)
     elif config.run.resume:
         raise UserError(f"run.resume: {out} holds no pipeline to resume")
-    else:
+    elif writer:
         out = prepare_run_dir(out, config.run.overwrite, kind="pipeline")
-    save_config(out, to_dict(config))
+    if writer:
+        save_config(out, to_dict(config))
     checkpoints = {config.start_name: config.model.name_or_path, **{m.name: m.name_or_path for m in config.models}}
     curves: dict[str, list[dict]] = {}
     rows = []
-    if config.evaluate_start:
+    if config.evaluate_start and writer:
         for name, path in checkpoints.items():
             rows.append(evaluate(config, name, "", dataclasses.replace(config.model, name_or_path=path), out, 0.0))
     for number, (stage, start, stage_config) in enumerate(stages, 1):
@@ -258,15 +272,21 @@ def run_pipeline(config: PipelineConfig) -> Path:
         if stage.teacher:
             teacher = dataclasses.replace(stage_config.teacher.model, name_or_path=checkpoints[stage.teacher])
             stage_config = dataclasses.replace(stage_config, teacher=dataclasses.replace(stage_config.teacher, model=teacher))
-        print(stage_header(number, len(stages), stage, stage_config), file=sys.stderr)
+        if writer:
+            print(stage_header(number, len(stages), stage, stage_config), file=sys.stderr)
         started = time.perf_counter()
-        run_dir = run(stage_config, name=stage.name)
+        run(stage_config, name=stage.name)
+        run_dir = Path(stage_config.run.output_dir)  # complete on every process: a stage ends with a barrier
         checkpoints[stage.name] = str(final_checkpoint(run_dir))
+        if not writer:
+            continue
         # the stage's own model options (dtype, attention, remote code), its merged checkpoint
         model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
         rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
         if config.eval.every:
             curves[stage.name] = curve(config, stage.name, model, run_dir, out, rows, start)
+    if not writer:
+        return None
     rows = add_compression(rows)
     summary = {"rows": rows, "checkpoints": checkpoints, **({"curves": curves} if config.eval.every else {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -23,7 +23,6 @@ use exactly the training computation (the sampler's top-p/top-k filtering is not
 from __future__ import annotations
 
 import collections
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,16 +38,16 @@ from opsd.errors import require
 from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
 from opsd.logprobs import chunked_token_logprobs
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
+from opsd.models import ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.packing import pack, response_hidden
 from opsd.policy_loss import clipped_policy_loss, group_advantages, informative_groups, kl_k3, overlong_penalty
 from opsd.prompts import render_prompt
 from opsd.rollout import Rollout, collect_rollouts, grade_rollouts
 from opsd.runs import RunConfig, check_run, open_run_dir, resume_point, use_threads
 from opsd.samples import SamplesLog, pick, rollout_rows
-from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState
+from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, start_snapshot
 from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step,
-                           load_policy, make_optimizer, new_progress, set_lr, stage_summary, step_items)
+                           load_policy, make_optimizer, new_progress, set_lr, stage_summary, step_items, wrap_policy)
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier
 
 
@@ -121,9 +120,11 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
     longest = max(len(p) for p in prompts)
     check_fits(model, longest + config.sampling.max_new_tokens,
                f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
-    reference = TeacherWeightsState(model, TeacherWeightsConfig("frozen"), uses_lora=config.model.lora_rank > 0) \
-        if config.grpo.kl_coef > 0 else None
-    start = start_model(config.model, model, reference.start_snapshot() if reference else None)
+    frozen, uses_lora = TeacherWeightsConfig("frozen"), config.model.lora_rank > 0
+    start = start_model(config.model, model,
+                        start_snapshot(model, frozen, uses_lora) if config.grpo.kl_coef > 0 else None)
+    backbone = wrap_policy(model, device, config.run.parallel, config.run.fsdp_offload, config.optim)
+    reference = TeacherWeightsState(model, frozen, uses_lora=uses_lora) if config.grpo.kl_coef > 0 else None
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, start, reference) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
@@ -131,8 +132,8 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
             MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,
                        config=to_dict(config)) as log:
-        parts = Parts(model, distributed.wrap(Backbone(model), device), optimizer,
-                      make_engine(model, tokenizer, config.sampling), reference, tokenizer, verifiers, device)
+        parts = Parts(model, backbone, optimizer, make_engine(model, tokenizer, config.sampling), reference, tokenizer,
+                      verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
             set_lr(optimizer, config.optim, step, config.run.steps)
             order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
@@ -152,7 +153,7 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
                 log.say(f"opsd: warning: step {step} had nothing to train on ({why_empty})")
             checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
                                progress, "rlvr", start, why_empty=why_empty)
-        del parts  # release the DDP reducer before the process group (see distributed.teardown)
+        del parts, backbone  # release DDP's reducer / FSDP's state before the process group (see distributed.teardown)
     if run_dir is not None:
         print(stage_summary("rlvr", progress), file=sys.stderr)
     distributed.teardown()
@@ -164,7 +165,7 @@ class Parts:
     """What a step works with (built once by `run_rlvr`)."""
 
     model: torch.nn.Module  # the policy (PEFT-wrapped with LoRA)
-    backbone: torch.nn.Module  # its final hidden states, DDP-wrapped under torchrun
+    backbone: torch.nn.Module  # its final hidden states, wrapped by run.parallel under torchrun
     optimizer: torch.optim.Optimizer
     engine: Engine
     reference: TeacherWeightsState | None  # the initial policy's weights, for the k3 KL (kl_coef > 0)
@@ -178,7 +179,7 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
     """Sample → reward → advantages → filter → old log-probs → clipped updates; metrics, samples.jsonl rows."""
     timer, started, grpo = Timer(), time.perf_counter(), config.grpo
     parts.model.eval()
-    with timer("generate"):
+    with timer("generate"), distributed.gathered(parts.backbone):
         rollouts = collect_rollouts(parts.engine, prompts, config.sampling, seeds)
     with timer("grade"):
         verdicts = grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)
@@ -195,10 +196,13 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
     total_tokens = distributed.sum_over_ranks(kept_tokens)
     micro = config.optim.micro_batch_size
     batches = [kept[i : i + micro] for i in range(0, len(kept), micro)]
-    with timer("old_logprobs"), torch.no_grad():
-        old = [policy_logprobs(config, parts, b) for b in batches]
-        ref = [policy_logprobs(config, parts, b, parts.reference) for b in batches] \
-            if parts.reference is not None else [None] * len(batches)
+    with timer("old_logprobs"), torch.no_grad():  # FSDP: the weights whole for these forwards, no collective inside
+        with distributed.gathered(parts.backbone):
+            old = [policy_logprobs(config, parts, b) for b in batches]
+        ref = [None] * len(batches)
+        if parts.reference is not None:
+            with parts.reference.active(), distributed.gathered(parts.backbone):
+                ref = [policy_logprobs(config, parts, b) for b in batches]
     sums: dict[str, float] = collections.defaultdict(float)
     grad_norm, skipped = float("nan"), False
     parts.model.train()
@@ -255,8 +259,8 @@ def policy_gradient(config: RLVRConfig, parts: Parts, batches, old: list[torch.T
     n_micro = distributed.max_over_ranks(len(batches))
     for index in range(n_micro):
         with distributed.no_sync_unless(parts.backbone, last=index == n_micro - 1):
-            if index >= len(batches):  # this process has run out: keep DDP's collectives in step
-                distributed.idle_backward(parts.backbone, output_head(parts.model), parts.tokenizer.pad_token_id, device)
+            if index >= len(batches):  # this process has run out: keep the collectives in step
+                distributed.idle_backward(parts.backbone, parts.model, parts.tokenizer.pad_token_id, device)
                 continue
             batch = batches[index]
             logp_N, packed = policy_logprobs(config, parts, batch, with_packed=True)
@@ -271,15 +275,13 @@ def policy_gradient(config: RLVRConfig, parts: Parts, batches, old: list[torch.T
             sums["ratio"] += float(torch.exp(logp_N.detach() - old[index]).sum())
 
 
-def policy_logprobs(config: RLVRConfig, parts: Parts, batch: list[tuple[Rollout, float]],
-                    weights: TeacherWeightsState | None = None, with_packed: bool = False):
-    """[N] log-probabilities of the batch's response tokens at the sampling temperature; with `weights`,
-    under those weights (the KL reference) and without autograd."""
+def policy_logprobs(config: RLVRConfig, parts: Parts, batch: list[tuple[Rollout, float]], with_packed: bool = False):
+    """[N] log-probabilities of the batch's response tokens at the sampling temperature under the
+    network's weights as they are (the KL reference's inside `parts.reference.active()`)."""
     packed = pack([r.prompt_ids for r, _ in batch], [r.response_ids for r, _ in batch], parts.tokenizer.pad_token_id,
                   parts.device)
-    context = weights.active() if weights is not None else contextlib.nullcontext()
-    with context, autocast(config.optim, parts.device):
+    with autocast(config.optim, parts.device):
         hidden_N_H = response_hidden(parts.backbone, packed)
-    head = weights.head() if weights is not None else output_head(parts.model)
+    head = output_head(parts.model)  # read after the forward (whole under FSDP); the reference's inside its block
     logp_N = chunked_token_logprobs(hidden_N_H, head, packed.targets_N, config.sampling.temperature, config.optim.chunk_size)
     return (logp_N, packed) if with_packed else logp_N.detach()

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from opsd.config import build, to_dict
+from opsd.distributed import Parallel
 from opsd.errors import UserError, require
 from opsd.folders import MARKER, Kind, checkpoint_step, mark, remove_own, remove_partial_checkpoint
 from opsd.tracking import check_trackers
@@ -45,6 +46,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (a pipeline: given to every stage and evaluation)
     report_to: tuple[str, ...] | str = ("tensorboard",)  # trackers besides metrics.jsonl: tensorboard (when installed), wandb, trackio; [] or none: no tracker (a pipeline: every stage, when not the default)
     threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU (a pipeline: every stage)
+    parallel: Parallel = "ddp"  # several processes (torchrun): ddp = whole model per process; fsdp = weights, gradients and optimizer state sharded (FSDP2) (a pipeline: every stage)
+    fsdp_offload: bool = False  # run.parallel=fsdp on GPU: keep the shards (weights, gradients, optimizer state) in CPU memory (a pipeline: every stage)
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # run.report_to=wandb reads as [wandb]; none as []
@@ -59,6 +62,7 @@ def check_run(run: RunConfig, world: int, per_step: str = "run.problems_per_step
         ("run.save_every", run.save_every >= 0, "non-negative"),
         ("run.keep_last", run.keep_last >= 0, "non-negative"),
         ("run.max_empty_steps_in_a_row", run.max_empty_steps_in_a_row >= 1, "at least 1"),
+        ("run.fsdp_offload", not run.fsdp_offload or run.parallel == "fsdp", "false unless run.parallel=fsdp"),
     )
 
 

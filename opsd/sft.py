@@ -13,6 +13,7 @@ sequence), which pays with flash-attention.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,12 +28,12 @@ from opsd.data import load_pairs
 from opsd.errors import require
 from opsd.logprobs import chunked_token_logprobs
 from opsd.metrics import MetricsLog
-from opsd.models import Backbone, ModelConfig, check_fits, load_tokenizer, output_head
+from opsd.models import ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.packing import pack, response_hidden
 from opsd.prompts import render_prompt
 from opsd.runs import RunConfig, check_run, open_run_dir, resume_point, use_threads
 from opsd.training import (OptimConfig, advance, autocast, check_optim, guarded_step, load_policy,
-                           make_optimizer, new_progress, set_lr, stage_summary, step_items)
+                           make_optimizer, new_progress, set_lr, stage_summary, step_items, wrap_policy)
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
     model = load_policy(config.model, config.optim, device)
     longest = max(len(p) + len(t) for p, t in examples)
     check_fits(model, longest, f"the longest problem and response (after data.max_length={config.data.max_length})")
-    backbone = distributed.wrap(Backbone(model), device)
     start = start_model(config.model, model)
+    backbone = wrap_policy(model, device, config.run.parallel, config.run.fsdp_offload, config.optim)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, start) if resume_from else new_progress()
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
@@ -110,16 +111,20 @@ def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
             total_tokens = distributed.sum_over_ranks(tokens)
             loss_sum = 0.0
             micro = config.optim.micro_batch_size
-            for index in range(0, len(batch), micro):
-                part = batch[index : index + micro]
-                with distributed.no_sync_unless(backbone, last=index + micro >= len(batch)):
+            n_micro = distributed.max_over_ranks(math.ceil(len(batch) / micro))
+            for index in range(n_micro):
+                part = batch[index * micro : (index + 1) * micro]
+                with distributed.no_sync_unless(backbone, last=index == n_micro - 1):
+                    if not part:  # this process has run out: a zero-weight pass keeps the collectives in step
+                        distributed.idle_backward(backbone, model, tokenizer.pad_token_id, device)
+                        continue
                     packed = pack([p for p, _ in part], [t for _, t in part], tokenizer.pad_token_id, device,
                                   flat=config.data.padding_free)
                     with autocast(config.optim, device):
                         hidden_N_H = response_hidden(backbone, packed)
                     logp_N = chunked_token_logprobs(hidden_N_H, output_head(model), packed.targets_N,
                                                     chunk_size=config.optim.chunk_size)
-                    # token mean over the whole step (DDP averages over processes, hence the factor world)
+                    # token mean over the whole step (DDP and FSDP average over processes, hence the factor world)
                     (-logp_N.sum() * (world / total_tokens)).backward()
                     loss_sum -= float(logp_N.detach().sum())
             grad_norm, skipped = guarded_step(model, optimizer, config.optim.max_grad_norm)
@@ -133,6 +138,6 @@ def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
                                progress, "sft", start)
     if run_dir is not None:
         print(stage_summary("sft", progress), file=sys.stderr)
-    del backbone  # release the DDP reducer before the process group (see distributed.teardown)
+    del backbone  # release DDP's reducer / FSDP's state before the process group (see distributed.teardown)
     distributed.teardown()
     return run_dir

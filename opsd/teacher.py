@@ -10,7 +10,10 @@ student's own network (METHODS.md: one model family, one network); an external t
 checkpoint with the same tokenizer (`ExternalTeacher`).
 Instead of a second model object, a snapshot of the *trainable* tensors is kept and swapped into
 the network (pointer swap, no copy) for the teacher forward. With LoRA and a frozen teacher there is
-no snapshot at all: the teacher is the model with its adapters disabled.
+no snapshot at all: the teacher is the model with its adapters disabled. Under FSDP
+(`run.parallel=fsdp`) the snapshot is sharded like the parameters it shadows (each process holds 1/N
+of it) and swapped by value into the shards, which FSDP's all-gather reads, before the weights are
+gathered for the teacher's forward.
 
 | policy  | snapshot                          | memory                         |
 | frozen  | initial trainable tensors         | one copy (none with LoRA)      |
@@ -28,6 +31,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from opsd.data import Problem
 from opsd.errors import UserError
@@ -77,6 +81,7 @@ class TeacherWeightsState:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)  # FSDP's parameters (built after wrapping)
         keeps_copy = config.policy in ("frozen", "refresh", "ema") and not self.adapters_off
         self.snapshot = [p.detach().clone() for p in self.params] if keeps_copy else None
 
@@ -96,9 +101,16 @@ class TeacherWeightsState:
         finally:
             self._swap()
 
+    @torch.no_grad()
     def _swap(self) -> None:
         for param, saved in zip(self.params, self.snapshot):
-            param.data, saved.data = saved.data, param.data
+            if self.sharded:  # by value: FSDP all-gathers from the shard's own storage
+                mine, theirs = _local(param), _local(saved)
+                kept = mine.clone()
+                mine.copy_(theirs)
+                theirs.copy_(kept)
+            else:
+                param.data, saved.data = saved.data, param.data
 
     def head(self) -> torch.Tensor:
         """The teacher's unembedding matrix (the snapshot's when the head is trained)."""
@@ -110,15 +122,13 @@ class TeacherWeightsState:
         return head
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The snapshot by parameter name (empty when the teacher needs none)."""
+        """The snapshot by parameter name (empty when the teacher needs none); under FSDP, this
+        process's shards as DTensors (for torch.distributed.checkpoint, which loads them in place)."""
         if self.snapshot is None:
             return {}
+        if self.sharded:
+            return dict(zip(self.names, self.snapshot))
         return {name: saved.detach().contiguous() for name, saved in zip(self.names, self.snapshot)}
-
-    def start_snapshot(self) -> dict[str, torch.Tensor]:
-        """The snapshot when it is the start model's weights (frozen; none with LoRA): checkpoints
-        record its fingerprint instead of a copy, and a resumed run rebuilds it from the start model."""
-        return self.state_dict() if self.config.policy == "frozen" else {}
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint saves of the teacher (teacher.safetensors): a refresh or EMA snapshot,
@@ -138,13 +148,27 @@ class TeacherWeightsState:
         """Update after optimizer step `step` (1-based); True when the teacher changed."""
         if self.config.policy == "refresh" and step % self.config.refresh_every == 0:
             for param, saved in zip(self.params, self.snapshot):
-                saved.copy_(param)
+                _local(saved).copy_(_local(param))
             return True
         if self.config.policy == "ema":
             for param, saved in zip(self.params, self.snapshot):
-                saved.lerp_(param, 1.0 - self.config.ema_decay)
+                _local(saved).lerp_(_local(param), 1.0 - self.config.ema_decay)
             return True
         return self.config.policy == "live"
+
+
+def start_snapshot(model: nn.Module, config: TeacherWeightsConfig, uses_lora: bool) -> dict[str, torch.Tensor]:
+    """What a frozen teacher's snapshot will be, read from the start model before any wrapping: its
+    trainable tensors (none with LoRA, whose frozen teacher is the base). Checkpoints record its
+    fingerprint instead of a copy, and a resumed run rebuilds it from the start model."""
+    if config.policy != "frozen" or uses_lora:
+        return {}
+    return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view of its storage), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @dataclass(frozen=True)
@@ -185,36 +209,43 @@ def rollout_teacher_prompts(context: str, engine, tokenizer, kept, problems: lis
 
 def teacher_target(context: str, purified: tuple[float, float], model, weights: TeacherWeightsState,
                    external: ExternalTeacher | None, batch, teacher_prompts: list[list[int]], prompts: TeacherPrompts,
-                   pad_id: int, device: torch.device, autocast) -> Callable[[slice], torch.Tensor]:
+                   pad_id: int, device: torch.device, autocast, gathered=contextlib.nullcontext()
+                   ) -> Callable[[slice], torch.Tensor]:
     """The teacher of one micro-batch as a function from a slice of response positions to [C × V]
     logits: one view (its prompt ‖ the responses) projected by the teacher's head, or Purified OPSD's
     target from three views (`purified`: clip c and β). Hidden states are computed here, once,
-    without autograd."""
+    without autograd. `gathered`: the block that makes the self-teacher's weights whole (FSDP),
+    entered with the teacher's weights swapped in."""
     responses = [r.response_ids for r, _ in batch]
     views = [teacher_prompts]
     if CONTEXTS[context].purified:
         views += [[prompts.reference_only[r.problem_index] for r, _ in batch],
                   [prompts.student[r.problem_index] for r, _ in batch]]
     model.eval()
-    with autocast:
-        hidden = [view_hidden(model, weights, external, view, responses, pad_id, device) for view in views]
-    head = external.head() if external is not None else weights.head()
+    head = None
+    with weights.active(), gathered, autocast:
+        hidden = [view_hidden(model, external, view, responses, pad_id, device) for view in views]
+        if external is None and weights.sharded:  # FSDP: the head is whole only in here; the target needs it after
+            head = output_head(model).detach().clone()
+    if head is None:
+        head = external.head() if external is not None else weights.head()
     if CONTEXTS[context].purified:
         return PurifiedTarget(*hidden, head, *purified)
     return lambda part: hidden[0][part] @ head.T
 
 
-def view_hidden(model, weights: TeacherWeightsState, external: ExternalTeacher | None, prompts: list[list[int]],
-                responses: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """[N × H] hidden states of one teacher view (prompts ‖ the student's responses), no autograd."""
+def view_hidden(model, external: ExternalTeacher | None, prompts: list[list[int]], responses: list[list[int]],
+                pad_id: int, device: torch.device) -> torch.Tensor:
+    """[N × H] hidden states of one teacher view (prompts ‖ the student's responses), no autograd;
+    the self-teacher's weights are the network's now (inside `TeacherWeightsState.active`)."""
     if external is not None:
         return external.hidden(pack(prompts, responses, pad_id, external.device))
-    return teacher_hidden(model, pack(prompts, responses, pad_id, device), weights)
+    return teacher_hidden(model, pack(prompts, responses, pad_id, device))
 
 
-def teacher_hidden(model: nn.Module, packed: Packed, teacher: TeacherWeightsState) -> torch.Tensor:
-    """[N × H] teacher hidden states at the response positions, computed without autograd."""
-    with teacher.active(), torch.inference_mode():
+def teacher_hidden(model: nn.Module, packed: Packed) -> torch.Tensor:
+    """[N × H] hidden states of `model` as it is at the response positions, computed without autograd."""
+    with torch.inference_mode():
         hidden_N_H = response_hidden(Backbone(model), packed)
     return hidden_N_H.clone()  # a normal tensor, usable next to autograd outside inference mode
 

@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from opsd.errors import require
-from opsd.models import ModelConfig, add_lora, load_model
+from opsd import distributed
+from opsd.errors import UserError, require
+from opsd.models import Backbone, ModelConfig, add_lora, load_model
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,17 @@ def load_policy(config: ModelConfig, optim: OptimConfig, device: torch.device) -
     return add_lora(model, config) if config.lora_rank > 0 else model
 
 
+def wrap_policy(model: nn.Module, device: torch.device, parallel: distributed.Parallel, fsdp_offload: bool,
+                optim: OptimConfig) -> nn.Module:
+    """The policy's `Backbone`, wrapped for several processes as run.parallel says (unchanged in one);
+    build the optimizer and any snapshot of its weights after this (FSDP replaces the parameters)."""
+    if fsdp_offload and device.type != "cuda":
+        raise UserError("run.fsdp_offload=true keeps FSDP's shards in CPU memory between GPU steps; on a CPU "
+                        "they are there already: set it to false")
+    return distributed.wrap(Backbone(model), device, parallel, bf16=optim.bf16 and device.type == "cuda",
+                            offload=fsdp_offload)
+
+
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -87,7 +99,7 @@ def guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
     `has_gradient=False` (nothing was trained on this step) skips silently: AdamW would otherwise
     still apply momentum and weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grad_norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))  # FSDP: a DTensor
     skipped = has_gradient and not math.isfinite(grad_norm)
     if has_gradient and not skipped:
         optimizer.step()

@@ -28,7 +28,7 @@ def run(out: Path, processes: int) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
 
-@pytest.mark.slow  # an intermittent exit deadlock of gloo was seen once in a few suite runs: kept out of CI
+# back in the default suite: the exit deadlock once seen in a few runs did not recur in 60 runs in a row
 def test_two_processes_compute_the_single_process_gradient(tmp_path):
     single, double = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
     assert single["rollout/count"] == 4 and double["rollout/count"] == 2  # rank 0 logs its half
