@@ -57,6 +57,8 @@ def main() -> int:
         for key, value in most.items():
             ratio = f"{value / predicted[key]:.4f}" if predicted[key] else ("1.0000" if value == 0 else "inf")
             print(f"| {key} | {value:,} | {predicted[key]:,.0f} | {ratio} |")
+        exact = all(value == predicted[key] for key, value in most.items())
+        print(f"RESULT processes={world} parallel={parallel} params={params} measured_equals_predicted={exact}")
     del backbone
     distributed.teardown()
     return 0

@@ -24,11 +24,13 @@ needs run.output_dir on a filesystem every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +124,8 @@ def save_checkpoint(
         _barrier()  # the folder exists before any process writes into it
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(sharded_state, checkpoint_id=tmp / SHARDED_STATE)
+        with _single_process_quiet():
+            dcp.save(sharded_state, checkpoint_id=tmp / SHARDED_STATE)
         _barrier()
     if rank0:
         _finish(tmp, folder, info)
@@ -182,9 +185,10 @@ def save_run_checkpoint(run_dir: Path | None, model: nn.Module, tokenizer: PreTr
     record = {"start_model": {"path": start.path, "sha256": start.sha256}} if start.sha256 else {}
     folder = Path(run.output_dir) / "checkpoints" / f"step_{step:06d}"
     if run.parallel == "fsdp":
+        stepped = bool(optimizer.state)  # AdamW has state once it has stepped (the same on every process)
         save_checkpoint(model, tokenizer, folder, {"step": step, **info, **record},
-                        training_state={**progress, "sharded": True}, dtype=start.dtype,
-                        sharded_state=sharded_state(model, optimizer, teacher_state or {}))
+                        training_state={**progress, "sharded": True, "optimizer_stepped": stepped}, dtype=start.dtype,
+                        sharded_state=sharded_state(model, optimizer, teacher_state or {}, stepped))
     else:
         save_checkpoint(model, tokenizer, folder, {"step": step, **info, **record}, teacher_state,
                         training_state(model, optimizer, progress, start.dtype), start.dtype)
@@ -193,15 +197,17 @@ def save_run_checkpoint(run_dir: Path | None, model: nn.Module, tokenizer: PreTr
     return folder
 
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                  teacher_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, teacher_state: dict[str, torch.Tensor],
+                  stepped: bool) -> dict[str, Any]:
     """What sharded_state/ holds (run.parallel=fsdp), as views of the live tensors, so that
     torch.distributed.checkpoint saves them and loads into them in place: the trained parameters,
-    the optimizer state by parameter name, the teacher's snapshot."""
+    the optimizer state by parameter name (when the optimizer has `stepped`: torch builds the state
+    of one that has not by a step with zero gradients, which would change its step count), the
+    teacher's snapshot."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return {"trained": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-            "optimizer": get_optimizer_state_dict(model, optimizer), "teacher": dict(teacher_state)}
+            "optimizer": get_optimizer_state_dict(model, optimizer) if stepped else {}, "teacher": dict(teacher_state)}
 
 
 def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_row: int, model: nn.Module,
@@ -308,8 +314,8 @@ def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     device = next(model.parameters()).device
     state = _load_state(checkpoint, device)
     if state.get("sharded"):
-        _load_sharded(checkpoint, model, optimizer, teacher)
-        return {**new_progress(), **{k: v for k, v in state.items() if k != "sharded"}}
+        _load_sharded(checkpoint, model, optimizer, teacher, state.get("optimizer_stepped", True))
+        return {**new_progress(), **{k: v for k, v in state.items() if k not in ("sharded", "optimizer_stepped")}}
     if _is_peft(model):
         _copy_into(model, state["adapters"], checkpoint)
     elif "master_weights" in state:  # the weights were saved rounded to the start model's dtype
@@ -324,7 +330,8 @@ def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     return {**new_progress(), **{k: v for k, v in state.items() if k not in tensors}}
 
 
-def _load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher) -> None:
+def _load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher,
+                  stepped: bool) -> None:
     """sharded_state/ into this run's tensors, re-sharded to however many processes run now."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -332,13 +339,23 @@ def _load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opt
     if not (checkpoint / SHARDED_STATE).is_dir():
         raise UserError(f"checkpoint {checkpoint} has no {SHARDED_STATE}/ (written with run.parallel=fsdp); "
                         "resume it with that setting or start a new run")
-    state = sharded_state(model, optimizer, teacher.checkpoint_state() if teacher is not None else {})
+    state = sharded_state(model, optimizer, teacher.checkpoint_state() if teacher is not None else {}, stepped)
     try:
-        dcp.load(state, checkpoint_id=checkpoint / SHARDED_STATE)
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=checkpoint / SHARDED_STATE)
     except Exception as err:  # a missing or mis-shaped tensor: DCP's CheckpointException lists every rank's
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"checkpoint {checkpoint} does not match the model ({message[:300]})") from None
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if stepped:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """torch.distributed.checkpoint warns, at every save and load in one process, that it assumes one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _read_info(checkpoint: Path) -> dict[str, Any]:
@@ -412,10 +429,7 @@ def _gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return state
     from peft.tuners.lora import Linear as LoraLinear
 
-    for name, module in base.named_modules():
-        if hasattr(module, "lora_A") and not isinstance(module, LoraLinear):
-            raise UserError(f"run.parallel=fsdp merges LoRA on linear layers only, and {name} is a "
-                            f"{type(module).__name__}; adapt linear layers (model.lora_target_modules)")
+    for name, module in base.named_modules():  # linear layers only: other LoRA layers are refused up front
         if isinstance(module, LoraLinear):
             key = f"{name}.base_layer.weight"
             for adapter in module.active_adapters:

@@ -168,7 +168,7 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     world = distributed.world_size()
     check_options(config, world)
     use_threads(config.run.threads)
-    resume_from = resume_point(config.run, to_dict(config))
+    resume_from = resume_point(config.run, to_dict(config), type(config))
     problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config),
                              default_verifier=config.verifier.default)
     check_problems(problems, config.data.path, config.verifier)
@@ -178,8 +178,8 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     prompts = render_teacher_prompts(tokenizer, problems, teacher.context, teacher.template, teacher.concise_instruction)
     external = load_external_teacher(teacher.model, teacher.device, tokenizer, device, distributed.device) \
         if teacher.model else None
-    rank = distributed.setup(device)
-    torch.manual_seed(config.run.seed + rank)
+    rank = distributed.setup(device, cpu_collectives=config.run.fsdp_offload)
+    torch.manual_seed(config.run.seed)  # the same on every process: FSDP shards each one's own LoRA initialisation
     model = load_policy(config.model, config.optim, device)
     check_same_vocabulary(model, external)
     memo = teacher.memo_max_tokens if CONTEXTS[teacher.context].writes_memo else 0

@@ -21,6 +21,7 @@ forwards and backwards in a step; a process with fewer micro-batches runs `idle_
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from typing import Literal
 
@@ -43,18 +44,21 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def setup(device: torch.device) -> int:
-    """This process's rank, initialising the process group when launched with several processes."""
+def setup(device: torch.device, cpu_collectives: bool = False) -> int:
+    """This process's rank, initialising the process group when launched with several processes.
+    `cpu_collectives` (run.fsdp_offload on GPU): gloo next to NCCL, for gradients kept in CPU memory."""
     if world_size() == 1:
         return 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "gloo" if device.type != "cuda" else "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+        dist.init_process_group(backend)
     return dist.get_rank()
 
 
 _kept = False  # inside `one_group`: a stage's teardown leaves the group to the next stage
+_waiting = None  # the group `wait_for_rank0` waits in (gloo, without a practical time limit)
 
 
 def teardown() -> None:
@@ -71,15 +75,30 @@ def teardown() -> None:
 @contextlib.contextmanager
 def one_group():
     """One process group for several stages (a pipeline), destroyed at the end. A group destroyed
-    and created again reuses the rendezvous keys of the first, so a process that arrives early (while
-    rank 0 still evaluates) can connect to the old, closed addresses."""
-    global _kept
+    and created again reuses the rendezvous keys of the first, so a process that arrives early can
+    connect to the old, closed addresses. On an error the group is left as it is, without a barrier
+    (the other processes may be inside other collectives): torchrun ends them when this one exits."""
+    global _kept, _waiting
     _kept = True
     try:
         yield
     finally:
         _kept = False
-        teardown()
+    _waiting = None
+    teardown()
+
+
+def wait_for_rank0(device: torch.device, cpu_collectives: bool = False) -> None:
+    """Under torchrun, inside `one_group`: every process waits here until all have come, however
+    long rank 0's own work before it takes (a pipeline's evaluations): in a gloo group of its own
+    whose timeout is 7 days, where NCCL's default would end the job after 10 minutes."""
+    global _waiting
+    if world_size() == 1:
+        return
+    setup(device, cpu_collectives)
+    if _waiting is None:
+        _waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    dist.barrier(group=_waiting)
 
 
 def device(name: str) -> torch.device:
@@ -113,13 +132,14 @@ def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
-    options = {"mesh": mesh, "mp_policy": precision, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
     layers = decoder_layers(backbone)
-    for layer in layers:
-        fully_shard(layer, **options)
-    fully_shard(backbone, **options)
+    for layer in layers:  # bf16: the layers compute in bf16 (as under autocast), gradients reduced in float32
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                                          reduce_dtype=torch.float32 if bf16 else None), **options)
+    # the root (embeddings, final norm, output head) stays float32, as with DDP: the final hidden
+    # states and the head the chunked divergence and log-probabilities use are float32 under both
+    fully_shard(backbone, mp_policy=MixedPrecisionPolicy(), **options)
     # Backward prefetch named explicitly: FSDP's default guesses the next layer from the order of
     # the last forwards, which here include `gathered` ones (the teacher's) that only some processes
     # ran, and processes that guess differently all-gather different layers and hang.

@@ -105,6 +105,19 @@ def add_lora(model: PreTrainedModel, config: ModelConfig) -> nn.Module:
     return peft_model
 
 
+def lora_not_linear(model: nn.Module) -> str | None:
+    """The first LoRA-adapted module that is not a linear layer ("name (Type)"), or None: a sharded
+    checkpoint merges adapters from their gathered tensors, which opsd does for linear layers."""
+    if not hasattr(model, "get_base_model"):
+        return None
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for name, module in causal_lm(model).named_modules():
+        if hasattr(module, "lora_A") and not isinstance(module, LoraLinear):
+            return f"{name} ({type(module).__name__})"
+    return None
+
+
 def _check_model_path(name_or_path: str) -> None:
     path = Path(name_or_path)
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1

@@ -13,8 +13,8 @@ evaluated with its stage's own model options (dtype, attention, trust_remote_cod
 with a header line on the terminal; its progress bar and its evaluation's carry the stage's name.
 
 Under torchrun every process runs every stage (`run.parallel` and `run.fsdp_offload` reach every
-stage); rank 0 alone writes the pipeline's folder and evaluates, one process, while the others wait
-for it at the next stage's start (within the process group's timeout, 30 minutes by default).
+stage) in one process group; rank 0 alone writes the pipeline's folder and evaluates, one process,
+while the others wait for it (`distributed.wait_for_rank0`, however long the evaluation takes).
 
     opsd pipeline configs/pipeline-tiny.yaml [--resume]
 """
@@ -242,6 +242,8 @@ def run_pipeline(config: PipelineConfig) -> Path | None:
 
 
 def _run_pipeline(config: PipelineConfig) -> Path | None:
+    device = distributed.device(config.run.device)
+    wait_for_rank0 = lambda: distributed.wait_for_rank0(device, config.run.fsdp_offload)  # noqa: E731
     out = Path(config.run.output_dir)
     check_run_section(config.run)
     use_threads(config.run.threads)
@@ -260,12 +262,14 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
         out = prepare_run_dir(out, config.run.overwrite, kind="pipeline")
     if writer:
         save_config(out, to_dict(config))
+    wait_for_rank0()  # the folder is ready (or replaced) before any process reads a stage's
     checkpoints = {config.start_name: config.model.name_or_path, **{m.name: m.name_or_path for m in config.models}}
     curves: dict[str, list[dict]] = {}
     rows = []
     if config.evaluate_start and writer:
         for name, path in checkpoints.items():
             rows.append(evaluate(config, name, "", dataclasses.replace(config.model, name_or_path=path), out, 0.0))
+    wait_for_rank0()
     for number, (stage, start, stage_config) in enumerate(stages, 1):
         _, run = stage_runner(stage.command)
         stage_config = _with_model(stage_config, checkpoints[start])
@@ -278,13 +282,13 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
         run(stage_config, name=stage.name)
         run_dir = Path(stage_config.run.output_dir)  # complete on every process: a stage ends with a barrier
         checkpoints[stage.name] = str(final_checkpoint(run_dir))
-        if not writer:
-            continue
-        # the stage's own model options (dtype, attention, remote code), its merged checkpoint
-        model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
-        rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
-        if config.eval.every:
-            curves[stage.name] = curve(config, stage.name, model, run_dir, out, rows, start)
+        if writer:
+            # the stage's own model options (dtype, attention, remote code), its merged checkpoint
+            model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
+            rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
+            if config.eval.every:
+                curves[stage.name] = curve(config, stage.name, model, run_dir, out, rows, start)
+        wait_for_rank0()
     if not writer:
         return None
     rows = add_compression(rows)

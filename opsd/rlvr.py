@@ -106,7 +106,7 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
     world = distributed.world_size()
     check_options(config, world)
     use_threads(config.run.threads)
-    resume_from = resume_point(config.run, to_dict(config))
+    resume_from = resume_point(config.run, to_dict(config), type(config))
     problems = load_problems(config.data.path, config.data.fields, require_answer=True,
                              default_verifier=config.verifier.default)
     check_problems(problems, config.data.path, config.verifier)
@@ -114,8 +114,8 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
     tokenizer = load_tokenizer(config.model)
     prefix = f"{config.data.instruction}\n\n" if config.data.instruction else ""
     prompts = [render_prompt(tokenizer, prefix + p.problem) for p in problems]
-    rank = distributed.setup(device)
-    torch.manual_seed(config.run.seed + rank)
+    rank = distributed.setup(device, cpu_collectives=config.run.fsdp_offload)
+    torch.manual_seed(config.run.seed)  # the same on every process: FSDP shards each one's own LoRA initialisation
     model = load_policy(config.model, config.optim, device)
     longest = max(len(p) for p in prompts)
     check_fits(model, longest + config.sampling.max_new_tokens,

@@ -113,15 +113,17 @@ def open_run_dir(run: RunConfig, config: dict[str, Any], rank: int, resumed_step
     return run_dir
 
 
-def resume_point(run: RunConfig, config: dict[str, Any]) -> Path | None:
+def resume_point(run: RunConfig, config: dict[str, Any], cls: type | None = None) -> Path | None:
     """The checkpoint a run continues from: the latest complete one of a folder holding a run of
-    the same resolved stage `config`, None for a fresh run. `run.resume=true` insists that there is one."""
+    the same resolved stage `config` (of class `cls`, through which the saved one is read, so that
+    keys added since compare as their defaults), None for a fresh run. `run.resume=true` insists
+    that there is one."""
     run_dir = Path(run.output_dir)
     if run.overwrite or not holds_run(run_dir):
         if run.resume:
             raise UserError(f"run.resume: {run_dir} holds no run to resume")
         return None
-    check_same_config(run_dir, config, CHANGEABLE_ON_RESUME)
+    check_same_config(run_dir, config, CHANGEABLE_ON_RESUME, cls)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None and run.resume:
         raise UserError(f"run.resume: {run_dir} holds no complete checkpoint to resume from")

@@ -20,7 +20,7 @@ from torch import nn
 
 from opsd import distributed
 from opsd.errors import UserError, require
-from opsd.models import Backbone, ModelConfig, add_lora, load_model
+from opsd.models import Backbone, ModelConfig, add_lora, load_model, lora_not_linear
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,10 @@ def wrap_policy(model: nn.Module, device: torch.device, parallel: distributed.Pa
     if fsdp_offload and device.type != "cuda":
         raise UserError("run.fsdp_offload=true keeps FSDP's shards in CPU memory between GPU steps; on a CPU "
                         "they are there already: set it to false")
+    not_linear = lora_not_linear(model) if parallel == "fsdp" and distributed.world_size() > 1 else None
+    if not_linear:
+        raise UserError(f"run.parallel=fsdp saves LoRA merged from linear layers only, and {not_linear} is not "
+                        "one; adapt linear layers only (model.lora_target_modules)")
     return distributed.wrap(Backbone(model), device, parallel, bf16=optim.bf16 and device.type == "cuda",
                             offload=fsdp_offload)
 

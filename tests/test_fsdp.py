@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opsd.runs import latest_checkpoint
+from opsd.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 # uneven shares: 3 problems over 2 processes, one sequence per micro-batch, so processes run out of
@@ -31,13 +32,12 @@ TOLERANCE = 1e-5  # float sums in another order (two processes' gradients reduce
 
 
 def opsd(args: list[str], out: Path, processes: int = 1, crash: str | None = None,
-         launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    if launcher is None:
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+         crash_rank: int = 1) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("OPSD_CRASH_AT", None)
-    if crash:  # rank 1 kills itself after this step's update, before its checkpoint
-        env.update({"OPSD_CRASH_AT": crash, "OPSD_CRASH_RANK": "1"})
+    if crash:  # that rank kills itself (SIGKILL) at that point (opsd/faults.py); torchrun ends the others
+        env.update({"OPSD_CRASH_AT": crash, "OPSD_CRASH_RANK": str(crash_rank)})
     return subprocess.run([sys.executable, *launcher, "-m", "opsd.cli", *args, f"run.output_dir={out}"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
@@ -74,13 +74,17 @@ POLICIES = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Distill runs that several tests compare with, each run once: `runs(policy, processes)` is the
-    folder of DISTILL under that teacher policy, in one process or in two with FSDP."""
+    folder of DISTILL under that teacher policy, in one process or in two with FSDP. LoRA starts from
+    a model folder: loading one draws the adapters' initial values from torch's global generator
+    (builtin:tiny reseeds it), which every process must seed alike."""
     done: dict[tuple[str, int], Path] = {}
+    model = save_tiny(tmp_path_factory.mktemp("model") / "tiny")
 
     def run(policy: str, processes: int) -> Path:
         if (policy, processes) not in done:
             out = tmp_path_factory.mktemp("runs") / f"{policy}-{processes}"
-            trained([*DISTILL, *POLICIES[policy], *(FSDP if processes > 1 else [])], out, processes)
+            start = [f"model.name_or_path={model}"] if policy == "lora" else []
+            trained([*DISTILL, *POLICIES[policy], *start, *(FSDP if processes > 1 else [])], out, processes)
             done[policy, processes] = out
         return done[policy, processes]
     return run
@@ -112,18 +116,21 @@ def test_a_sharded_checkpoint_loads_with_transformers_and_generates(runs):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_a_killed_sharded_run_resumes_on_two_processes_and_on_one(tmp_path, runs):
+@pytest.mark.parametrize("crash, crash_rank, processes", [
+    ("decode:14", 1, 2),  # rank 1 in the middle of step 2's generation; resumed on two processes
+    ("checkpoint:2", 0, 1),  # rank 0 writing step 2's checkpoint, the shards already written; resumed on one
+], ids=["mid-generation-then-two", "mid-checkpoint-then-one"])
+def test_a_killed_sharded_run_resumes_on_two_processes_and_on_one(tmp_path, runs, crash, crash_rank, processes):
     args = [*DISTILL, *POLICIES["ema"], *FSDP]
-    whole = weights(runs("ema", 2))
-    for out, processes in (("again-on-two", 2), ("again-on-one", 1)):
-        killed = opsd(args, tmp_path / out, processes=2, crash="step:2")
-        assert killed.returncode != 0
-        assert latest_checkpoint(tmp_path / out).name == "step_000001"  # step 2 died before its checkpoint
-        resumed = trained(args, tmp_path / out, processes)
-        # on two processes the same run exactly; on one, the same sums in another order
-        assert_same(whole, resumed, 0.0 if processes == 2 else TOLERANCE)
-        rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
-        assert [row["step"] for row in rows] == [1, 2, 3]
+    killed = opsd(args, tmp_path / "run", processes=2, crash=crash, crash_rank=crash_rank)
+    assert killed.returncode != 0
+    assert latest_checkpoint(tmp_path / "run").name == "step_000001"  # step 2 died before its checkpoint was whole
+    resumed = trained(args, tmp_path / "run", processes)
+    # on two processes the same run exactly; on one, the same sums in another order
+    assert_same(weights(runs("ema", 2)), resumed, 0.0 if processes == 2 else TOLERANCE)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert not list((tmp_path / "run/checkpoints").glob("*.tmp"))
 
 
 def test_two_launchers_of_one_job_end_like_one_launcher(tmp_path, runs):
@@ -135,11 +142,13 @@ def test_two_launchers_of_one_job_end_like_one_launcher(tmp_path, runs):
             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id", "opsd-test"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, *node, "-m", "opsd.cli", *args, f"run.output_dir={tmp_path / 'nodes'}"]
-    launchers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-                 for _ in range(2)]
-    results = [(p.wait(timeout=300), p.communicate()[1]) for p in launchers]
-    for code, stderr in results:
-        assert code == 0, stderr[-3000:]
+    logs = [tmp_path / f"launcher-{number}.log" for number in (1, 2)]  # files: a full pipe would stall a launcher
+    with logs[0].open("w") as first, logs[1].open("w") as second:
+        launchers = [subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                     for out in (first, second)]
+        codes = [launcher.wait(timeout=300) for launcher in launchers]
+    for code, log in zip(codes, logs):
+        assert code == 0, log.read_text()[-3000:]
     assert_same(weights(runs("ema", 2)), weights(tmp_path / "nodes"), 0.0)
 
 
@@ -171,6 +180,7 @@ def test_the_memory_prediction_is_what_a_real_step_holds(processes):
     for name, (measured, predicted) in parts.items():
         assert measured == predicted, name
     assert parts["weights"][0] > 0 and (parts["gathered"][0] > 0) == (processes > 1)
+    assert result.stdout.splitlines()[-1].endswith("measured_equals_predicted=True")
 
 
 def test_a_pipeline_under_torchrun_shards_every_stage_and_ends_like_one_process(tmp_path):
@@ -221,3 +231,53 @@ def test_the_readme_shows_the_memory_table_as_computed():
     from opsd.memory import table
 
     assert table() in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_lora_on_a_layer_a_sharded_checkpoint_cannot_merge_is_refused_before_training(tmp_path):
+    args = [*DISTILL, "model.lora_rank=4", "model.lora_target_modules=embed_tokens,q_proj", *FSDP]
+    result = opsd(args, tmp_path / "run", processes=2)
+    assert result.returncode != 0
+    assert "opsd: error: run.parallel=fsdp saves LoRA merged from linear layers only, and " \
+           "model.embed_tokens (Embedding) is not one" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_written_before_run_parallel_existed_still_resumes(tmp_path):
+    import yaml
+
+    from opsd.cli import main
+
+    out = tmp_path / "run"
+    args = ["distill", str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=8", "run.problems_per_step=2",
+            "run.report_to=[]", "run.device=cpu", f"run.output_dir={out}"]
+    assert main([*args, "run.steps=1"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["run"]["parallel"], config["run"]["fsdp_offload"]  # as the previous version wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([*args, "run.steps=2"]) == 0
+    assert latest_checkpoint(out).name == "step_000002"
+
+
+def test_a_sharded_checkpoint_before_any_update_leaves_the_optimizer_as_it_was(tmp_path):
+    """torch builds an un-stepped optimizer's state for a state dict by a step with zero gradients;
+    a checkpoint after steps that trained on nothing must not count that step (AdamW's bias correction)."""
+    from opsd.checkpoint import restore, save_run_checkpoint, start_model
+    from opsd.models import ModelConfig
+    from opsd.runs import RunConfig
+    from opsd.tiny import build_tiny
+    from opsd.training import new_progress
+
+    def fresh():
+        model, tokenizer = build_tiny(seed=3)
+        return model, tokenizer, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, tokenizer, optimizer = fresh()
+    run = RunConfig(output_dir=str(tmp_path / "run"), parallel="fsdp")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    start = start_model(ModelConfig(), model)
+    folder = save_run_checkpoint(tmp_path / "run", model, tokenizer, optimizer, {**new_progress(), "step": 1},
+                                 {"stage": "distill"}, run, start)
+    assert not optimizer.state
+    resumed_model, _, resumed = fresh()
+    assert restore(folder, resumed_model, resumed, start)["step"] == 1
+    assert not resumed.state
