@@ -281,3 +281,21 @@ def test_a_sharded_checkpoint_before_any_update_leaves_the_optimizer_as_it_was(t
     resumed_model, _, resumed = fresh()
     assert restore(folder, resumed_model, resumed, start)["step"] == 1
     assert not resumed.state
+
+
+def test_a_process_that_keeps_no_rollout_in_a_step_still_takes_part(tmp_path):
+    """The demo's SFT model solves about half of its problems: with correct-only gating and one problem
+    per process, some steps leave one process with nothing to train on while the other has some."""
+    from opsd import toyworld
+
+    data = toyworld.write_jsonl(toyworld.problem_rows(toyworld.problems(12, seed=5)), tmp_path / "problems.jsonl")
+    args = ["distill", str(ROOT / "configs/tiny.yaml"), f"model.name_or_path={ROOT / 'opsd/assets/toyworld-sft'}",
+            f"data.path={data}", "gating=correct_only", "sampling.n=1", "sampling.max_new_tokens=256",
+            "run.problems_per_step=2", "run.steps=4", "optim.micro_batch_size=1", "optim.lr=1e-3",
+            "run.report_to=[]", "run.threads=1"]
+    one = trained(args, tmp_path / "one")
+    two = trained([*args, *FSDP], tmp_path / "two", processes=2)
+    assert_same(one, two)
+    rows = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    # rank 0 logs its own rollouts: a step where it kept none while the step trained on tokens
+    assert any(row["rollout/kept"] == 0 and row["train/tokens"] > 0 for row in rows), rows
