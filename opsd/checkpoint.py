@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from opsd import distributed
 from opsd.errors import UserError
 from opsd.faults import crash_point
 from opsd.folders import (CHECKPOINT_INFO, CHECKPOINT_INFO_TMP, checkpoint_step, foreign_checkpoint,
@@ -121,20 +122,17 @@ def save_checkpoint(
     if rank0:
         _write_files(model, tokenizer, tmp, info, weights, teacher_state, training_state, dtype)
     if sharded_state is not None:
-        _barrier()  # the folder exists before any process writes into it
+        distributed.barrier_long()  # the folder exists before any process writes into it
         import torch.distributed.checkpoint as dcp
 
         with _single_process_quiet():
             dcp.save(sharded_state, checkpoint_id=tmp / SHARDED_STATE)
-        _barrier()
+        distributed.barrier_long()
     if rank0:
         _finish(tmp, folder, info)
     return folder
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _write_files(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tmp: Path, info: dict[str, Any],
@@ -223,8 +221,11 @@ def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_ro
     step = progress["step"]
     # FSDP: every process writes its shards (rank 0 alone has a run_dir)
     writes = run_dir is not None or (run.parallel == "fsdp" and dist.is_initialized())
-    if writes and (stop or checkpoint_due(step, run.steps, run.save_every)):
-        save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run, start, teacher_state)
+    if stop or checkpoint_due(step, run.steps, run.save_every):
+        if writes:
+            save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run, start,
+                                teacher_state)
+        distributed.barrier_long()  # the others wait for rank 0's writing without NCCL's 10-minute limit
     if empty:
         raise UserError(f"training stopped after step {step}: {progress['empty_in_a_row']} steps in a row had nothing "
                         f"to train on ({why_empty}; run.max_empty_steps_in_a_row={run.max_empty_steps_in_a_row}); "

@@ -58,7 +58,7 @@ def setup(device: torch.device, cpu_collectives: bool = False) -> int:
 
 
 _kept = False  # inside `one_group`: a stage's teardown leaves the group to the next stage
-_waiting = None  # the group `wait_for_rank0` waits in (gloo, without a practical time limit)
+_waiting = None  # the group `barrier_long` waits in (gloo, 7-day timeout)
 
 
 def teardown() -> None:
@@ -66,9 +66,11 @@ def teardown() -> None:
     their DistributedDataParallel wrapper first: its reducer holds the group, and a group destroyed
     from a reducer's finaliser at function exit was seen to deadlock (gloo's worker thread waiting
     for the GIL the finaliser holds)."""
+    global _waiting
     if dist.is_initialized():
         dist.barrier()
         if not _kept:
+            _waiting = None
             dist.destroy_process_group()
 
 
@@ -78,24 +80,23 @@ def one_group():
     and created again reuses the rendezvous keys of the first, so a process that arrives early can
     connect to the old, closed addresses. On an error the group is left as it is, without a barrier
     (the other processes may be inside other collectives): torchrun ends them when this one exits."""
-    global _kept, _waiting
+    global _kept
     _kept = True
     try:
         yield
     finally:
         _kept = False
-    _waiting = None
     teardown()
 
 
-def wait_for_rank0(device: torch.device, cpu_collectives: bool = False) -> None:
-    """Under torchrun, inside `one_group`: every process waits here until all have come, however
-    long rank 0's own work before it takes (a pipeline's evaluations): in a gloo group of its own
-    whose timeout is 7 days, where NCCL's default would end the job after 10 minutes."""
+def barrier_long() -> None:
+    """Wait for every process, however long one of them works alone first (rank 0 writing a
+    checkpoint or evaluating): in a gloo group of its own whose timeout is 7 days, where NCCL's
+    default would end the job after 10 minutes. Every process calls it at the same points (the
+    first call creates the group). A no-op in one process."""
     global _waiting
-    if world_size() == 1:
+    if not dist.is_initialized():
         return
-    setup(device, cpu_collectives)
     if _waiting is None:
         _waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     dist.barrier(group=_waiting)
@@ -132,14 +133,16 @@ def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    # bf16: every forward computes with bf16 weights (the root's embeddings and head too, so that
+    # masks and hidden states keep one dtype through the model), gradients are reduced in float32
+    # into the float32 master weights
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    options = {"mesh": mesh, "mp_policy": precision, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
     layers = decoder_layers(backbone)
-    for layer in layers:  # bf16: the layers compute in bf16 (as under autocast), gradients reduced in float32
-        fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                                          reduce_dtype=torch.float32 if bf16 else None), **options)
-    # the root (embeddings, final norm, output head) stays float32, as with DDP: the final hidden
-    # states and the head the chunked divergence and log-probabilities use are float32 under both
-    fully_shard(backbone, mp_policy=MixedPrecisionPolicy(), **options)
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(backbone, **options)
     # Backward prefetch named explicitly: FSDP's default guesses the next layer from the order of
     # the last forwards, which here include `gathered` ones (the teacher's) that only some processes
     # ran, and processes that guess differently all-gather different layers and hang.

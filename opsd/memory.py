@@ -4,9 +4,8 @@ Full fine-tuning with AdamW keeps, per parameter, the float32 weights (4 bytes, 
 their float32 gradients (4) and AdamW's two moments (8): 16 bytes. A self-teacher with a snapshot
 (teacher.weights.policy frozen, refresh or ema) adds 4 more. DDP holds all of it in every process;
 FSDP divides it by the number of processes N. FSDP's price: the work without autograd (generation,
-the teacher's and the reference's forwards) runs with the whole weights gathered, once per process,
-on top of its shards: the decoder layers in the compute dtype (2 bytes per parameter in bf16 on
-GPU), the embeddings, head and final norm in float32.
+the teacher's and the reference's forwards) runs with the whole weights gathered in the compute dtype
+(2 bytes per parameter in bf16 on GPU), once per process, on top of its shards.
 
 Activations are per micro-batch and the same for both: with gradient checkpointing, each layer's
 input (tokens × hidden × 2 bytes in bf16) plus one layer's working set, plus what the chunked
@@ -47,12 +46,7 @@ class Shape:
     def params(self) -> int:
         attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + 2 * self.head_dim
         layer = attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
-        return self.layers * layer + self.root_params
-
-    @property
-    def root_params(self) -> int:
-        """Outside the decoder layers: embeddings, output head (unless tied), final norm."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+        return self.layers * layer + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
 QWEN3 = (Shape("Qwen3-0.6B", 1024, 3072, 28, 16, 8, 128, 151_936, True),
@@ -62,16 +56,14 @@ QWEN3 = (Shape("Qwen3-0.6B", 1024, 3072, 28, 16, 8, 128, 151_936, True),
 
 
 def state_bytes(params: int, processes: int, parallel: str, teacher_snapshot: bool = True,
-                compute_bytes: int = 2, root_params: int = 0) -> dict[str, float]:
+                compute_bytes: int = 2) -> dict[str, float]:
     """Bytes one process holds between steps for full fine-tuning of `params` parameters with AdamW:
     weights, gradients, optimizer moments, the teacher's snapshot; and `gathered`, the whole weights
-    FSDP all-gathers for generation and the teacher's forward: the decoder layers in the compute
-    dtype (`compute_bytes`), the `root_params` (embeddings, head, final norm) in float32."""
+    in the compute dtype that FSDP all-gathers for generation and the teacher's forward."""
     shards = processes if parallel == "fsdp" else 1
-    gathered = compute_bytes * (params - root_params) + 4 * root_params
     return {"weights": 4 * params / shards, "gradients": 4 * params / shards, "optimizer": 8 * params / shards,
             "teacher": (4 * params / shards) if teacher_snapshot else 0.0,
-            "gathered": gathered if parallel == "fsdp" and processes > 1 else 0.0}
+            "gathered": compute_bytes * params if parallel == "fsdp" and processes > 1 else 0.0}
 
 
 def activation_bytes(shape: Shape, tokens: int, chunk_size: int = 256) -> float:
@@ -107,7 +99,7 @@ def table(processes: tuple[int, ...] = (1, 2, 4, 8), tokens: int = 8192) -> str:
         for n in processes:
             state = state_bytes(shape.params, n, "ddp" if n == 1 else "fsdp")
             cells.append(f"{sum(v for k, v in state.items() if k != 'gathered') / GIB:.1f}")
-        gathered = state_bytes(shape.params, 2, "fsdp", root_params=shape.root_params)["gathered"]
+        gathered = state_bytes(shape.params, 2, "fsdp")["gathered"]
         lines.append(f"| {shape.name} | {shape.params / 1e9:.2f}B | {' | '.join(cells)} | "
                      f"{gathered / GIB:.1f} | {activation_bytes(shape, tokens) / GIB:.1f} |")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ with a header line on the terminal; its progress bar and its evaluation's carry 
 
 Under torchrun every process runs every stage (`run.parallel` and `run.fsdp_offload` reach every
 stage) in one process group; rank 0 alone writes the pipeline's folder and evaluates, one process,
-while the others wait for it (`distributed.wait_for_rank0`, however long the evaluation takes).
+while the others wait for it (`distributed.barrier_long`, however long the evaluation takes).
 
     opsd pipeline configs/pipeline-tiny.yaml [--resume]
 """
@@ -185,6 +185,10 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
             check_stage(stage.command, stage_config)
         except UserError as err:
             raise UserError(f"pipeline stage '{name}': {err}") from None
+        for key in ("device", "parallel", "fsdp_offload"):  # one process group serves every stage
+            if getattr(stage_config.run, key) != getattr(config.run, key):
+                raise UserError(f"pipeline stage '{name}': run.{key} is the pipeline's (its run section), "
+                                "the same for every stage; remove it from the stage's overrides")
         planned.append((stage, start, stage_config))
     return planned
 
@@ -243,7 +247,11 @@ def run_pipeline(config: PipelineConfig) -> Path | None:
 
 def _run_pipeline(config: PipelineConfig) -> Path | None:
     device = distributed.device(config.run.device)
-    wait_for_rank0 = lambda: distributed.wait_for_rank0(device, config.run.fsdp_offload)  # noqa: E731
+
+    def wait_for_rank0() -> None:  # under torchrun: the others wait while rank 0 works alone
+        distributed.setup(device, cpu_collectives=config.run.fsdp_offload)
+        distributed.barrier_long()
+
     out = Path(config.run.output_dir)
     check_run_section(config.run)
     use_threads(config.run.threads)
@@ -253,16 +261,16 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
             raise UserError(f"evaluation file {path} does not exist")
     check_data(config, stages)
     writer = distributed.rank() == 0  # under torchrun: the pipeline's folder and evaluations are rank 0's
-    if (out / "config.yaml").is_file() and not config.run.overwrite:
-        check_same_config(out, to_dict(config), ("run.overwrite", "run.resume", "run.threads", "run.report_to",
-                                                 "run.tensorboard"), PipelineConfig)
-    elif config.run.resume:
-        raise UserError(f"run.resume: {out} holds no pipeline to resume")
-    elif writer:
-        out = prepare_run_dir(out, config.run.overwrite, kind="pipeline")
     if writer:
+        if (out / "config.yaml").is_file() and not config.run.overwrite:
+            check_same_config(out, to_dict(config), ("run.overwrite", "run.resume", "run.threads", "run.report_to",
+                                                     "run.tensorboard"), PipelineConfig)
+        elif config.run.resume:
+            raise UserError(f"run.resume: {out} holds no pipeline to resume")
+        else:
+            out = prepare_run_dir(out, config.run.overwrite, kind="pipeline")
         save_config(out, to_dict(config))
-    wait_for_rank0()  # the folder is ready (or replaced) before any process reads a stage's
+    wait_for_rank0()  # the folder is checked and ready (or replaced) before any process reads a stage's
     checkpoints = {config.start_name: config.model.name_or_path, **{m.name: m.name_or_path for m in config.models}}
     curves: dict[str, list[dict]] = {}
     rows = []

@@ -299,3 +299,20 @@ def test_a_process_that_keeps_no_rollout_in_a_step_still_takes_part(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     # rank 0 logs its own rollouts: a step where it kept none while the step trained on tokens
     assert any(row["rollout/kept"] == 0 and row["train/tokens"] > 0 for row in rows), rows
+
+
+def test_a_pipeline_stage_cannot_override_the_process_group_options(tmp_path, capsys):
+    from opsd.cli import main
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"""
+model: {{name_or_path: builtin:tiny}}
+stages:
+  - {{name: sft, command: sft, config: {ROOT / 'configs/sft-tiny.yaml'},
+     overrides: [data.path={ROOT / 'configs/examples/arithmetic-pairs.jsonl'}, run.parallel=fsdp]}}
+eval: {{data: [{ROOT / 'configs/examples/arithmetic.jsonl'}]}}
+""")
+    assert main(["pipeline", str(config), f"run.output_dir={tmp_path / 'out'}"]) == 2
+    assert ("pipeline stage 'sft': run.parallel is the pipeline's (its run section), the same for every stage"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
