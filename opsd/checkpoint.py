@@ -44,14 +44,13 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from opsd import distributed
 from opsd.errors import UserError
 from opsd.faults import crash_point
-from opsd.folders import (CHECKPOINT_INFO, CHECKPOINT_INFO_TMP, checkpoint_step, foreign_checkpoint,
+from opsd.folders import (CHECKPOINT_INFO, CHECKPOINT_INFO_TMP, SHARDED_STATE, checkpoint_step, foreign_checkpoint,
                           remove_partial_checkpoint)
 from opsd.models import BUILTIN_TINY, ModelConfig, causal_lm
 from opsd.runs import TRAINING_STATE, RunConfig
 from opsd.training import new_progress
 
 TEACHER_FILE = "teacher.safetensors"
-SHARDED_STATE = "sharded_state"  # run.parallel=fsdp: torch.distributed.checkpoint's folder
 RESUME_FILES = (TRAINING_STATE, SHARDED_STATE, TEACHER_FILE)  # what only resuming needs; the training state first: without it
 # a folder is no resume point (runs.latest_checkpoint), so a prune cut short never leaves a half resume point
 

@@ -25,6 +25,8 @@ CHECKPOINT_INFO_TMP = "opsd_checkpoint.json.tmp"  # its new version while a prun
 Kind = Literal["run", "eval", "pipeline", "demo", "listed"]  # listed: the marker lists the files
 STEP = re.compile(r"step_(\d+)")  # a checkpoint folder, step_000010
 PARTIAL_STEP = re.compile(r"step_(\d+)\.tmp")  # one being written (or interrupted)
+SHARDED_STATE = "sharded_state"  # run.parallel=fsdp: torch.distributed.checkpoint's folder in a checkpoint
+DCP_FILE = re.compile(r"__\d+_\d+\.distcp|\.metadata")  # what torch.distributed.checkpoint writes there
 REPORT = "report"  # the folder `opsd report` writes into a run, pipeline or demo folder
 WANDB_ID = "opsd-run-id"  # in RUN/wandb/ (run.report_to: wandb): the wandb run a resumed opsd run continues
 TRACKIO_NAME = "trackio-run-name"  # in RUN/ (run.report_to: trackio): the trackio run a resumed opsd run continues
@@ -127,7 +129,15 @@ def foreign_checkpoint(step: Path) -> Path | None:
     listed = set(info.get("files", [])) | {CHECKPOINT_INFO, CHECKPOINT_INFO_TMP}
     if kind_of(step) == "eval":
         listed |= EVAL_FILES | {MARKER}
-    return _first(None if f.name in listed and not f.is_symlink() else f for f in sorted(step.iterdir()))
+    return _first(_foreign_in_sharded_state(f) if f.name == SHARDED_STATE and f.name in listed and f.is_dir()
+                  and not f.is_symlink() else None if f.name in listed and not f.is_symlink() else f
+                  for f in sorted(step.iterdir()))
+
+
+def _foreign_in_sharded_state(folder: Path) -> Path | None:
+    """None when `folder` holds only torch.distributed.checkpoint's files, else the first other entry."""
+    return _first(None if DCP_FILE.fullmatch(f.name) and f.is_file() and not f.is_symlink() else f
+                  for f in sorted(folder.iterdir()))
 
 
 def checkpoint_step(folder: Path) -> int | None:

@@ -316,3 +316,17 @@ eval: {{data: [{ROOT / 'configs/examples/arithmetic.jsonl'}]}}
     assert ("pipeline stage 'sft': run.parallel is the pipeline's (its run section), the same for every stage"
             in capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_pruning_keeps_a_checkpoint_whose_sharded_state_holds_a_file_opsd_did_not_write(tmp_path, capsys):
+    from opsd.cli import main
+
+    out = tmp_path / "run"
+    args = ["distill", str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=8", "run.problems_per_step=2",
+            "run.report_to=[]", "run.device=cpu", "run.save_every=1", "run.keep_last=1", *FSDP, f"run.output_dir={out}"]
+    assert main([*args, "run.steps=1"]) == 0
+    (out / "checkpoints/step_000001/sharded_state/notes.txt").write_text("mine")
+    assert main([*args, "run.steps=3"]) == 0
+    assert (out / "checkpoints/step_000001/sharded_state/notes.txt").read_text() == "mine"
+    assert "kept" in capsys.readouterr().err
+    assert not (out / "checkpoints/step_000002").exists()  # opsd's own is pruned
