@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from opsd import distributed
-from opsd.errors import UserError
+from opsd.errors import UserError, first_line
 from opsd.faults import crash_point
 from opsd.folders import (CHECKPOINT_INFO, CHECKPOINT_INFO_TMP, SHARDED_STATE, checkpoint_step, foreign_checkpoint,
                           remove_partial_checkpoint)
@@ -296,7 +296,7 @@ def _load_state(checkpoint: Path, device) -> dict[str, Any]:
     try:
         return torch.load(checkpoint / TRAINING_STATE, map_location=device, weights_only=True)
     except Exception as err:  # UnpicklingError for anything but tensors and plain containers, EOFError, …
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         raise UserError(f"checkpoint {checkpoint} has an unreadable {TRAINING_STATE} ({message})") from None
 
 
@@ -344,7 +344,7 @@ def _load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opt
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=checkpoint / SHARDED_STATE)
     except Exception as err:  # a missing or mis-shaped tensor: DCP's CheckpointException lists every rank's
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         raise UserError(f"checkpoint {checkpoint} does not match the model ({message[:300]})") from None
     if stepped:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])

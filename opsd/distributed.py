@@ -225,6 +225,13 @@ def no_sync_unless(module: nn.Module, last: bool):
         yield
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded DTensor (a view of its storage); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded DTensor's whole value (a collective); any other tensor as it is."""
     from torch.distributed.tensor import DTensor

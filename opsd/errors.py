@@ -10,3 +10,9 @@ def require(*checks: tuple[str, bool, str]) -> None:
     for option, holds, requirement in checks:
         if not holds:
             raise UserError(f"{option} must be {requirement}")
+
+
+def first_line(err: Exception) -> str:
+    """An exception's first line of text (its type's name when it has none), to quote in a UserError."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

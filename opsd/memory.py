@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from opsd.distributed import local
+
 GIB = 1024**3
 LAYER_WORKING_BYTES = 34  # per token and hidden unit: one transformer layer's saved activations in
 # bf16 with an attention kernel that stores no scores (Korthikanti et al. 2022, sbh·34), recomputed per layer
@@ -77,15 +79,15 @@ def activation_bytes(shape: Shape, tokens: int, chunk_size: int = 256) -> float:
 def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: list[torch.Tensor] | None) -> dict[str, int]:
     """What this process really holds of the same (local shards under FSDP), after a step whose
     gradients are still in place: the check of `state_bytes` on a real run."""
-    def local(tensor: torch.Tensor) -> int:
-        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        return tensor.numel() * tensor.element_size()
+    def held(tensor: torch.Tensor) -> int:
+        shard = local(tensor)
+        return shard.numel() * shard.element_size()
 
     params = [p for p in model.parameters() if p.requires_grad]
     moments = [value for state in optimizer.state.values() for key, value in state.items()
                if key in ("exp_avg", "exp_avg_sq")]
-    return {"weights": sum(local(p) for p in params), "gradients": sum(local(p.grad) for p in params if p.grad is not None),
-            "optimizer": sum(local(m) for m in moments), "teacher": sum(local(s) for s in snapshot or [])}
+    return {"weights": sum(held(p) for p in params), "gradients": sum(held(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(held(m) for m in moments), "teacher": sum(held(s) for s in snapshot or [])}
 
 
 def table(processes: tuple[int, ...] = (1, 2, 4, 8), tokens: int = 8192) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from opsd.errors import UserError
+from opsd.errors import UserError, first_line
 
 BUILTIN_TINY = "builtin:tiny"
 
@@ -50,7 +50,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
             config.name_or_path, trust_remote_code=config.trust_remote_code
         )
     except Exception as err:  # transformers raises OSError/ValueError/… depending on what is missing
-        raise UserError(f"could not load a tokenizer from {config.name_or_path} ({_first_line(err)})") from None
+        raise UserError(f"could not load a tokenizer from {config.name_or_path} ({first_line(err)})") from None
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer of {config.name_or_path} has no chat template")
     if tokenizer.pad_token_id is None:
@@ -75,7 +75,7 @@ def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
                 attn_implementation=config.attn_implementation,
             )
         except Exception as err:
-            raise UserError(f"could not load a model from {config.name_or_path} ({_first_line(err)})") from None
+            raise UserError(f"could not load a model from {config.name_or_path} ({first_line(err)})") from None
     for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(model.config, option, None) not in (None, 1, 1.0):
             raise UserError(f"{config.name_or_path} transforms its logits ({option}), which the chunked divergence does not model")
@@ -99,7 +99,7 @@ def add_lora(model: PreTrainedModel, config: ModelConfig) -> nn.Module:
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             peft_model = get_peft_model(model, lora)
     except (ValueError, KeyError, TypeError) as err:  # PEFT's error for targets that match nothing is a ValueError
-        raise UserError(f"model.lora_target_modules={targets!r} cannot be used ({_first_line(err)})") from None
+        raise UserError(f"model.lora_target_modules={targets!r} cannot be used ({first_line(err)})") from None
     if hasattr(causal_lm(peft_model).get_output_embeddings(), "lora_A"):
         raise UserError("model.lora_target_modules must not adapt the output layer: the chunked divergence reads its plain weight")
     return peft_model
@@ -123,11 +123,6 @@ def _check_model_path(name_or_path: str) -> None:
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not (path / "config.json").is_file():
         raise UserError(f"model path {name_or_path} is not a model folder (no config.json)")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def causal_lm(model: nn.Module) -> PreTrainedModel:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from opsd.data import Problem
+from opsd.distributed import local
 from opsd.errors import UserError
 from opsd.memo import memo_teacher_message, write_memos
 from opsd.models import Backbone, load_model, load_tokenizer, output_head
@@ -105,7 +106,7 @@ class TeacherWeightsState:
     def _swap(self) -> None:
         for param, saved in zip(self.params, self.snapshot):
             if self.sharded:  # by value: FSDP all-gathers from the shard's own storage
-                mine, theirs = _local(param), _local(saved)
+                mine, theirs = local(param), local(saved)
                 kept = mine.clone()
                 mine.copy_(theirs)
                 theirs.copy_(kept)
@@ -148,11 +149,11 @@ class TeacherWeightsState:
         """Update after optimizer step `step` (1-based); True when the teacher changed."""
         if self.config.policy == "refresh" and step % self.config.refresh_every == 0:
             for param, saved in zip(self.params, self.snapshot):
-                _local(saved).copy_(_local(param))
+                local(saved).copy_(local(param))
             return True
         if self.config.policy == "ema":
             for param, saved in zip(self.params, self.snapshot):
-                _local(saved).lerp_(_local(param), 1.0 - self.config.ema_decay)
+                local(saved).lerp_(local(param), 1.0 - self.config.ema_decay)
             return True
         return self.config.policy == "live"
 
@@ -164,11 +165,6 @@ def start_snapshot(model: nn.Module, config: TeacherWeightsConfig, uses_lora: bo
     if config.policy != "frozen" or uses_lora:
         return {}
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (a view of its storage), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from opsd.errors import UserError
+from opsd.errors import UserError, first_line
 from opsd.folders import TRACKIO_NAME, WANDB_ID
 
 TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "trackio")
@@ -92,7 +92,7 @@ def _started(name: str, start):
     try:
         return start()
     except Exception as err:  # the tracker's own errors, of its own types
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         raise UserError(f"run.report_to: {name} could not start its run ({message})") from None
 
 
