@@ -17,8 +17,9 @@ run regardless), results written after every figure of a part and after every pa
               and loss and gradient errors against the naive float32 computation.
   generation  tokens/s of the hf engine's sampler (opsd/generation/hf.py `sample`) on the 1.7B shape:
               64 random prompts decoded to 128 tokens, then to 4096 (fewer, and said so, when the 128-token
-              rate predicts that 4096 would not fit the part's time limit); vLLM is "not measured" with
-              the reason (not importable, or opsd has no vllm engine yet).
+              rate predicts that 4096 would not fit the part's time limit); then, where vLLM imports, the
+              vllm engine on the same model, prompts and length (bf16), and its ratio to hf; where it does
+              not, "not measured" with the reason.
   lora        20 steps of `opsd distill` (opsd.distill.run_distill) with LoRA (rank 16) on a random
               Qwen3-0.6B-shaped model with bf16 base weights and bf16 autocast, saved to a temporary folder
               with opsd's local character tokenizer (nothing from a hub); then 10 steps and a resume to 20
@@ -403,7 +404,8 @@ def part_generation(sizes: dict, record: Record, device, deadline: float) -> Non
 
     from benchmarks.gpu_step import build_model, generation_speed
 
-    record["vllm_tokens_per_s"] = vllm_status()
+    status = vllm_status()
+    record["vllm_tokens_per_s"] = status or "pending: measured after the hf engine"
     model = build_model(shape_of(sizes["shape"]), device).eval()
     batch, prompt, short = sizes["batch"], sizes["prompt_tokens"], sizes["calibration_tokens"]
     first = generation_speed(model, device, batch, prompt, short)
@@ -422,21 +424,25 @@ def part_generation(sizes: dict, record: Record, device, deadline: float) -> Non
     record.update({"long_new_tokens": tokens, f"hf_tokens_per_s_at_{tokens}": long["tokens_per_s"],
                    "long_seconds": long["seconds"],
                    "long_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
+    if status is None:  # vLLM imports: the same model, prompt size, batch and length on the vllm engine
+        from benchmarks.generation import random_prompts, stopless_tokenizer, tokens_per_s
+        from opsd.generation import SamplingConfig, make_engine
+
+        options = SamplingConfig(engine="vllm", batch_size=batch, max_model_len=prompt + tokens + 16)
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        with make_engine(model, stopless_tokenizer(), options, dtype) as engine:
+            rate, _ = tokens_per_s(engine, random_prompts(batch, prompt, model.config.vocab_size), tokens, batch)
+        record.update({"vllm_tokens_per_s": rate, "vllm_over_hf": rate / long["tokens_per_s"]})
 
 
-def vllm_status() -> str:
-    from typing import get_args
-
-    from opsd.generation import EngineName
-
+def vllm_status() -> str | None:
+    """None where vLLM imports (then it is measured); otherwise why it is not measured."""
     try:
-        import vllm
+        import vllm  # noqa: F401
     except Exception as err:  # ImportError, or a broken install raising anything at import
         first_line = str(err).splitlines()[0] if str(err) else ""
         return f"not measured: vllm not importable ({type(err).__name__}: {first_line})"
-    if "vllm" not in get_args(EngineName):
-        return f"not measured: vllm {vllm.__version__} imports, but opsd has no vllm engine (sampling.engine: hf only)"
-    return "not measured: opsd has a vllm engine now; add its measurement to benchmarks/gpu_suite.py"
+    return None
 
 
 def part_lora(sizes: dict, record: Record, device, deadline: float) -> None:

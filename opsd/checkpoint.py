@@ -46,7 +46,7 @@ from opsd.errors import UserError, first_line
 from opsd.faults import crash_point
 from opsd.folders import (CHECKPOINT_INFO, CHECKPOINT_INFO_TMP, SHARDED_STATE, checkpoint_step, foreign_checkpoint,
                           remove_partial_checkpoint)
-from opsd.models import BUILTIN_TINY, ModelConfig, causal_lm
+from opsd.models import BUILTIN_TINY, ModelConfig, causal_lm, merged_weights
 from opsd.runs import TRAINING_STATE, RunConfig
 from opsd.training import new_progress
 
@@ -114,9 +114,9 @@ def save_checkpoint(
     `model.named_parameters()`) and the training state. Everything is flushed to disk before the rename.
     With `sharded_state` (run.parallel=fsdp) every process calls this: the weights are gathered to
     rank 0, which writes the files, and `sharded_state` goes to sharded_state/ from all processes."""
-    weights = _gathered_state_dict(model) if sharded_state is not None and dist.is_initialized() \
+    weights = _gathered_state_dict(model) if sharded_state is not None and distributed.active() \
         else _merged_state_dict(model)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = not distributed.active() or dist.get_rank() == 0
     tmp = folder.with_name(folder.name + ".tmp")
     if rank0:
         _write_files(model, tokenizer, tmp, info, weights, teacher_state, training_state, dtype)
@@ -219,7 +219,7 @@ def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_ro
     stop = progress["skipped_in_a_row"] >= max_skipped_in_a_row or empty
     step = progress["step"]
     # FSDP: every process writes its shards (rank 0 alone has a run_dir)
-    writes = run_dir is not None or (run.parallel == "fsdp" and dist.is_initialized())
+    writes = run_dir is not None or (run.parallel == "fsdp" and distributed.active())
     if stop or checkpoint_due(step, run.steps, run.save_every):
         if writes:
             save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run, start,
@@ -439,20 +439,6 @@ def _gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key.replace(".base_layer.", "."): value for key, value in state.items() if "lora_" not in key}
 
 
-@torch.no_grad()
 def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's weights; for a PEFT model, base weights plus each adapter's delta, built out
-    of place: merging into the live weights and back would not restore them exactly in low precision,
-    and the frozen teacher of a LoRA run *is* those base weights."""
-    base = causal_lm(model)
-    state = base.state_dict()
-    if not hasattr(model, "get_base_model"):
-        return state
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            key = f"{name}.base_layer.weight"
-            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-            state[key] = state[key] + delta.to(state[key].dtype)
-    return {key.replace(".base_layer.", "."): value for key, value in state.items() if "lora_" not in key}
+    """The plain model's weights and buffers, LoRA merged (`models.merged_weights`)."""
+    return merged_weights(model, causal_lm(model).state_dict())

@@ -6,7 +6,7 @@
     opsd pipeline [CONFIG] [--resume] [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
     opsd eval [CONFIG] [--responses FILE] [key=value ...]
                                            accuracy/length/marker table on benchmark files (opsd/eval.py)
-    opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C] [--threads N]
+    opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C] [--engine hf|vllm] [--threads N]
                                            the built-in SFT → RLVR → OPSD demo (opsd/demo.py)
     opsd report DIR                        an HTML page with plots of a pipeline, demo or run folder (opsd/report.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default="runs/demo",
                       help="demo folder (an earlier demo's is replaced; a folder holding anything else is refused)")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
+    demo.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                      help="sampling.engine of the RLVR and OPSD stages (vllm: needs vLLM; evaluation stays on hf)")
     seeds = demo.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="run.seed of the RLVR and OPSD stages (default 0)")
     seeds.add_argument("--seeds", type=_seed_list, help="several seeds, e.g. 1,2,3: the RLVR → OPSD chain under each, "
@@ -191,7 +193,8 @@ def _demo(args: argparse.Namespace) -> int:
     from opsd.runs import use_threads
 
     use_threads(args.threads, "--threads")
-    out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch, args.seeds or (args.seed,))
+    out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch, args.seeds or (args.seed,),
+                   args.engine)
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")
     print(_report_line(out))

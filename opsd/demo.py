@@ -16,6 +16,7 @@ adds the small student as its own concise teacher (`small-self`), which tells wh
     opsd demo --ablation      # + the papers' experiments from the same RLVR checkpoint (opsd_rows)
     opsd demo --quick         # two steps of every stage, a smoke run (tests use it)
     opsd demo --from-scratch  # re-run SFT from random weights first (see README for its time)
+    opsd demo --engine vllm   # RLVR and OPSD sample on vLLM (the small student: see `engine_overrides`)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from opsd import toyworld
 from opsd.errors import UserError
 from opsd.folders import mark
-from opsd.generation import SamplingConfig
+from opsd.generation import SamplingConfig, require_vllm
 from opsd.models import ModelConfig
 from opsd.pipeline import NamedModel, PipelineConfig, PipelineEvalConfig, StageSpec, run_pipeline
 from opsd.runs import RunConfig, prepare_run_dir
@@ -65,24 +66,25 @@ def write_world(data_dir: Path, quick: bool, from_scratch: bool) -> dict[str, Pa
 
 
 def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, from_scratch: bool,
-                seed: int = 0, pipeline_dir: str = "pipeline") -> PipelineConfig:
-    """The demo's pipeline; `seed` is the `run.seed` of the RLVR and OPSD stages (the shipped SFT
-    checkpoint, the data and the evaluation stay the same)."""
+                seed: int = 0, pipeline_dir: str = "pipeline", engine: str = "hf") -> PipelineConfig:
+    """The demo's pipeline; `seed` is the `run.seed` of the RLVR and OPSD stages, `engine` their
+    sampling.engine (the shipped SFT checkpoint, the data and the evaluation stay the same)."""
     short = ["run.steps=2"] if quick else []
     short.append(f"run.seed={seed}")
+    big, small = engine_overrides(engine)
     stages = []
     if from_scratch:
         sft_overrides = (f"data.path={files['sft']}", *(["run.steps=20"] if quick else []))
         stages.append(StageSpec("sft", "sft", str(ASSETS / "demo" / "sft.yaml"), sft_overrides))
         stages.append(StageSpec("small-sft", "sft", str(ASSETS / "demo" / "sft.yaml"), sft_overrides, start="init-small"))
-    stages.append(StageSpec("rlvr", "rlvr", str(ASSETS / "demo" / "rlvr.yaml"), (f"data.path={files['rlvr']}", *short),
-                            start="sft" if from_scratch else ""))
+    stages.append(StageSpec("rlvr", "rlvr", str(ASSETS / "demo" / "rlvr.yaml"),
+                            (f"data.path={files['rlvr']}", *short, *big), start="sft" if from_scratch else ""))
     for name, overrides in opsd_rows(ablation):
-        overrides = (f"data.path={files['opsd']}", *overrides, *short)
+        overrides = (f"data.path={files['opsd']}", *overrides, *short, *big)
         stages.append(StageSpec(name, "distill", str(ASSETS / "demo" / "opsd.yaml"), overrides, start="rlvr"))
     # big → small: the RLVR model teaches the small student on the student's rollouts, as `opsd` does;
     # the ablation's control: the small student as its own concise teacher (what the big teacher adds)
-    small_overrides = (f"data.path={files['opsd']}", "gating=correct_only", *short)
+    small_overrides = (f"data.path={files['opsd']}", "gating=correct_only", *short, *small)
     stages.append(StageSpec("small-opsd", "distill", str(ASSETS / "demo" / "opsd.yaml"), small_overrides,
                             start="small-sft", teacher="rlvr"))
     if ablation:
@@ -100,6 +102,13 @@ def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, 
         eval=PipelineEvalConfig(data=(str(files["heldout"]),), sampling=sampling),
         run=RunConfig(output_dir=str(out / pipeline_dir), device="cpu"),
     )
+
+
+def engine_overrides(engine: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """sampling.engine overrides of the stages training the demo's model and of those training the
+    small student. The demo runs on the CPU, where vLLM's backend has no attention kernel for the
+    small student's 16-dimensional heads: the small student keeps the hf engine."""
+    return (("sampling.engine=vllm",), ()) if engine == "vllm" else ((), ())
 
 
 def opsd_rows(ablation: bool) -> list[tuple[str, tuple[str, ...]]]:
@@ -125,7 +134,7 @@ def opsd_rows(ablation: bool) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def run_demo(output_dir: str = "runs/demo", quick: bool = False, ablation: bool = False,
-             from_scratch: bool = False, seeds: tuple[int, ...] = (0,)) -> Path:
+             from_scratch: bool = False, seeds: tuple[int, ...] = (0,), engine: str = "hf") -> Path:
     """Run the demo into `output_dir`, which is replaced only when it is an earlier demo's folder
     holding nothing but what opsd wrote (otherwise refused before anything is written). With one
     seed: one pipeline in `output_dir`/pipeline, whose folder is returned. With several: one pipeline
@@ -134,6 +143,8 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, ablation: bool 
         raise UserError("--seeds must list different seeds, e.g. --seeds 1,2,3")
     if from_scratch and len(seeds) > 1:
         raise UserError("--from-scratch rebuilds the shipped SFT checkpoint once; run it without --seeds")
+    if engine == "vllm":
+        require_vllm("--engine vllm")
     out = prepare_run_dir(output_dir, overwrite=True, kind="demo", deleting_for="opsd demo --output-dir")
     files = write_world(out / "data", quick, from_scratch)
     if from_scratch:
@@ -141,9 +152,9 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, ablation: bool 
             init = save_tiny(out / name, alphabet=toyworld.ALPHABET, **shape)
             mark(Path(init), "listed", [path.name for path in Path(init).iterdir()])
     if len(seeds) == 1:
-        return run_pipeline(demo_config(out, files, quick, ablation, from_scratch, seeds[0]))
+        return run_pipeline(demo_config(out, files, quick, ablation, from_scratch, seeds[0], engine=engine))
     for seed in seeds:
-        run_pipeline(demo_config(out, files, quick, ablation, from_scratch, seed, pipeline_dir=f"seed_{seed}"))
+        run_pipeline(demo_config(out, files, quick, ablation, from_scratch, seed, f"seed_{seed}", engine))
     rows = across_seeds([json.loads((out / f"seed_{seed}" / "summary.json").read_text())["rows"] for seed in seeds])
     (out / "summary.json").write_text(json.dumps({"seeds": list(seeds), "rows": rows}, indent=2) + "\n")
     (out / "summary.md").write_text(across_seeds_table(rows, seeds))

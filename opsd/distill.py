@@ -44,9 +44,10 @@ from opsd.data import Fields, Problem, load_problems
 from opsd.divergence import DivergenceKind, Estimator, chunked_divergence_to
 from opsd.errors import UserError, require
 from opsd.gating import Gating, gate
-from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
-from opsd.memo import MEMO_INSTRUCTION
+from opsd.generation import Engine, SamplingConfig, check_engine_fits, check_sampling, make_engine, request_seed
+from opsd.memo import MEMO_INSTRUCTION, memo_positions
 from opsd.metrics import MetricsLog
+from opsd.logprobs import gap_metrics, logprob_gap
 from opsd.models import ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.packing import pack, per_sequence_mean, response_hidden
 from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template
@@ -57,7 +58,7 @@ from opsd.samples import SamplesLog, pick, render, rollout_rows
 from opsd.teacher import (CONTEXTS, ExternalTeacher, TeacherPrompts, TeacherWeightsConfig, TeacherWeightsState,
                           check_same_vocabulary, load_external_teacher, render_teacher_prompts, rollout_teacher_prompts,
                           start_snapshot, teacher_target)
-from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step, load_policy,
+from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, compute_dtype, guarded_step, load_policy,
                            make_optimizer, new_progress, set_lr, stage_summary, step_items, wrap_policy)
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier, gradable
 
@@ -124,7 +125,7 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
     )
     check_run(config.run, world)
     check_optim(config.optim)
-    check_sampling(config.sampling, "sampling")
+    check_sampling(config.sampling, "sampling", config.run.device)
     check_verifier(config.verifier)
     if loss.estimator == "sampled" and loss.clip_tau is not None:
         raise UserError("loss.clip_tau applies to the full and topk estimators, not to loss.estimator=sampled")
@@ -184,20 +185,34 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     check_same_vocabulary(model, external)
     memo = teacher.memo_max_tokens if CONTEXTS[teacher.context].writes_memo else 0
     longest = max(len(p) for p in [*prompts.student, *prompts.teacher, *(prompts.reference_only or [])]) + memo
-    check_fits(model, longest + config.sampling.max_new_tokens,
-               f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
+    budget = config.sampling.max_new_tokens
+    check_fits(model, longest + budget, f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({budget})")
+    # what the engine decodes: the student's prompts and responses, and the memo prompts and memos
+    student = max(len(p) for p in prompts.student)
+    engine_positions = student + budget
+    what = f"the longest student prompt ({student} tokens) plus sampling.max_new_tokens ({budget})"
+    if memo:
+        memos = memo_positions(tokenizer, problems, teacher.memo_instruction, budget, memo)
+        check_fits(model, memos, f"the longest memo prompt with a response of sampling.max_new_tokens ({budget}) "
+                                 f"plus teacher.memo_max_tokens ({memo})")
+        if memos > engine_positions:
+            engine_positions, what = memos, f"the longest memo prompt plus teacher.memo_max_tokens ({memo})"
+    check_engine_fits(config.sampling, "sampling", engine_positions, what)
     uses_lora = config.model.lora_rank > 0
     start = start_model(config.model, model, start_snapshot(model, teacher.weights, uses_lora))
     backbone = wrap_policy(model, device, config.run.parallel, config.run.fsdp_offload, config.optim)
     weights = TeacherWeightsState(model, teacher.weights, uses_lora=uses_lora)
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, start, weights) if resume_from else new_progress()
+    # before the run folder: vLLM refuses a model it cannot serve here
+    engine = make_engine(model, tokenizer, config.sampling, device, compute_dtype(config.optim, device),
+                         lambda: distributed.gathered(backbone), engine_positions)
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
-    with Verifiers(config.verifier) as verifiers, \
+    with engine, Verifiers(config.verifier) as verifiers, \
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
             MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,
                        config=to_dict(config)) as log:
-        parts = Parts(model, backbone, optimizer, make_engine(model, tokenizer, config.sampling), weights, external,
+        parts = Parts(model, backbone, optimizer, engine, weights, external,
                       tokenizer, verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
             set_lr(optimizer, config.optim, step, config.run.steps)
@@ -233,18 +248,23 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
     metrics and the samples.jsonl rows of `samples_wanted` of its rollouts."""
     timer, started = Timer(), time.perf_counter()
     parts.model.eval()
-    with timer("generate"), distributed.gathered(parts.backbone):
-        rollouts = collect_rollouts(parts.engine, prompts.student, config.sampling, seeds)
+    # FSDP: the hf engine decodes with the trainer's module, whole for the block; vllm with its own copy
+    decoding = distributed.gathered if parts.engine.reads_trainer_module else lambda _: contextlib.nullcontext()
+    with timer("generate"):
+        parts.engine.ready()  # every process: the trainer's weights into the engine if they changed
+        with decoding(parts.backbone):
+            rollouts = collect_rollouts(parts.engine, prompts.student, config.sampling, seeds)
     with timer("grade"):
         verdicts = grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)
     correct = [v.correct for v in verdicts]
     keep = gate(correct, [r.truncated for r in rollouts], config.gating)
     kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
     writes_memo = CONTEXTS[config.teacher.context].writes_memo
-    with timer("memo"), distributed.gathered(parts.backbone) if writes_memo else contextlib.nullcontext():
+    with timer("memo"), decoding(parts.backbone) if writes_memo else contextlib.nullcontext():
         teacher_prompts, memos = rollout_teacher_prompts(
             config.teacher.context, parts.engine, parts.tokenizer, kept, problems, prompts,
             config.teacher.memo_instruction, config.teacher.memo_max_tokens)
+    parts.engine.idle()  # vllm's sleep mode: its memory back while the teacher and the student run
     kept_tokens = sum(len(r.response_ids) for r, _ in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
     parts.optimizer.zero_grad(set_to_none=True)
@@ -270,6 +290,7 @@ def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], pro
         "rollout/response_tokens_mean": sum(lengths) / len(lengths),
         "rollout/response_tokens_max": max(lengths),
         "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
+        **gap_metrics(sums["logprob_gap"], int(sums["logprob_gap_outside"]), kept_tokens, config.sampling.temperature > 0),
         "optim/grad_norm": grad_norm,
         "optim/lr": parts.optimizer.param_groups[0]["lr"],
         "optim/empty_step": total_tokens == 0,
@@ -344,6 +365,11 @@ def distill_kept(config: DistillConfig, parts: Parts, kept, teacher_prompts: lis
                     reverse_N if loss.kind == "branched" else None, chunk_size=config.optim.chunk_size, kind=loss.kind,
                     beta=loss.beta, temperature=loss.temperature, clip_tau=loss.clip_tau, estimator=loss.estimator,
                     top_k=loss.top_k)
+                # before the backward: under FSDP the head is whole until then
+                gap, outside = logprob_gap(hidden_N_H, output_head(parts.model), packed.targets_N,
+                                           [r.sample_logprobs for r, _ in batch], config.sampling, config.optim.chunk_size)
+                sums["logprob_gap"] += gap
+                sums["logprob_gap_outside"] += outside
                 result.loss.backward()
         sums["divergence"] += float(result.value_N.sum())
         divergence_K += per_sequence_mean(result.value_N.detach(), packed.row_N, len(batch)).tolist()

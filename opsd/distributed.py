@@ -44,6 +44,12 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def active() -> bool:
+    """Launched with several processes and the group is up. (vLLM's engine, in one process, starts a
+    process group of one of its own: opsd treats that run as one process and leaves that group alone.)"""
+    return world_size() > 1 and dist.is_initialized()
+
+
 def setup(device: torch.device, cpu_collectives: bool = False) -> int:
     """This process's rank, initialising the process group when launched with several processes.
     `cpu_collectives` (run.fsdp_offload on GPU): gloo next to NCCL, for gradients kept in CPU memory."""
@@ -67,7 +73,7 @@ def teardown() -> None:
     from a reducer's finaliser at function exit was seen to deadlock (gloo's worker thread waiting
     for the GIL the finaliser holds)."""
     global _waiting
-    if dist.is_initialized():
+    if active():
         dist.barrier()
         if not _kept:
             _waiting = None
@@ -95,7 +101,7 @@ def barrier_long() -> None:
     default would end the job after 10 minutes. Every process calls it at the same points (the
     first call creates the group). A no-op in one process."""
     global _waiting
-    if not dist.is_initialized():
+    if not active():
         return
     if _waiting is None:
         _waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
@@ -124,7 +130,7 @@ def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", 
     model's parameters become sharded DTensors: build the optimizer and the teacher's snapshot after.
     `bf16` (GPU): bf16 all-gathers and compute, float32 gradient reduction and master weights.
     `offload` (GPU): the sharded weights, gradients and optimizer state live in CPU memory."""
-    if not dist.is_initialized():
+    if not active():
         return backbone
     if parallel == "ddp":
         ids = [device.index] if device.type == "cuda" else None
@@ -198,11 +204,11 @@ def shard(items: list, rank: int, world: int) -> list:
 
 
 def sum_over_ranks(value: int) -> int:
-    return _reduce(value, dist.ReduceOp.SUM) if dist.is_initialized() else value
+    return _reduce(value, dist.ReduceOp.SUM) if active() else value
 
 
 def max_over_ranks(value: int) -> int:
-    return _reduce(value, dist.ReduceOp.MAX) if dist.is_initialized() else value
+    return _reduce(value, dist.ReduceOp.MAX) if active() else value
 
 
 def _reduce(value: int, op) -> int:

@@ -38,6 +38,7 @@ each file's problems.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import re
@@ -243,7 +244,7 @@ def check_options(config: EvalConfig) -> None:
         ("greedy", not (config.greedy and config.responses), "false with responses (nothing is decoded)"),
         ("cost.latency_problems", config.cost.latency_problems >= 0, "non-negative (0 = no latency measurement)"),
     )
-    check_sampling(config.sampling, "sampling")
+    check_sampling(config.sampling, "sampling", config.device)
     check_verifier(config.verifier)
 
 
@@ -263,13 +264,14 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
     tokenizer = load_tokenizer(config.model) if counts_with_tokenizer else None
     device = distributed.device(config.device)
     model = load_model(config.model, device).eval() if responses is None else None
+    # before the output folder: vLLM refuses a model it cannot serve here
+    engine = make_engine(model, tokenizer, config.sampling, device) if model is not None else contextlib.nullcontext()
     out = prepare_output_dir(Path(config.output_dir), config.overwrite)
 
     torch.manual_seed(config.seed)
-    engine = make_engine(model, tokenizer, config.sampling) if model is not None else None
     pattern = marker_pattern(config.reflective_markers)
     rows, graded = [], []
-    with Verifiers(config.verifier) as verifiers:
+    with engine, Verifiers(config.verifier) as verifiers:
         for index, ((path, _), problems) in enumerate(zip(benchmarks, selected)):
             print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
             if responses is None:
@@ -313,6 +315,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
     k = config.sampling.n
     repeated = [prompt for prompt in prompts for _ in range(k)]
     seeds = [request_seed(config.seed, file, position, p.id, j) for position, p in enumerate(problems) for j in range(k)]
+    engine.ready()  # vllm: the weights in before the clock starts
     with peak_memory(device) as memory, progress_bar(f"{name} · {file}", len(problems), "problem") as bar:
         ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds, bar, k)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from opsd.generation import SamplingConfig, filtered_log_softmax
+
 
 def chunked_token_logprobs(
     hidden_N_H: torch.Tensor,
@@ -59,3 +61,35 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(grad_logits.T, hidden[part].to(grad_w.dtype))
         return grad_h, None if grad_w is None else grad_w.to(head.dtype), None, None, None
+
+
+@torch.no_grad()
+def logprob_gap(hidden_N_H: torch.Tensor, head_V_H: torch.Tensor, targets_N: torch.Tensor,
+                engine_logprobs: list[torch.Tensor], sampling: SamplingConfig, chunk_size: int = 512) -> tuple[float, int]:
+    """(Σ |log p_engine(y_n) − log p_trainer(y_n)|, outside): the trainer's log-probability under the
+    same processed distribution the engine drew from (temperature, top-k, top-p), from the trainer's
+    hidden states; `engine_logprobs` are the rollouts' own, in the order their tokens were packed.
+    `outside` counts the sampled tokens the trainer's top-k/top-p leaves out (log-probability −inf,
+    left out of the sum): 0 and a sum near float error while the engine's weights are the trainer's;
+    a stale engine shows in both (`rollout/logprob_gap` and `rollout/logprob_gap_outside`). (0, 0)
+    for greedy sampling: nothing to compare."""
+    if sampling.temperature == 0 or hidden_N_H.shape[0] == 0:
+        return 0.0, 0
+    engine_N = torch.cat(engine_logprobs).to(hidden_N_H.device)
+    total, outside = 0.0, 0
+    for start in range(0, hidden_N_H.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        logits = hidden_N_H[part].detach().to(head_V_H.dtype) @ head_V_H.detach().T
+        trainer = filtered_log_softmax(logits, sampling).gather(-1, targets_N[part, None]).squeeze(-1)
+        inside = torch.isfinite(trainer)
+        total += float((trainer - engine_N[part])[inside].abs().sum())
+        outside += int((~inside).sum())
+    return total, outside
+
+
+def gap_metrics(gap_sum: float, outside: int, tokens: int, sampled: bool) -> dict[str, float]:
+    """rollout/logprob_gap (mean over the tokens both sides can draw) and rollout/logprob_gap_outside
+    (the share of tokens the trainer's filter leaves out); NaN when greedy or nothing was compared."""
+    compared = tokens - outside
+    return {"rollout/logprob_gap": gap_sum / compared if sampled and compared else float("nan"),
+            "rollout/logprob_gap_outside": outside / tokens if sampled and tokens else float("nan")}

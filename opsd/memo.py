@@ -44,6 +44,12 @@ def memo_prompt(tokenizer, problem: Problem, response_text: str, correct: bool, 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def memo_positions(tokenizer, problems: list[Problem], instruction: str, response_tokens: int, memo_tokens: int) -> int:
+    """The most positions a memo call can need: the longest memo prompt (a response of `response_tokens`,
+    the longer feedback of an incorrect attempt) plus the memo's own budget."""
+    return max(len(memo_prompt(tokenizer, p, "", False, instruction)) for p in problems) + response_tokens + memo_tokens
+
+
 def write_memos(engine: Engine, tokenizer, rollouts: list, correct: list[bool], problems: list[Problem],
                 instruction: str, max_tokens: int, temperature: float = 1.0) -> list[str]:
     """One memo per rollout (opsd.rollout.Rollout), sampled at `temperature`, decoded and stripped of thinking."""

@@ -162,6 +162,25 @@ def check_fits(model: nn.Module, positions: int, what: str) -> None:
         raise UserError(f"{what} needs {positions} positions, more than the model's context of {context}")
 
 
+@torch.no_grad()
+def merged_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (named as in the transformers model) with each LoRA adapter's delta added to its base
+    weight and the adapters' own entries dropped: the plain model's names. Built out of place: merging
+    into the live weights and back would not restore them exactly in low precision, and the frozen
+    teacher of a LoRA run *is* those base weights. Without PEFT, `state` as it is."""
+    if not hasattr(model, "get_base_model"):
+        return state
+    from peft.tuners.lora import LoraLayer
+
+    state = dict(state)
+    for name, module in causal_lm(model).named_modules():
+        if isinstance(module, LoraLayer):
+            key = f"{name}.base_layer.weight"
+            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+            state[key] = state[key] + delta.to(state[key].dtype)
+    return {key.replace(".base_layer.", "."): value for key, value in state.items() if "lora_" not in key}
+
+
 def output_head(model: nn.Module) -> torch.Tensor:
     """The [V × H] unembedding matrix; a bias would be silently ignored, so it is refused."""
     head = causal_lm(model).get_output_embeddings()

@@ -37,7 +37,7 @@ from opsd.data import load_problems
 from opsd.errors import UserError
 from opsd.eval import EVAL_SAMPLING, EvalConfig, run_eval
 from opsd.folders import MARKER, checkpoint_step, remove_own
-from opsd.generation import SamplingConfig
+from opsd.generation import SamplingConfig, check_sampling
 from opsd.models import ModelConfig
 from opsd.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config, use_threads
 from opsd.tracking import check_trackers
@@ -254,6 +254,10 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
 
     out = Path(config.run.output_dir)
     check_run_section(config.run)
+    check_sampling(config.eval.sampling, "eval.sampling", config.run.device)
+    if config.eval.sampling.engine == "vllm" and distributed.world_size() > 1:
+        raise UserError("eval.sampling.engine=vllm: under torchrun rank 0 evaluates alone, and vLLM's engine starts "
+                        "with every process; use eval.sampling.engine=hf there (stages may still sample with vllm)")
     use_threads(config.run.threads)
     stages = plan(config, out)
     for path in config.eval.data:

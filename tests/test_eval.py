@@ -133,7 +133,8 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     assert table in printed and f"eval folder: {out}" in printed
     assert report["mode"] == "generate" and report["k"] == 2
     assert report["config"]["sampling"] == {"engine": "hf", "temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 8,
-                                            "n": 2, "batch_size": 64}
+                                            "n": 2, "batch_size": 64, "gpu_memory_utilization": 0.3,
+                                            "kv_cache_gib": 0.0, "max_model_len": 0, "sleep_mode": False}
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]
     for row in (first, second):

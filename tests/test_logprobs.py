@@ -31,3 +31,38 @@ def test_frozen_head_and_empty_input():
     chunked_token_logprobs(hidden, head, torch.tensor([1, 2, 3]), chunk_size=2).sum().backward()
     assert hidden.grad is not None and head.grad is None
     assert chunked_token_logprobs(hidden[:0], head, torch.tensor([], dtype=torch.long)).numel() == 0
+
+
+def test_the_log_prob_gap_is_float_error_for_the_engines_own_weights_and_large_for_others():
+    """logprob_gap against the hf engine's own sampled log-probs (top-k and top-p on): ~0 with the
+    weights that sampled, large with moved weights (what a stale vLLM engine would show)."""
+    from opsd.generation import SamplingConfig, make_engine
+    from opsd.logprobs import logprob_gap
+    from opsd.models import Backbone
+    from opsd.packing import pack, response_hidden
+    from opsd.tiny import build_tiny
+
+    model, tokenizer = build_tiny(seed=3)
+    model.eval()
+    sampling = SamplingConfig(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=24)
+    prompts = [tokenizer("What is 1 + 2?")["input_ids"], tokenizer("Say hi")["input_ids"]]
+    generations = make_engine(model, tokenizer, sampling).generate(prompts, sampling, [5, 6])
+    packed = pack(prompts, [g.response_ids for g in generations], tokenizer.pad_token_id, torch.device("cpu"))
+
+    def gap():
+        with torch.no_grad():
+            hidden = response_hidden(Backbone(model), packed)
+        total, outside = logprob_gap(hidden, model.lm_head.weight, packed.targets_N, [g.logprobs for g in generations],
+                                     sampling, chunk_size=7)
+        return total / (packed.targets_N.numel() - outside), outside
+
+    in_sync, outside = gap()
+    assert in_sync < 1e-5 and outside == 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved, outside = gap()
+    assert 1e-2 < moved < float("inf") and 0 < outside < packed.targets_N.numel()  # stale: both show it
+    greedy = SamplingConfig(temperature=0)
+    assert logprob_gap(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), [torch.zeros(3)],
+                       greedy) == (0.0, 0)

