@@ -430,7 +430,7 @@ def part_generation(sizes: dict, record: Record, device, deadline: float) -> Non
 
         options = SamplingConfig(engine="vllm", batch_size=batch, max_model_len=prompt + tokens + 16)
         dtype = torch.bfloat16 if device.type == "cuda" else None
-        with make_engine(model, stopless_tokenizer(), options, dtype) as engine:
+        with make_engine(model, stopless_tokenizer(), options, device=device, dtype=dtype) as engine:
             rate, _ = tokens_per_s(engine, random_prompts(batch, prompt, model.config.vocab_size), tokens, batch)
         record.update({"vllm_tokens_per_s": rate, "vllm_over_hf": rate / long["tokens_per_s"]})
 

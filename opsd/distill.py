@@ -44,7 +44,8 @@ from opsd.data import Fields, Problem, load_problems
 from opsd.divergence import DivergenceKind, Estimator, chunked_divergence_to
 from opsd.errors import UserError, require
 from opsd.gating import Gating, gate
-from opsd.generation import Engine, SamplingConfig, check_engine_fits, check_sampling, make_engine, request_seed
+from opsd.generation import (Engine, SamplingConfig, check_engine_fits, check_sampling, closing_on_error,
+                             make_engine, request_seed)
 from opsd.memo import MEMO_INSTRUCTION, memo_positions
 from opsd.metrics import MetricsLog
 from opsd.logprobs import gap_metrics, logprob_gap
@@ -207,7 +208,7 @@ def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     # before the run folder: vLLM refuses a model it cannot serve here
     engine = make_engine(model, tokenizer, config.sampling, device, compute_dtype(config.optim, device),
                          lambda: distributed.gathered(backbone), engine_positions)
-    run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
+    run_dir = closing_on_error(engine, lambda: open_run_dir(config.run, to_dict(config), rank, progress["step"]))
     with engine, Verifiers(config.verifier) as verifiers, \
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
             MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,

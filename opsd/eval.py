@@ -58,7 +58,7 @@ from opsd.cost import NOT_MEASURED, CostConfig, compute_per_solved, latency, par
 from opsd.data import Fields, Problem, load_problems, read_rows
 from opsd.errors import UserError, require
 from opsd.folders import EVAL_OUTPUTS, foreign_checkpoint, kind_of, mark
-from opsd.generation import Engine, SamplingConfig, check_sampling, make_engine, request_seed
+from opsd.generation import Engine, SamplingConfig, check_engine_fits, check_sampling, make_engine, request_seed
 from opsd.metrics import progress_bar
 from opsd.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer
 from opsd.prompts import render_prompt
@@ -264,8 +264,14 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
     tokenizer = load_tokenizer(config.model) if counts_with_tokenizer else None
     device = distributed.device(config.device)
     model = load_model(config.model, device).eval() if responses is None else None
-    # before the output folder: vLLM refuses a model it cannot serve here
-    engine = make_engine(model, tokenizer, config.sampling, device) if model is not None else contextlib.nullcontext()
+    engine = contextlib.nullcontext()
+    if model is not None:  # before the output folder: vLLM refuses a model it cannot serve here
+        longest = max((len(eval_prompt(tokenizer, p, config.instruction)) for problems in selected for p in problems),
+                      default=0)
+        positions = longest + config.sampling.max_new_tokens
+        check_engine_fits(config.sampling, "sampling", positions, f"the longest prompt ({longest} tokens) plus "
+                                                                  f"sampling.max_new_tokens ({config.sampling.max_new_tokens})")
+        engine = make_engine(model, tokenizer, config.sampling, device, positions=positions)
     out = prepare_output_dir(Path(config.output_dir), config.overwrite)
 
     torch.manual_seed(config.seed)
@@ -310,8 +316,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
     cost fields of opsd/cost.py). Sample j of a problem is seeded by (seed, file, its place in the
     file, id, j): the same whatever else is evaluated, and the latency decodes draw from seeds of their
     own. A progress bar `name · file` counts the problems done."""
-    prompts = [render_prompt(tokenizer, f"{config.instruction}\n\n{p.problem}" if config.instruction else p.problem)
-               for p in problems]
+    prompts = [eval_prompt(tokenizer, p, config.instruction) for p in problems]
     k = config.sampling.n
     repeated = [prompt for prompt in prompts for _ in range(k)]
     seeds = [request_seed(config.seed, file, position, p.id, j) for position, p in enumerate(problems) for j in range(k)]
@@ -335,6 +340,11 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
     per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
     return (per_problem(texts), per_problem([len(i) for i in ids]), per_problem(truncated), greedy_texts,
             generated / seconds if seconds > 0 else None, cost)
+
+
+def eval_prompt(tokenizer, problem: Problem, instruction: str) -> list[int]:
+    """The chat prompt of a problem, after `instruction` and a blank line when there is one."""
+    return render_prompt(tokenizer, f"{instruction}\n\n{problem.problem}" if instruction else problem.problem)
 
 
 def decode(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], bar,

@@ -36,7 +36,8 @@ from opsd.checkpoint import checkpoint_or_stop, restore, start_model
 from opsd.config import to_dict
 from opsd.data import Fields, load_problems
 from opsd.errors import require
-from opsd.generation import Engine, SamplingConfig, check_engine_fits, check_sampling, make_engine, request_seed
+from opsd.generation import (Engine, SamplingConfig, check_engine_fits, check_sampling, closing_on_error,
+                             make_engine, request_seed)
 from opsd.logprobs import chunked_token_logprobs, gap_metrics, logprob_gap
 from opsd.metrics import MetricsLog
 from opsd.models import ModelConfig, check_fits, load_tokenizer, output_head
@@ -133,7 +134,7 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
     # before the run folder: vLLM refuses a model it cannot serve here
     engine = make_engine(model, tokenizer, config.sampling, device, compute_dtype(config.optim, device),
                          lambda: distributed.gathered(backbone), positions)
-    run_dir = open_run_dir(config.run, to_dict(config), rank, progress["step"])
+    run_dir = closing_on_error(engine, lambda: open_run_dir(config.run, to_dict(config), rank, progress["step"]))
     with engine, Verifiers(config.verifier) as verifiers, \
             SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
             MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,

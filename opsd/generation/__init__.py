@@ -145,6 +145,16 @@ def make_engine(model: nn.Module, tokenizer, sampling: SamplingConfig, device: t
     raise ValueError(f"unknown sampling engine {sampling.engine!r}")
 
 
+def closing_on_error(engine: Engine, make):
+    """`make()` (the run folder, built after the engine), closing the engine if it raises: left to
+    vLLM's own cleanup at exit, an engine would destroy the process group under torchrun."""
+    try:
+        return make()
+    except BaseException:
+        engine.close()
+        raise
+
+
 def filtered_log_softmax(logits_B_V: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """[B × V] float32 log-probabilities of the distribution a token is drawn from: logits divided by
     the temperature, then top-k, then top-p over what is left (entries outside: −inf). The sampled

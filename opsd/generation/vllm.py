@@ -26,8 +26,8 @@ global generators too; the engine puts their state back, so opsd's own draws do 
 
 Under torchrun every process runs its own engine on its own share of the prompts (vLLM's
 `external_launcher`, data-parallel generation as TRL's colocate mode). vLLM's engine shutdown
-destroys the default process group; under torchrun `close` destroys vLLM's own groups only (a
-pipeline's next stage and opsd's group keep working). In one process vLLM starts and destroys a
+destroys the default process group; under torchrun `close` destroys vLLM's model-parallel groups and
+keeps its world group and the default one (a pipeline's next stage and opsd's group keep working). In one process vLLM starts and destroys a
 group of one of its own (`distributed.active` ignores it).
 """
 
@@ -67,6 +67,10 @@ class VLLMEngine:
 
         base = causal_lm(model)
         device = device or next(base.parameters()).device  # the run's device (run.fsdp_offload keeps weights on CPU)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda" and device.index not in (None, local):
+            raise UserError(f"sampling.engine=vllm runs on the process's own GPU (cuda:{local}, LOCAL_RANK), not on "
+                            f"{device}: set run.device=cuda or CUDA_VISIBLE_DEVICES")
         self.model, self.gather = model, gather or contextlib.nullcontext
         self.eos_ids = stop_ids(model, tokenizer)
         self.stale = True  # the engine holds placeholder weights until the first generate
@@ -115,7 +119,7 @@ class VLLMEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
             return []
-        self.ready()  # the stages call it on every process first; eval and memos alone rely on this one
+        self.ready()  # the stages call it on every process before their generations; direct callers rely on this one
         longest = max(len(p) for p in prompts)
         if longest >= self.max_model_len:
             raise UserError(f"sampling.engine=vllm: a prompt of {longest} tokens leaves no room in the engine's "
@@ -179,9 +183,12 @@ class VLLMEngine:
 
 
 def _cleanup_keeping_the_process_group() -> None:
-    """vLLM's engine cleanup under torchrun: its own process groups go, the default one (opsd's) stays."""
+    """vLLM's engine cleanup under torchrun without its last part: its model-parallel groups go, its
+    world group and the default process group (opsd's) stay for the next engine and the run."""
+    from vllm import envs
     from vllm.distributed.parallel_state import destroy_model_parallel
 
+    envs.disable_envs_cache()
     destroy_model_parallel()
     gc.collect()
     if torch.cuda.is_available():
