@@ -46,9 +46,9 @@ from opsd.errors import UserError, require
 from opsd.gating import Gating, gate
 from opsd.generation import (Engine, SamplingConfig, check_engine_fits, check_sampling, closing_on_error,
                              make_engine, request_seed)
+from opsd.logprobs import gap_metrics, logprob_gap
 from opsd.memo import MEMO_INSTRUCTION, memo_positions
 from opsd.metrics import MetricsLog
-from opsd.logprobs import gap_metrics, logprob_gap
 from opsd.models import ModelConfig, check_fits, load_tokenizer, output_head
 from opsd.packing import pack, per_sequence_mean, response_hidden
 from opsd.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template
