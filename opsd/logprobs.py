@@ -65,26 +65,32 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
 @torch.no_grad()
 def logprob_gap(hidden_N_H: torch.Tensor, head_V_H: torch.Tensor, targets_N: torch.Tensor,
-                engine_logprobs: list[torch.Tensor], sampling: SamplingConfig, chunk_size: int = 512) -> tuple[float, int]:
+                engine_logprobs: list[torch.Tensor], sampling: SamplingConfig, chunk_size: int = 512,
+                trainer_N: torch.Tensor | None = None) -> tuple[float, int]:
     """(Σ |log p_engine(y_n) − log p_trainer(y_n)|, outside): the trainer's log-probability under the
     same processed distribution the engine drew from (temperature, top-k, top-p), from the trainer's
     hidden states; `engine_logprobs` are the rollouts' own, in the order their tokens were packed.
     `outside` counts the sampled tokens the trainer's top-k/top-p leaves out (log-probability −inf,
     left out of the sum): 0 and a sum near float error while the engine's weights are the trainer's;
     a stale engine shows in both (`rollout/logprob_gap` and `rollout/logprob_gap_outside`). (0, 0)
-    for greedy sampling: nothing to compare."""
+    for greedy sampling: nothing to compare. `trainer_N`: the trainer's log-probabilities at the
+    sampling temperature when the caller has them (rlvr's old log-probs); without top-k and top-p
+    they are the processed ones, and no product over the vocabulary is computed again."""
     if sampling.temperature == 0 or hidden_N_H.shape[0] == 0:
         return 0.0, 0
     engine_N = torch.cat(engine_logprobs).to(hidden_N_H.device)
-    total, outside = 0.0, 0
-    for start in range(0, hidden_N_H.shape[0], chunk_size):
+    if trainer_N is not None and sampling.top_k == 0 and sampling.top_p >= 1.0:
+        return float((trainer_N.detach() - engine_N).abs().sum()), 0
+    total = torch.zeros((), dtype=torch.float64, device=hidden_N_H.device)
+    outside = torch.zeros((), dtype=torch.long, device=hidden_N_H.device)
+    for start in range(0, hidden_N_H.shape[0], chunk_size):  # sums stay on the device: one sync at the end
         part = slice(start, start + chunk_size)
         logits = hidden_N_H[part].detach().to(head_V_H.dtype) @ head_V_H.detach().T
         trainer = filtered_log_softmax(logits, sampling).gather(-1, targets_N[part, None]).squeeze(-1)
         inside = torch.isfinite(trainer)
-        total += float((trainer - engine_N[part])[inside].abs().sum())
-        outside += int((~inside).sum())
-    return total, outside
+        total += torch.where(inside, trainer - engine_N[part], 0.0).abs().sum()
+        outside += (~inside).sum()
+    return float(total), int(outside)
 
 
 def gap_metrics(gap_sum: float, outside: int, tokens: int, sampled: bool) -> dict[str, float]:

@@ -302,5 +302,5 @@ def policy_logprobs(config: RLVRConfig, parts: Parts, batch: list[tuple[Rollout,
     logp_N = chunked_token_logprobs(hidden_N_H, head, packed.targets_N, config.sampling.temperature, config.optim.chunk_size)
     if with_gap:
         return logp_N.detach(), logprob_gap(hidden_N_H, head, packed.targets_N, [r.sample_logprobs for r, _ in batch],
-                                            config.sampling, config.optim.chunk_size)
+                                            config.sampling, config.optim.chunk_size, trainer_N=logp_N)
     return (logp_N, packed) if with_packed else logp_N.detach()

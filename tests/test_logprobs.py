@@ -67,3 +67,22 @@ def test_the_log_prob_gap_is_float_error_for_the_engines_own_weights_and_large_f
     greedy = SamplingConfig(temperature=0)
     assert logprob_gap(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), [torch.zeros(3)],
                        greedy) == (0.0, 0)
+
+
+def test_the_log_prob_gap_from_given_log_probs_equals_the_one_it_computes_without_filters():
+    """rlvr passes its old log-probs (at the sampling temperature): without top-k/top-p they are the
+    processed ones, so the gap from them equals the gap computed from the hidden states."""
+    from opsd.generation import SamplingConfig
+    from opsd.logprobs import logprob_gap
+
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(10, 8, generator=g), torch.randn(30, 8, generator=g)
+    targets, engine = torch.randint(0, 30, (10,), generator=g), [-torch.rand(4, generator=g), -torch.rand(6, generator=g)]
+    sampling = SamplingConfig(temperature=0.7)
+    trainer = chunked_token_logprobs(hidden, head, targets, 0.7, chunk_size=3)
+    computed, outside = logprob_gap(hidden, head, targets, engine, sampling, chunk_size=3)
+    given, _ = logprob_gap(hidden, head, targets, engine, sampling, chunk_size=3, trainer_N=trainer)
+    assert outside == 0 and computed > 0.1 and abs(given - computed) < 1e-5
+    filtered = SamplingConfig(temperature=0.7, top_k=5)  # with a filter the given ones are not used
+    assert logprob_gap(hidden, head, targets, engine, filtered, trainer_N=trainer) == \
+        logprob_gap(hidden, head, targets, engine, filtered)

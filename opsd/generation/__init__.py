@@ -44,7 +44,7 @@ class SamplingConfig:
     # vllm only:
     gpu_memory_utilization: float = 0.3  # share of the GPU the engine may take (weights + KV cache), next to training
     kv_cache_gib: float = 0.0  # KV cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU), 1 GiB (CPU)
-    max_model_len: int = 0  # longest prompt + response the engine plans for; 0 = the model's context
+    max_model_len: int = 0  # longest prompt + response the engine plans for; 0 = what the run needs (≤ context)
     sleep_mode: bool = False  # GPU: free the engine's KV cache and weights while training runs
 
 
@@ -62,7 +62,7 @@ def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") ->
         (f"{prefix}.batch_size", config.batch_size >= 1, "at least 1"),
         (f"{prefix}.gpu_memory_utilization", 0.0 < config.gpu_memory_utilization <= 1.0, "in (0, 1]"),
         (f"{prefix}.kv_cache_gib", config.kv_cache_gib >= 0, "non-negative (0 = automatic)"),
-        (f"{prefix}.max_model_len", config.max_model_len >= 0, "non-negative (0 = the model's context)"),
+        (f"{prefix}.max_model_len", config.max_model_len >= 0, "non-negative (0 = what the run needs)"),
     )
     if config.engine != "vllm":
         defaults = SamplingConfig()
