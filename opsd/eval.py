@@ -20,6 +20,9 @@ task when they carry one (BIG-Bench Hard's `task`):
              OPSDC and "OPSD compresses what RLVR teaches" report shrinking;
   tok/s      generated tokens per second of decoding;
   restated   samples graded wrong for restating an expression of the problem (eval.json only);
+  grading    the graders' events on the file (eval.json only): math answers timed out or crashing
+             the worker, restatements refused, programs timed out, unsupported (a value that could
+             not cross between program and tests as plain data) or failed by the sandbox itself;
   cost       batch-1 latency, throughput, peak memory, parameters and compute per solved problem
              (opsd/cost.py), in a second table.
 
@@ -288,8 +291,10 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
                 truncated_P_K = [[cut for _, cut in responses[index][p.id]] for p in problems]
                 tokens_P_K = [count_tokens(texts, tokenizer) for texts in texts_P_K]
                 greedy_P, tokens_per_s, cost = None, None, NOT_MEASURED
+            before = verifiers.counters()
             scored = score(problems, texts_P_K, tokens_P_K, truncated_P_K, greedy_P, verifiers, pattern,
                            config.level_field, config.task_field)
+            grading = {key: value - before[key] for key, value in verifiers.counters().items()}
             graded += response_rows(path, problems, texts_P_K, scored)
             levels = [{"level": level, **summarize(group)} for level, group in group_by_level(scored)]
             tasks = [{"task": task, **summarize(group)} for task, group in group_by_task(scored)]
@@ -299,7 +304,7 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
                 if parameters else None
             rows.append({"file": path, "name": Path(path).stem, **summary, "generate_tokens_per_s": tokens_per_s,
                          **cost, "parameters": parameters, "compute_per_solved_flops": solved,
-                         "levels": levels, "tasks": tasks})
+                         "grading": grading, "levels": levels, "tasks": tasks})
     counted = f"tokenizer of {config.model.name_or_path}" if tokenizer is not None else "whitespace split"
     report = {"mode": "generate" if responses is None else "responses", "response_tokens_counted_by": counted,
               "k": None if responses else config.sampling.n, "benchmarks": rows, "config": to_dict(config)}

@@ -138,7 +138,9 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]
     for row in (first, second):
-        assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "generate_tokens_per_s", "levels", "tasks"}
+        assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "generate_tokens_per_s", "grading", "levels", "tasks"}
+        assert row["grading"] == {"timeouts": 0, "crashes": 0, "restated": 0, "code_timeouts": 0, "sandbox_errors": 0,
+                                  "code_unsupported": 0}
         assert row["problems"] == 4 and row["samples"] == 8
         assert 0 <= row["mean_at_k"] <= 1 and row["greedy_accuracy"] is not None
         assert 1 <= row["response_tokens_mean"] <= 8 and 0 <= row["truncation_rate"] <= 1

@@ -86,6 +86,7 @@ def test_eval_prints_per_task_accuracy_and_pass_at_k(tmp_path, capsys):
     code_row, bbh_row = report["benchmarks"]
     assert code_row["mean_at_k"] == pytest.approx(0.25) and code_row["pass_at_k"] == pytest.approx(0.5)
     assert code_row["pass_k"] == 2 and [t["task"] for t in code_row["tasks"]] == ["arithmetic"]
+    assert code_row["grading"]["code_timeouts"] == 1 and code_row["grading"]["sandbox_errors"] == 0  # `while True`
     assert bbh_row["mean_at_k"] == pytest.approx(4 / 6) and bbh_row["pass_at_k"] == pytest.approx(1.0)
     tasks = {t["task"]: t for t in bbh_row["tasks"]}
     assert tasks["boolean_expressions"]["mean_at_k"] == pytest.approx(0.5)

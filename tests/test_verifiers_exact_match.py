@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from opsd.data import Problem, load_problems
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems
-from opsd.verifiers.exact_match import answers_match, extract_final_answer, normalize, option_letter
+from opsd.verifiers.exact_match import answers_match, extract_final_answer, normalize, option_letter, options_of
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BBH = SHARED / "bbh_test.jsonl"
@@ -64,6 +64,32 @@ def test_normalization_keeps_apart(left, right):
 ])
 def test_answers_match(predicted, gold, correct):
     assert answers_match(predicted, gold, OPTIONS) is correct
+
+
+HEDGY = "Which?\nOptions:\n(A) Maybe tomorrow\n(B) Tuesday\n(C) Not sure yet\n(D) Wrong way\n"
+
+
+@pytest.mark.parametrize("answer,letter", [
+    ("(A) or (D)", None), ("(A) and (B)", None), ("A or B", None), ("A/B", None), ("B, not C", None),
+    ("(B), not (C)", None), ("either (A) or (B)", None), ("probably (B)", None), ("not (C)", None),
+    ("(B), but I am not sure", None), ("(B) is not correct", None), ("(B) is wrong, it is (D)", None),
+    ("(B) I think", None), ("B maybe", None),
+    ("(B)", "B"), ("(B) Tuesday", "B"), ("(A) Maybe tomorrow", "A"), ("(C) Not sure yet", "C"), ("(D) Wrong way", "D"),
+    ("Option (B) because the second paragraph says so", "B"), ("B.", "B"), ("(B) (B)", "B"),
+])
+def test_a_hedged_or_multi_option_answer_names_no_option(answer, letter):
+    """As in the math verifier: naming several options, or hedging or retracting the one named, is no answer
+    (the option's own text may hold any word)."""
+    assert option_letter(answer, HEDGY) == letter
+
+
+def test_listing_every_option_scores_nothing_on_bbh():
+    """A policy that names every option would otherwise score 100% on multiple choice."""
+    problems = [p for p in bbh_problems() if p.answer.startswith("(") and len(options_of(p.problem)) > 1]
+    responses = [f"So the answer is {' or '.join(f'({letter})' for letter in options_of(p.problem))}." for p in problems]
+    with Verifiers(VerifierConfig()) as verifiers:
+        verdicts = verifiers.verify(responses, problems)
+    assert len(problems) > 3000 and not any(v.correct for v in verdicts)
 
 
 def test_option_letter_reads_letters_and_option_texts():

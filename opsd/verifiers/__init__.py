@@ -10,9 +10,9 @@ Verifiers:
                killable worker process: opsd/verifiers/worker.py.
   exact_match  the final answer of a chain of thought against the target, normalised (BBH):
                opsd/verifiers/exact_match.py.
-  code         the response's code run with the row's `tests` in a sandboxed process (HumanEval):
-               extraction and program in opsd/verifiers/code.py; the sandbox in sandbox.py (trainer
-               side) and confine.py (child side). Needs `verifier.allow_code_execution=true`.
+  code         the response's code run in a sandboxed process, the row's `tests` in another that calls
+               it (HumanEval): extraction and programs in opsd/verifiers/code.py; the sandbox in
+               opsd/verifiers/sandbox/. Needs `verifier.allow_code_execution=true`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from opsd.data import ANSWERLESS_VERIFIERS, Problem
 from opsd.errors import UserError, require
 from opsd.verifiers import code, exact_match
 from opsd.verifiers.answer import extract_answer
-from opsd.verifiers.sandbox import Limits, describe, isolation, run_program
+from opsd.verifiers.sandbox import Limits, describe, isolation, run_tests
 from opsd.verifiers.worker import Grader
 
 VerifierName = Literal["math", "exact_match", "code"]
@@ -39,7 +39,7 @@ class VerifierConfig:
     timeout_s: float = 5.0  # per-answer limit of the math worker process
     allow_code_execution: bool = False  # run model-written code (verifier: code rows) in opsd's sandbox (README)
     code_timeout_s: float = 10.0  # wall-clock limit of one program (prompt + code + tests)
-    code_memory_mb: int = 1024  # address-space limit of each process of a program
+    code_memory_mb: int = 1024  # memory limit of a program: as a whole (cgroup, as root) and per process
     code_workers: int = 2  # programs run at once
 
 
@@ -96,6 +96,7 @@ class Verifiers:
         self.limits = Limits(timeout_s=config.code_timeout_s, memory_mb=config.code_memory_mb)
         self.code_timeouts = 0  # programs stopped at verifier.code_timeout_s
         self.sandbox_errors = 0  # programs the sandbox itself failed to run
+        self.code_unsupported = 0  # programs failed because a value could not cross as plain data
         self._sandbox_checked = False
 
     def verify(self, responses: list[str], problems: list[Problem]) -> list[Verdict]:
@@ -135,12 +136,13 @@ class Verifiers:
     def _code(self, responses: list[str], problems: list[Problem]) -> list[Verdict]:
         self._check_sandbox()
         codes = [code.extract_code(r, p.extra["entry_point"]) for r, p in zip(responses, problems)]
-        programs = [code.program_for(p.problem, c, p.extra["tests"], p.extra["entry_point"])
-                    for c, p in zip(codes, problems)]
+        jobs = [(code.program_for(p.problem, c, p.extra["entry_point"]), code.checks_for(p.problem, p.extra["tests"]),
+                 p.extra["entry_point"]) for c, p in zip(codes, problems)]
         with ThreadPoolExecutor(max_workers=self.config.code_workers) as pool:
-            outcomes = list(pool.map(lambda program: run_program(program, self.limits), programs))
+            outcomes = list(pool.map(lambda job: run_tests(*job, self.limits), jobs))
         self.code_timeouts += sum(o.status == "timeout" for o in outcomes)
         self.sandbox_errors += sum(o.status == "error" for o in outcomes)
+        self.code_unsupported += sum("not plain data" in o.reason for o in outcomes)
         return [Verdict(o.passed, float(o.passed), c or None) for o, c in zip(outcomes, codes)]
 
     def _check_sandbox(self) -> None:
@@ -157,9 +159,11 @@ class Verifiers:
 
     def counters(self) -> dict[str, int]:
         """Events so far: math answers that timed out, math worker crashes, restatements refused,
-        programs stopped at their time limit, programs the sandbox failed to run."""
+        programs stopped at their time limit, programs the sandbox failed to run, programs whose
+        values could not cross between program and tests as plain data."""
         return {"timeouts": self.math.timeouts, "crashes": self.math.crashes, "restated": self.math.restated,
-                "code_timeouts": self.code_timeouts, "sandbox_errors": self.sandbox_errors}
+                "code_timeouts": self.code_timeouts, "sandbox_errors": self.sandbox_errors,
+                "code_unsupported": self.code_unsupported}
 
     def close(self) -> None:
         self.math.close()

@@ -58,10 +58,13 @@ _NOT_ANSWERS = frozenset(
     "correct incorrect right wrong valid invalid verified confirmed consistent reasonable as "
     "above below shown found obtained that this these those clear same in at answer final".split()
 )
-# ... nor one whose own sentence goes on to hedge ("Answer: 12 (not sure)").
+# ... nor one whose own sentence goes on to hedge ("Answer: 12 (not sure)"), or whose own line goes
+# on to retract or replace it ("Answer: 12 is wrong, it is 13", "the answer is 12. Wait, 13").
 _TRAILING_HEDGES = frozenset(
     "unsure probably maybe perhaps might guess think uncertain possibly likely doubt".split()
 )  # and "not sure" / "n't sure" ("makes sure" is no hedge)
+_RETRACTIONS = frozenset("wrong incorrect mistake mistaken wait actually instead rather oops correction scratch".split())
+# and "not correct" / "not right"
 # Words that end a textual answer ("Evelyn, because ...", "Evelyn has the best average").
 _TEXT_STOPS = _SHORT_WORDS | frozenset(
     "the because since which where when while with for from after before but and that this was "
@@ -203,16 +206,18 @@ def _find_unescaped(s: str, needle: str, start: int) -> int:
     return j
 
 
-def _hedged(rest: str) -> bool:
-    """Whether the rest of the answer's sentence hedges it ("... but I am unsure")."""
-    end = len(rest)
-    for stop in ("\n", ". "):
-        k = rest.find(stop, 0, _HEDGE_WINDOW)
-        if k >= 0:
-            end = min(end, k)
-    words = _WORD.findall(rest[: min(end, _HEDGE_WINDOW)].translate(_ASCII_LOWER))
-    not_sure = any(w == "sure" and before in ("not", "t") for before, w in zip(words, words[1:]))
-    return not_sure or not _TRAILING_HEDGES.isdisjoint(words)
+def hedged(rest: str) -> bool:
+    """Whether what follows an answer hedges it in its sentence ("... but I am unsure") or retracts or
+    replaces it in its line ("... is wrong, it is 13", "... . Wait, 13"). Shared by the verifiers:
+    such a statement states no answer."""
+    rest = rest[:_HEDGE_WINDOW]
+    line = rest.split("\n", 1)[0]
+    sentence = line.split(". ", 1)[0]
+    said = _WORD.findall(sentence.translate(_ASCII_LOWER))
+    lined = _WORD.findall(line.translate(_ASCII_LOWER))
+    not_sure = any(w == "sure" and before in ("not", "t") for before, w in zip(said, said[1:]))
+    not_right = any(w in ("correct", "right") and before in ("not", "t") for before, w in zip(lined, lined[1:]))
+    return not_sure or not_right or not _TRAILING_HEDGES.isdisjoint(said) or not _RETRACTIONS.isdisjoint(lined)
 
 
 def _lead_answer(text: str, start: int = 0, line: bool = True) -> str | None:
@@ -248,7 +253,7 @@ def _lead_answer(text: str, start: int = 0, line: bool = True) -> str | None:
             nxt = _WORD.match(after)  # "$12$ or $13$"
             if nxt is not None and nxt.group().translate(_ASCII_LOWER) in _AMBIGUOUS:
                 ambiguous = ambiguous or _ANOTHER_ANSWER.match(after, nxt.end()) is not None
-            if ambiguous or _hedged(inner[end:] + " " + rest):
+            if ambiguous or hedged(inner[end:] + " " + rest):
                 return None
             return _clean(inner[:end]) or None
     # Lead-in words before the answer: "exactly 42", "the ellipse".
@@ -288,11 +293,11 @@ def _lead_answer(text: str, start: int = 0, line: bool = True) -> str | None:
         after = s[run.end() :].lstrip(" \t") if len(keep) == len(words) else ""
         if after[:1].isdigit() or after[:1] in ("\\", "$"):
             return None  # words leading into math ("option 3"): not a textual answer
-        if _hedged(s[run.end() :]):
+        if hedged(s[run.end() :]):
             return None
         return " ".join(keep)
     end, ambiguous = _scan_math(s, line)
-    if ambiguous or _hedged(s[end:]):
+    if ambiguous or hedged(s[end:]):
         return None
     return _clean(s[:end]) or None
 

@@ -5,12 +5,14 @@ Extraction (`extract_code`), on the text after the last `</think>`: of the fence
 that defines the entry point, else the last one; without a fenced block, the raw response (a
 completion of the prompt), cut before a top-level `if __name__`, `print(`, `assert ` or fence.
 
-The program (`program_for`), as HumanEval runs it: when the code defines `def <entry_point>(` at
+The program (`program_for`), as HumanEval builds it: when the code defines `def <entry_point>(` at
 the top level it is a full function, and it replaces the prompt's stub (the prompt's imports and
 helper functions before the stub are kept); otherwise it is the body completing the prompt
-(indented by four spaces when written flush left). Then the row's `tests` (which define
-`check(candidate)`) and `check(<entry_point>)`. The program runs in the sandbox
-(opsd/verifiers/sandbox.py); the response is correct when the program runs to its end.
+(indented by four spaces when written flush left). The tests (`checks_for`) are the prompt (its
+helpers, which HumanEval's tests call) and the row's `tests` (which define `check(candidate)`).
+Unlike HumanEval's own harness, the two never share a process: the sandbox (opsd/verifiers/sandbox/)
+runs the program in one and the tests in another, the judge, which calls the program's entry point
+through a proxy; the response is correct when `check` returns there.
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ def _as_body(code: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def program_for(prompt: str, code: str, tests: str, entry_point: str) -> str:
-    """The program that passes when `code` solves the problem (see the module docstring)."""
+def program_for(prompt: str, code: str, entry_point: str) -> str:
+    """The candidate's program: the prompt completed by `code` (see the module docstring)."""
     if defines(code, entry_point):
         stub = re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", prompt, re.MULTILINE)
-        head = (prompt[: stub.start()] if stub else prompt) + "\n" + code
-    else:
-        head = prompt + _as_body(code)
-    return f"{head}\n\n{tests}\n\ncheck({entry_point})\n"
+        return (prompt[: stub.start()] if stub else prompt) + "\n" + code
+    return prompt + _as_body(code)
+
+
+def checks_for(prompt: str, tests: str) -> str:
+    """The judge's program: the prompt's helpers (its stub too, replaced by the proxy) and `check`."""
+    return f"{prompt}\n\n{tests}\n"

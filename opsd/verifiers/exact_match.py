@@ -10,13 +10,20 @@ the answer repeats ("Monday" when the problem lists "(B) Monday"); otherwise `no
 sides: case, surrounding whitespace, punctuation and markdown, brackets and commas around word
 lists ("[apple, pear]" = "apple pear"), thousands separators; numbers compare by value; answers
 made only of symbols ignore spaces (Dyck words: "] ] >" = "]]>").
+
+A hedged or multi-answer statement gives no answer, as in the math verifier: an answer that names
+more than one option ("(A) or (D)", "(A) and (B)", "A/B", "B, not C"), starts with a hedge
+("probably (B)", "either (A) ...", "not (C)") or goes on to hedge or retract it in its own
+sentence ("(B), but I am not sure", "(A) is not correct"; the option's own text aside) matches no
+option. Other targets need no such rule: the whole answer is compared, so "True or False" is not
+"True".
 """
 
 from __future__ import annotations
 
 import re
 
-from opsd.verifiers.answer import final_text
+from opsd.verifiers.answer import final_text, hedged
 
 _STATEMENT = re.compile(
     r"\b(?:final\s+answer|answer|correct\s+(?:option|choice))\b[*_]*[ \t]*(?:is\b|:|=)[ \t*_:]*", re.IGNORECASE)
@@ -25,6 +32,11 @@ _OPTION = re.compile(r"\(([A-Z])\)")
 _MARKED_OPTION = re.compile(r"(?:(?:option|choice)\s+\(?([A-Za-z])\)?|\(([A-Za-z])\)|([A-Za-z])\))(?=$|[\s.,:;])",
                             re.IGNORECASE)
 _BARE_OPTION = re.compile(r"([A-Za-z])(?=$|[\s.,:;])")
+_ANY_MARKED = re.compile(r"(?:\b(?:option|choice)\s+\(?([A-Za-z])\)?(?![\w'])|\(([A-Z])\)|(?<![\w(])([A-Z])\))", re.IGNORECASE)
+_BARE_LIST = re.compile(r"^([A-Za-z])\s*(?:[,/&]|\bor\b|\band\b)\s*(?:(?:but\s+)?not\s+)?\(?([A-Za-z])\)?(?=$|[\s.,:;])",
+                        re.IGNORECASE)
+_HEDGES = frozenset("probably likely maybe perhaps possibly presumably either not neither none unclear unsure "
+                    "approximately about around roughly".split())
 _OPTION_LINE = re.compile(r"^\s*\(([A-Z])\)\s*(.+?)\s*$", re.MULTILINE)
 _MARKDOWN = re.compile(r"\*\*|__|`|\$")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -78,17 +90,36 @@ def options_of(problem: str) -> dict[str, str]:
 
 def option_letter(answer: str, problem: str = "") -> str | None:
     """The option an answer names: a marked letter ("(B)", "B)", "Option B", "(B) Monday"), else
-    the option whose text it repeats, else a bare leading letter ("B", "B.")."""
+    the option whose text it repeats, else a bare leading letter ("B", "B."). None for an answer
+    that names several options or hedges (the module docstring)."""
     cleaned = _MARKDOWN.sub("", answer).strip().strip(_EDGE)
+    first = re.match(r"[A-Za-z]+", cleaned)
+    if first and first.group().lower() in _HEDGES:
+        return None
+    named = {next(g for g in m.groups() if g).upper() for m in _ANY_MARKED.finditer(cleaned)}
+    bare = _BARE_LIST.match(cleaned)
+    if len(named) > 1 or (bare and bare.group(1).upper() != bare.group(2).upper()):
+        return None
     marked = _MARKED_OPTION.match(cleaned)
     if marked:
-        return next(letter for letter in marked.groups() if letter).upper()
+        letter = next(letter for letter in marked.groups() if letter).upper()
+        return None if _hedged_after(cleaned[marked.end():], letter, problem) else letter
     text = normalize(answer)
     named = [letter for letter, option in options_of(problem).items() if option == text]
     if len(named) == 1:
         return named[0]
     bare = _BARE_OPTION.match(cleaned)
-    return bare.group(1).upper() if bare else None
+    if bare is None or _hedged_after(cleaned[bare.end():], bare.group(1).upper(), problem):
+        return None
+    return bare.group(1).upper()
+
+
+def _hedged_after(rest: str, letter: str, problem: str) -> bool:
+    """Whether the words after the option hedge or retract it, its own text (which may say anything) aside."""
+    text, option = normalize(rest), options_of(problem).get(letter)
+    if option and option in text:
+        text = text.replace(option, " ", 1)
+    return hedged(text)
 
 
 def answers_match(predicted: str | None, gold: str, problem: str = "") -> bool:

@@ -1,15 +1,21 @@
-"""Running one untrusted program in a sandboxed process: the trainer's side.
+"""Grading one untrusted program in sandboxed processes: the trainer's side.
 
-`run_program(source, limits)` starts `python -I -S opsd/verifiers/confine.py` in a new session
-(`start_new_session`: its own session and process group), in a fresh temporary directory that is
-also its HOME and TMPDIR, with an environment holding nothing of the trainer's. The launcher
-confines itself and the program's process (confine.py's docstring: namespaces, read-only mounts,
-resource limits, Landlock, seccomp), then the program is sent on stdin; stdout and stderr are kept
-up to `max_output_bytes` each (the pipe is closed past it, so a flood ends in a broken pipe), and
-the run ends after `timeout_s` of wall clock. Whatever happened, the whole process group and the
-program's pid namespace are killed with SIGKILL before `run_program` returns, and the directory
-is removed. A program passes only when it ran to its end: the runner then writes a nonce it got
-on stdin to a pipe, so `exit(0)` half-way is a failure.
+`run_tests(program, tests, entry_point, limits)` starts `python -I -S -B launcher.py` (beside this
+file) in a new session (`start_new_session`: its own session and process group), in a fresh temporary
+directory, with an environment holding nothing of the trainer's. The launcher starts two confined
+processes (launcher.py's docstring; the walls in walls.py): the candidate runs the program, the judge
+runs the tests and calls the candidate's entry point through a proxy, with arguments and results
+crossing as plain data (inside.py). The job goes to the judge on stdin; stdout and stderr are kept up
+to `max_output_bytes` each (the pipe is closed past it, so a flood ends in a broken pipe), and the
+run ends after `timeout_s` of wall clock. Whatever happened, the judge's pid namespace (the candidate's
+is inside it) and the whole process group are killed with SIGKILL before the call returns, and the
+directory is removed.
+
+The verdict is the judge's: a program passes only when the judge wrote "pass" and its nonce on the
+result pipe (which the candidate never holds), the judge then exited normally, and the wall clock
+had not run out. `run_program(source)` runs a program with no tests: it passes when it runs to its
+end (the candidate says so, so that verdict is not proof against the program itself; it is for
+testing the walls, never for grading).
 
 Why a launcher and not `preexec_fn`: the trainer is multi-threaded (torch), and code run between
 fork and exec in a copy of a threaded process can deadlock on a lock another thread held; the
@@ -35,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-CONFINE = Path(__file__).with_name("confine.py")
+LAUNCHER = Path(__file__).with_name("launcher.py")
 STARTUP_GRACE_S = 10.0  # for the launcher's own start on a busy machine, on top of timeout_s
 DRAIN_S = 0.5  # output still read after the launcher has ended
 
@@ -43,9 +49,9 @@ DRAIN_S = 0.5  # output still read after the launcher has ended
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 10.0  # wall clock of the program (CPU time: the next whole second)
-    memory_mb: int = 1024  # address space of each of its processes (RLIMIT_AS)
+    memory_mb: int = 1024  # memory of the program as a whole (cgroup) and of each of its processes (RLIMIT_AS)
     file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE); also the size of its private tmpfs
-    max_processes: int = 16  # processes it may have at once (RLIMIT_NPROC)
+    max_processes: int = 16  # processes and threads it may have at once (pids cgroup, RLIMIT_NPROC)
     max_output_bytes: int = 65536  # stdout and stderr kept, each
 
 
@@ -55,7 +61,8 @@ class Outcome:
     stdout: str
     stderr: str
     seconds: float
-    layers: dict[str, Any] = field(default_factory=dict)  # what confined it (confine.py reports)
+    layers: dict[str, Any] = field(default_factory=dict)  # what confined it (launcher.py reports)
+    reason: str = ""  # the judge's word: "the tests passed", "the tests failed: AssertionError", "not plain data: ..."
 
     @property
     def passed(self) -> bool:
@@ -69,8 +76,21 @@ def clean_environment(home: str) -> dict[str, str]:
 
 
 def run_program(source: str, limits: Limits = Limits(), *, skip_layers: tuple[str, ...] = ()) -> Outcome:
-    """Run `source` as a Python program in the sandbox; never raises for what the program does.
-    `skip_layers` (tests only: what the others hold alone): namespaces, landlock, seccomp, drop_root."""
+    """Run `source` as a Python program in the sandbox, with no tests: it passes when it runs to its
+    end. For testing the walls; grading uses `run_tests`. `skip_layers` as in `run_tests`."""
+    return _run({"program": source, "entry_point": None, "tests": None}, limits, skip_layers)
+
+
+def run_tests(program: str, tests: str, entry_point: str, limits: Limits = Limits(), *,
+              skip_layers: tuple[str, ...] = ()) -> Outcome:
+    """Run `program` (the candidate's code) in one sandboxed process and `tests` (which define
+    `check(candidate)`) in another, the judge, calling `check` with a proxy of `entry_point`; never
+    raises for what the program does. `skip_layers` (tests only: what the others hold alone):
+    namespaces, cgroup, uid, landlock, seccomp."""
+    return _run({"program": program, "entry_point": entry_point, "tests": tests}, limits, skip_layers)
+
+
+def _run(job: dict[str, Any], limits: Limits, skip_layers: tuple[str, ...]) -> Outcome:
     started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="opsd-sandbox-")
     nonce = secrets.token_hex(16)
@@ -80,7 +100,7 @@ def run_program(source: str, limits: Limits = Limits(), *, skip_layers: tuple[st
             "max_processes": limits.max_processes, "status_fd": status_w, "result_fd": result_w,
             "parent_pid": os.getpid(), "skip": list(skip_layers)}
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", str(CONFINE), json.dumps(spec)], cwd=tmp,
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", str(LAUNCHER), json.dumps(spec)], cwd=tmp,
                                 env=clean_environment(tmp), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, pass_fds=(status_w, result_w))
     except OSError as err:
@@ -89,23 +109,27 @@ def run_program(source: str, limits: Limits = Limits(), *, skip_layers: tuple[st
         return Outcome("error", "", f"sandbox did not start: {err}", time.monotonic() - started)
     finally:
         _close(status_w, result_w)
-    talk = _Exchange(proc, status_r, result_r, f"{nonce}\n".encode() + source.encode("utf-8", "replace"),
-                     limits.max_output_bytes)
+    talk = _Exchange(proc, status_r, result_r, json.dumps({**job, "nonce": nonce}).encode(), limits.max_output_bytes)
     try:
         talk.run(deadline=started + limits.timeout_s + STARTUP_GRACE_S)
     finally:
         talk.end()
         _remove(tmp)
     stderr = talk.text("stderr") + (f"\nsandbox: {talk.error}" if talk.error else "")
-    return Outcome(_status(talk, nonce), talk.text("stdout"), stderr, time.monotonic() - started, talk.layers)
+    verdict, _, reason = bytes(talk.result).decode("utf-8", "replace").partition("\n")
+    status = _status(talk, verdict == f"pass {nonce}")
+    reason = {"timeout": "the time limit ran out", "error": f"the sandbox failed: {talk.error}"}.get(status, reason)
+    return Outcome(status, talk.text("stdout"), stderr, time.monotonic() - started, talk.layers,
+                   reason or "the judge gave no verdict")
 
 
-def _status(talk: _Exchange, nonce: str) -> Literal["passed", "failed", "timeout", "error"]:
-    if nonce.encode() in bytes(talk.result):  # a forked copy that also ran to the end writes it again
-        return "passed"
+def _status(talk: _Exchange, judged_pass: bool) -> Literal["passed", "failed", "timeout", "error"]:
+    """A pass needs all three: the judge's pass with the nonce, the judge's normal exit, no timeout."""
     if talk.timed_out:
         return "timeout"
-    return "error" if talk.error else "failed"
+    if talk.error:
+        return "error"
+    return "passed" if judged_pass and talk.exit_code == 0 else "failed"
 
 
 class _Exchange:
@@ -124,6 +148,7 @@ class _Exchange:
         self.child_pid: int | None = None
         self.layers: dict[str, Any] = {}
         self.timed_out, self.error, self.ended = False, "", False
+        self.exit_code: int | None = None  # the judge's, as the launcher reports it
         self.selector = selectors.DefaultSelector()
         for fd in self.buffers:
             os.set_blocking(fd, False)
@@ -181,13 +206,13 @@ class _Exchange:
             elif kind == "timeout":
                 self.timed_out, self.ended = True, True
             elif kind == "exit":
-                self.ended = True
+                self.ended, self.exit_code = True, int(value)
             elif kind == "error":
                 self.error, self.ended = value, True
 
     def _hold(self, pid: int) -> None:
-        """Keep a pidfd on the program's process (pid 1 of its namespace) before sending the
-        program: killing it later can never hit a recycled pid."""
+        """Keep a pidfd on the judge (pid 1 of its namespace, the candidate's inside it) before sending
+        the job: killing it later can never hit a recycled pid."""
         self.child_pid = pid
         try:
             self.pidfd = os.pidfd_open(pid)
@@ -218,7 +243,7 @@ class _Exchange:
             return True
 
     def end(self) -> None:
-        """SIGKILL the program's pid namespace (through the pidfd) and the whole process group,
+        """SIGKILL the judge's pid namespace (through the pidfd) and the whole process group,
         then reap the launcher and close every pipe."""
         if self.pidfd is not None:
             try:
@@ -279,10 +304,12 @@ def isolation() -> dict[str, Any]:
 
 
 def describe(layers: dict[str, Any]) -> str:
-    """One line for the log: each layer and what it gave."""
+    """One line for the log: each wall and what it gave."""
     if not layers.get("works"):
         return f"the sandbox does not run programs here: {layers.get('problem', '').strip()}"
+    program = layers.get("program", {})
     spaces = ", ".join(layers.get("namespaces", [])) or "none (no network or pid isolation)"
-    return (f"namespaces: {spaces}; filesystem: {layers.get('filesystem')}; /proc: {layers.get('proc', 'shared')}; "
-            f"user: {layers.get('uid', 'unchanged')}; landlock: {layers.get('landlock')}; "
-            f"seccomp: {layers.get('seccomp')}; limits: {layers.get('limits')}")
+    return (f"namespaces: {spaces}; view: {layers.get('view')}; /proc: {program.get('proc')}; "
+            f"cgroup: {layers.get('cgroup')}; user: {program.get('uid')}; landlock: {program.get('landlock')}; "
+            f"seccomp: {program.get('seccomp')}; limits: {program.get('limits')}; "
+            f"tests run by a judge process ({layers.get('judge', {}).get('uid')})")
