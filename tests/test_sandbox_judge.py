@@ -292,7 +292,55 @@ def test_objects_that_are_not_plain_data_are_refused_by_the_encoder():
 
 
 def test_exceptions_are_rebuilt_only_as_builtin_non_flow_exceptions():
-    assert type(rebuilt("ValueError", "m")) is ValueError and str(rebuilt("ValueError", "m")) == "m"
-    for name in ("StopIteration", "StopAsyncIteration", "GeneratorExit", "SystemExit", "KeyboardInterrupt",
-                 "MyError", "print", "UnicodeDecodeError"):
-        assert type(rebuilt(name, "m")) is RuntimeError, name
+    assert type(rebuilt("ValueError", "m", "ValueError")) is ValueError and str(rebuilt("ValueError", "m", "ValueError")) == "m"
+    assert type(rebuilt("ValueError", "m", "Exception")) is Exception  # a program's own class named ValueError
+    assert type(rebuilt("MyError", "m", "KeyError")) is KeyError  # a subclass: its nearest builtin base
+    for base in ("StopIteration", "StopAsyncIteration", "GeneratorExit", "SystemExit", "KeyboardInterrupt",
+                 "MyError", "print", "UnicodeDecodeError", "BaseException"):
+        assert type(rebuilt("X", "m", base)) is RuntimeError, base
+
+
+# Wrong programs that pass when program and tests cross only as copies, from an independent red team:
+# each fails when they share one process, and must fail here too.
+SAME_PROCESS = {
+    "sorts its argument in place": ("def sorted_copy(xs):\n    xs.sort()\n    return xs\n", "sorted_copy",
+                                    "def check(candidate):\n    xs = [3, 1, 2]\n    assert candidate(xs) == [1, 2, 3]\n"
+                                    "    assert xs == [3, 1, 2]\n"),
+    "returns its argument itself": ("def copy_list(xs):\n    return xs\n", "copy_list",
+                                    "def check(candidate):\n    xs = [1, 2]\n    ys = candidate(xs)\n"
+                                    "    assert ys == xs and ys is not xs\n"),
+    "raises its own class named ValueError": (
+        "class ValueError(Exception):\n    pass\ndef parse(text):\n    raise ValueError(text)\n", "parse",
+        "def check(candidate):\n    try:\n        candidate('x')\n    except ValueError:\n        pass\n"
+        "    else:\n        assert False\n"),
+    "has no docstring": ("def documented(x):\n    return x\n", "documented",
+                         "def check(candidate):\n    assert candidate.__doc__\n"),
+    "mutates a dict and a set it is given": (
+        "def clean(d, s):\n    d.clear()\n    s.add(9)\n    return len(d)\n", "clean",
+        "def check(candidate):\n    d, s = {1: 2}, {1}\n    assert candidate(d, s) == 0\n    assert d == {1: 2} and s == {1}\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(SAME_PROCESS))
+def test_what_one_process_would_see_of_arguments_exceptions_and_docstrings(name):
+    program, entry, tests = SAME_PROCESS[name]
+    assert run_tests(program, tests, entry).status == "failed", name
+
+
+def test_mutated_and_returned_arguments_and_docstrings_are_the_functions_own():
+    """The same tests pass for the right programs: in-place updates, the argument itself, a real docstring."""
+    tests = ("def check(candidate):\n    xs = [3, 1, 2]\n    ys = candidate(xs)\n    assert ys is xs and xs == [1, 2, 3]\n"
+             "    assert candidate.__doc__ == 'Sorts in place.' and candidate.__name__ == 'sort_in_place'\n")
+    program = "def sort_in_place(xs):\n    'Sorts in place.'\n    xs.sort()\n    return xs\n"
+    assert run_tests(program, tests, "sort_in_place").passed
+    raising = "def parse(text):\n    raise ValueError(text)\n"
+    tests = ("def check(candidate):\n    try:\n        candidate('x')\n    except ValueError as err:\n"
+             "        assert str(err) == 'x'\n    else:\n        assert False\n")
+    assert run_tests(raising, tests, "parse").passed
+
+
+def test_a_program_cannot_make_its_crash_count_as_unsupported():
+    """The counters read the judge's kind of failure, not words in the reason a program can choose."""
+    verdict, counters = grade("class E(Exception):\n    pass\nE.__name__ = 'not plain data'\nraise E()\n"
+                              "def square(x):\n    return x * x\n")
+    assert not verdict.correct and counters["code_unsupported"] == 0

@@ -674,7 +674,9 @@ def test_the_seccomp_filter_refuses_and_allows_what_it_says():
         assert verdict(435) == enosys  # clone3: the C library falls back to clone
         assert verdict(numbers["fcntl"], 3, 8) == eperm and verdict(numbers["fcntl"], 3, 3) == allow  # F_SETOWN, F_GETFL
         assert verdict(numbers["ioctl"], 3, 0x5412) == eperm and verdict(numbers["ioctl"], 3, 0x541B) == allow  # TIOCSTI, FIONREAD
-        for name in ("kill", "ptrace", "shmget", "memfd_create", "unshare", "mount", "bpf", "userfaultfd"):
+        assert verdict(numbers["fcntl"], 3, 6) == eperm and verdict(numbers["fcntl"], 3, 37) == eperm  # F_SETLK, F_OFD_SETLK
+        for name in ("kill", "ptrace", "shmget", "memfd_create", "unshare", "mount", "bpf", "userfaultfd", "inotify_init1",
+                     "flock", "fadvise64"):
             assert verdict(numbers[name]) == eperm, name
         assert verdict(0x40000000 + 1) == eperm  # the x32 ABI
         assert bpf_verdict(program, 0x40000003, 1) == kill  # another architecture's calls (i386)

@@ -5,6 +5,7 @@ their own files (test_sandbox_walls.py, test_sandbox_judge.py)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from opsd.data import Problem, load_problems
 from opsd.errors import UserError
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems
-from opsd.verifiers.code import checks_for, defines, extract_code, program_for
+from opsd.verifiers.code import checks_for, defines, extract_code, fenced_blocks, program_for
 
 ROOT = Path(__file__).resolve().parents[1]
 HUMANEVAL = ROOT.parent / "shared" / "data" / "humaneval_test.jsonl"
@@ -174,3 +175,23 @@ def test_code_extraction_is_total_and_fast(text):
     code = extract_code(text, "add")
     compile_or_fail = program_for(ADD_PROMPT, code, "add")
     assert isinstance(compile_or_fail, str) and time.perf_counter() - started < 1.0
+
+
+# the fence rule as one regular expression, which backtracks quadratically on a long unclosed fence line
+FENCE_AS_REGEX = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```|\Z)", re.DOTALL | re.MULTILINE)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["```", "```python", "```py x", " ```", "\t```", "\n", "a", "def f():", " ", "``",
+                                 "x\n", "python", "\n\n"]), max_size=14).map("".join))
+def test_fenced_blocks_follow_the_fence_rule(text):
+    assert fenced_blocks(text) == [(m.group(1), m.group(2)) for m in FENCE_AS_REGEX.finditer(text)]
+
+
+def test_extraction_is_linear_on_a_long_unclosed_fence():
+    """An independent red team's response ("```" and 200,000 letters, no newline) took 14 s in the trainer's
+    process with the regular expression; one pass over the lines takes microseconds."""
+    started = time.perf_counter()
+    for text in ("```" + "a" * 200_000, "```\n" + "```" * 100_000, "\n".join(["```x"] * 50_000)):
+        extract_code(text, "f")
+    assert time.perf_counter() - started < 1.0

@@ -142,7 +142,7 @@ class Verifiers:
             outcomes = list(pool.map(lambda job: run_tests(*job, self.limits), jobs))
         self.code_timeouts += sum(o.status == "timeout" for o in outcomes)
         self.sandbox_errors += sum(o.status == "error" for o in outcomes)
-        self.code_unsupported += sum("not plain data" in o.reason for o in outcomes)
+        self.code_unsupported += sum(o.kind == "unsupported" for o in outcomes)
         return [Verdict(o.passed, float(o.passed), c or None) for o, c in zip(outcomes, codes)]
 
     def _check_sandbox(self) -> None:

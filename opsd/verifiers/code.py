@@ -21,7 +21,7 @@ import re
 
 from opsd.verifiers.answer import final_text
 
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```|\Z)", re.DOTALL | re.MULTILINE)
+_LANGUAGE = re.compile(r"[ \t]*([\w+-]*)")
 _PYTHON_FENCES = ("", "python", "py", "python3")
 _RAW_END = re.compile(r"^(?:if\s+__name__|print\(|assert\s|```)", re.MULTILINE)
 
@@ -31,10 +31,33 @@ def defines(code: str, entry_point: str) -> bool:
     return re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE) is not None
 
 
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of each fenced block, in one pass over the lines (linear in the text, whatever
+    it holds): a block opens at a line starting (after spaces) with ``` and ending in a newline, its
+    language the word after the fence; it closes at the next line starting with ```, or at the end."""
+    blocks: list[tuple[str, str]] = []
+    language, body_start, start = None, 0, 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        fence = text.startswith("```", start + len(text[start:end]) - len(text[start:end].lstrip(" \t")))
+        if language is None and fence and end < len(text):
+            indent = len(text[start:end]) - len(text[start:end].lstrip(" \t"))
+            language = _LANGUAGE.match(text, start + indent + 3, end).group(1)
+            body_start = end + 1
+        elif language is not None and fence:
+            blocks.append((language, text[body_start:start]))
+            language = None
+        start = end + 1
+    if language is not None:
+        blocks.append((language, text[body_start:]))
+    return blocks
+
+
 def extract_code(response: str, entry_point: str) -> str:
     """The code of a response (see the module docstring); "" when there is none."""
     text = final_text(response) if isinstance(response, str) else ""
-    blocks = [m.group(2) for m in _FENCE.finditer(text) if m.group(1).lower() in _PYTHON_FENCES]
+    blocks = [body for language, body in fenced_blocks(text) if language.lower() in _PYTHON_FENCES]
     if blocks:
         defining = [block for block in blocks if defines(block, entry_point)]
         return (defining or blocks)[-1]

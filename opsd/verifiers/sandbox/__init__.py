@@ -63,6 +63,7 @@ class Outcome:
     seconds: float
     layers: dict[str, Any] = field(default_factory=dict)  # what confined it (launcher.py reports)
     reason: str = ""  # the judge's word: "the tests passed", "the tests failed: AssertionError", "not plain data: ..."
+    kind: str = ""  # passed | tests | unsupported (a value could not cross as plain data) | program | timeout | error
 
     @property
     def passed(self) -> bool:
@@ -117,10 +118,12 @@ def _run(job: dict[str, Any], limits: Limits, skip_layers: tuple[str, ...]) -> O
         _remove(tmp)
     stderr = talk.text("stderr") + (f"\nsandbox: {talk.error}" if talk.error else "")
     verdict, _, reason = bytes(talk.result).decode("utf-8", "replace").partition("\n")
-    status = _status(talk, verdict == f"pass {nonce}")
+    said, _, kind = verdict.rpartition(" ")  # "pass NONCE passed", "fail NONCE tests"
+    status = _status(talk, said == f"pass {nonce}")
     reason = {"timeout": "the time limit ran out", "error": f"the sandbox failed: {talk.error}"}.get(status, reason)
+    kind = kind if said in (f"pass {nonce}", f"fail {nonce}") and status in ("passed", "failed") else status
     return Outcome(status, talk.text("stdout"), stderr, time.monotonic() - started, talk.layers,
-                   reason or "the judge gave no verdict")
+                   reason or "the judge gave no verdict", kind)
 
 
 def _status(talk: _Exchange, judged_pass: bool) -> Literal["passed", "failed", "timeout", "error"]:

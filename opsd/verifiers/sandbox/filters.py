@@ -93,13 +93,14 @@ _SYSCALLS = {
         rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, ptrace=101, process_vm_readv=310, process_vm_writev=311,
         kcmp=312, mount=165, umount2=166, pivot_root=155, chroot=161, unshare=272, setns=308, bpf=321,
         perf_event_open=298, keyctl=250, add_key=248, request_key=249, userfaultfd=323, shmget=29, shmat=30,
-        msgget=68, memfd_create=319, open_by_handle_at=304)),
+        msgget=68, memfd_create=319, open_by_handle_at=304, inotify_init=253, inotify_init1=294, fanotify_init=300,
+        flock=73, fadvise64=221)),
     "aarch64": (0xC00000B7, 0, dict(
         socket=198, clone=220, fcntl=25, ioctl=29, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
         rt_tgsigqueueinfo=240, ptrace=117, process_vm_readv=270, process_vm_writev=271, kcmp=272, mount=40,
         umount2=39, pivot_root=41, chroot=51, unshare=97, setns=268, bpf=280, perf_event_open=241, keyctl=219,
         add_key=217, request_key=218, userfaultfd=282, shmget=194, shmat=196, msgget=186, memfd_create=279,
-        open_by_handle_at=265)),
+        open_by_handle_at=265, inotify_init1=26, fanotify_init=262, flock=32, fadvise64=223)),
 }
 _COMMON = dict(pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
                open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433, pidfd_open=434,
@@ -108,6 +109,7 @@ _LD_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _KILL, _EPERM, _ENOSYS = 0x7FFF0000, 0x80000000, 0x00050000 | 1, 0x00050000 | 38
 SYS_CLONE3 = 435
 F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15  # a signal to another process on I/O
+F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW = 6, 7, 37, 38  # locks on the host's files seen through the view
 FIOSETOWN, SIOCSPGRP, TIOCSTI, TIOCLINUX = 0x8901, 0x8902, 0x5412, 0x541C
 
 
@@ -127,7 +129,7 @@ def seccomp_program(machine: str, tasks: str) -> list[tuple[int, int, int, int]]
     for number in sorted(denied.values()) + (forks if tasks == "none" else []):
         prog += [(_JEQ, 0, 1, number), (_RET, 0, 0, _EPERM)]
     prog += [(_JEQ, 0, 1, SYS_CLONE3), (_RET, 0, 0, _ENOSYS)]
-    prog += _argument_is_not(fcntl, 1, (F_SETOWN, F_SETSIG, F_SETOWN_EX))
+    prog += _argument_is_not(fcntl, 1, (F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW))
     prog += _argument_is_not(ioctl, 1, (FIOSETOWN, SIOCSPGRP, TIOCSTI, TIOCLINUX))
     if tasks == "none":
         prog += [(_JEQ, 0, 1, clone), (_RET, 0, 0, _EPERM)]
@@ -154,5 +156,5 @@ def seccomp(tasks: str) -> str:
     fprog = struct.pack("HxxxxxxP", len(prog), ctypes.addressof(buf))
     check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.c_char_p(fprog), 0, 0), "seccomp")
     refused = {"any": "", "none": "; new processes and threads refused"}[tasks]
-    return ("sockets, namespaces, mounts, signals to others, ptrace, shared memory, memfd, io_uring, bpf refused"
-            + refused)
+    return ("sockets, namespaces, mounts, signals to others, ptrace, shared memory, memfd, io_uring, bpf, inotify, "
+            "file locks refused" + refused)

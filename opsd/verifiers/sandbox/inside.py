@@ -14,8 +14,15 @@ builtin types from a JSON tree, so no object of the candidate's (an `__eq__` tha
 subclass of int) ever exists on its side. A generator's items cross as a list and come back as an
 iterator; any other object (an instance of the program's own class, a function, a module) cannot
 cross, and the program is graded wrong with the reason "not plain data". An exception raised by
-the candidate comes back as the builtin exception of the same name with its message (StopIteration
-and other flow-control exceptions as RuntimeError, so a test's `map`/`all` cannot be cut short).
+the candidate comes back as the nearest builtin exception class it derives from, with its message
+(StopIteration and other flow-control exceptions as RuntimeError, so a test's `map`/`all` cannot be
+cut short). Arguments are copies, but a list, dict, set or bytearray the function mutates is updated
+in place on the judge's side after the call, and a function that returns one of its arguments
+returns the tests' own object; the proxy's `__doc__` is the function's. What still differs from one
+process: identity and shared state beyond that (an object the function keeps and returns again, which
+the tests then mutate), a subclass of a builtin type (it comes back as that type), and anything the
+candidate says of itself ("loaded", "callable"), which a program can send itself, as it could return
+hard-coded answers.
 
 Standard library only: this module runs in the sandbox's fresh interpreter (`python -I -S`).
 """
@@ -148,19 +155,23 @@ def receive(fd: int) -> object:
 
 # --- the candidate's side --------------------------------------------------------------------------
 
+_MUTABLE = (list, dict, set, bytearray)
 
-def _said(err: BaseException) -> list[str]:
+
+def _said(err: BaseException) -> list[object]:
+    """[its class's name, its message, the name of the nearest builtin exception class it derives from]."""
     try:
         message = str(err)[:2000]
     except Exception:  # noqa: BLE001 - the program's own __str__
         message = ""
-    return [type(err).__name__, message]
+    base = next((k.__name__ for k in type(err).__mro__ if getattr(builtins, k.__name__, None) is k), "BaseException")
+    return [type(err).__name__, message, base]
 
 
 def serve(requests: int, replies: int) -> None:
     """Run the program sent first, then answer calls to its entry point until the judge hangs up.
     Runs in the confined candidate process; everything here after `exec` is the program's to change,
-    which is why nothing here decides anything."""
+    which is why nothing here decides anything: whatever it sends is only data."""
     first = receive(requests)
     if not isinstance(first, dict):
         os._exit(0)
@@ -175,22 +186,31 @@ def serve(requests: int, replies: int) -> None:
         send(replies, {"loaded": False, "raised": _said(err)})
         os._exit(0)
     function = namespace.get(first.get("entry_point") or "")
-    send(replies, {"loaded": True, "callable": callable(function)})
+    doc = getattr(function, "__doc__", None)
+    send(replies, {"loaded": True, "callable": callable(function), "doc": doc if isinstance(doc, str) else None})
     while True:
         call = receive(requests)
         if not isinstance(call, dict):
             os._exit(0)
-        try:
-            args, kwargs = decode(call["args"]), decode(call["kwargs"])
-            result = function(*args, **kwargs)
-        except BaseException as err:  # noqa: BLE001 - it goes back to the judge as data
-            reply = {"raised": _said(err)}
-        else:
-            try:
-                reply = {"returned": encode(result)}
-            except BaseException as err:  # noqa: BLE001 - NotPlain, or the program's own failure
-                reply = {"unsupported": _said(err)[1] or type(err).__name__}
-        send(replies, reply)
+        send(replies, _answer(function, call))
+
+
+def _answer(function: object, call: dict) -> dict:
+    """One call's reply: its result (or which argument it returned, by identity), the arguments it
+    mutated as they are now, or the exception it raised."""
+    try:
+        args, kwargs = decode(call["args"]), decode(call["kwargs"])
+        result = function(*args, **kwargs)
+    except BaseException as err:  # noqa: BLE001 - it goes back to the judge as data
+        return {"raised": _said(err)}
+    reply: dict = {}
+    try:
+        same = [i for i, arg in enumerate(args) if arg is result and isinstance(arg, _MUTABLE)]
+        reply["returned"] = {"argument": same[0]} if same else {"value": encode(result)}
+        reply["arguments"] = [[i, encode(arg)] for i, arg in enumerate(args) if isinstance(arg, _MUTABLE)]
+    except BaseException as err:  # noqa: BLE001 - NotPlain, or the program's own failure
+        return {"unsupported": _said(err)[1] or type(err).__name__}
+    return reply
 
 
 # --- the judge's side ------------------------------------------------------------------------------
@@ -200,15 +220,27 @@ class Broken(BaseException):
     """The call could not be answered with plain data; the verdict is already "failed"."""
 
 
+class Verdict:
+    """The judge's word: passed or not, of which kind the failure is, and why in words."""
+
+    def __init__(self, passed: bool, kind: str, reason: str):
+        self.passed, self.kind, self.reason = passed, kind, reason  # kind: passed | tests | unsupported | program
+
+
 class Candidate:
-    """The judge's stand-in for the program's entry point: each call crosses to the candidate."""
+    """The judge's stand-in for the program's entry point: each call crosses to the candidate. Its
+    `__doc__` is the function's own; arguments the function mutates are updated in place afterwards,
+    and an argument it returns comes back as the very object the tests passed."""
 
-    def __init__(self, requests: int, replies: int):
+    def __init__(self, requests: int, replies: int, name: str, doc: str | None):
         self.requests, self.replies = requests, replies
+        self.__name__, self.__qualname__, self.__doc__ = name, name, doc
         self.broken = ""  # why the program failed outside the tests' own asserts
+        self.kind = "program"
 
-    def _break(self, reason: str) -> Broken:
-        self.broken = self.broken or reason
+    def _break(self, reason: str, kind: str = "program") -> Broken:
+        if not self.broken:
+            self.broken, self.kind = reason, kind
         return Broken(reason)
 
     def __call__(self, *args: object, **kwargs: object) -> object:
@@ -217,31 +249,53 @@ class Candidate:
         try:
             message = {"args": encode(list(args)), "kwargs": encode(dict(kwargs))}
         except NotPlain as err:
-            raise self._break(f"the tests pass an argument that is not plain data ({err})") from None
+            raise self._break(f"the tests pass an argument that is not plain data ({err})", "unsupported") from None
         try:
             send(self.requests, message)
         except OSError:
             raise self._break("the program's process ended during the tests") from None
         reply = receive(self.replies)
-        if not isinstance(reply, dict) or len(reply) != 1:
+        if not isinstance(reply, dict):
             raise self._break("the program's process ended during the tests")
-        (kind, body), = reply.items()
-        if kind == "returned":
-            try:
-                return decode(body)
-            except (NotPlain, ValueError, TypeError, RecursionError, MemoryError) as err:
-                raise self._break(f"not plain data: {err}") from None
-        if kind == "unsupported":
-            raise self._break(f"not plain data: the entry point returned {str(body)[:200]}")
-        if kind == "raised" and isinstance(body, list) and len(body) == 2:
-            raise rebuilt(*map(str, body))
-        raise self._break("the program's process broke the protocol")
+        if "raised" in reply and isinstance(reply["raised"], list) and len(reply["raised"]) == 3:
+            raise rebuilt(*map(str, reply["raised"]))
+        if "unsupported" in reply:
+            raise self._break(f"not plain data: the entry point returned {str(reply['unsupported'])[:200]}",
+                              "unsupported")
+        try:
+            self._write_back(args, reply.get("arguments", []))
+            returned = reply["returned"]
+            if "argument" in returned and type(returned["argument"]) is int and 0 <= returned["argument"] < len(args):
+                return args[returned["argument"]]
+            return decode(returned["value"])
+        except (NotPlain, ValueError, TypeError, KeyError, RecursionError, MemoryError) as err:
+            raise self._break(f"not plain data: {err}", "unsupported") from None
+
+    @staticmethod
+    def _write_back(args: tuple, arguments: object) -> None:
+        """The tests' own list, dict, set or bytearray arguments, updated in place to what the call left."""
+        if type(arguments) is not list:
+            raise NotPlain("not a value")
+        for item in arguments:
+            index, value = item if type(item) is list and len(item) == 2 else (None, None)
+            if type(index) is not int or not 0 <= index < len(args) or not isinstance(args[index], _MUTABLE):
+                raise NotPlain("not a value")
+            target, now = args[index], decode(value)
+            if type(now) is not type(target):
+                raise NotPlain("an argument came back as another type")
+            if isinstance(target, (list, bytearray)):
+                target[:] = now
+            else:
+                target.clear()
+                target.update(now)
 
 
-def rebuilt(name: str, message: str) -> Exception:
-    """The builtin exception the candidate raised, rebuilt here; flow control and unknown names as
-    RuntimeError (a StopIteration out of a call must not end a test's `map` or `all` early)."""
-    kind = getattr(builtins, name, None)
+def rebuilt(name: str, message: str, base: str) -> Exception:
+    """The exception the candidate raised, as the nearest builtin exception class it derives from (a
+    program's own `class ValueError(Exception)` comes back as Exception), with its message; flow control
+    and what is no builtin exception as RuntimeError (a StopIteration out of a call must not end a
+    test's `map` or `all` early)."""
+    kind = getattr(builtins, base, None)
     if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, _FLOW):
         try:
             return kind(message)
@@ -250,31 +304,34 @@ def rebuilt(name: str, message: str) -> Exception:
     return RuntimeError(f"{name}: {message}")
 
 
-def judge(job: dict, requests: int, replies: int) -> tuple[bool, str]:
-    """(passed, reason): send the program, then run the tests against the proxy.
-    `job`: program, entry_point, tests (None: the program passes when it runs to its end)."""
+def judge(job: dict, requests: int, replies: int) -> Verdict:
+    """Send the program, then run the tests against the proxy. `job`: program, entry_point, tests
+    (None: the program passes when it runs to its end)."""
     try:
         send(requests, {"program": job["program"], "entry_point": job.get("entry_point")})
     except OSError:
-        return False, "the program's process ended before it started"
+        return Verdict(False, "program", "the program's process ended before it started")
     hello = receive(replies)
     if not isinstance(hello, dict) or not hello.get("loaded"):
         raised = hello.get("raised") if isinstance(hello, dict) else None
         said = f": {raised[0]}" if isinstance(raised, list) and raised else ""
-        return False, f"the program did not run to its end{said}"
+        return Verdict(False, "program", f"the program did not run to its end{said}")
     if job.get("tests") is None:
-        return True, "ran to its end"
+        return Verdict(True, "passed", "ran to its end")
     entry = job["entry_point"]
     if not hello.get("callable"):
-        return False, f"the program defines no function '{entry}'"
-    candidate = Candidate(requests, replies)
+        return Verdict(False, "program", f"the program defines no function '{entry}'")
+    doc = hello.get("doc")
+    candidate = Candidate(requests, replies, entry, doc if isinstance(doc, str) else None)
     namespace = {"__name__": "__judge__", "__builtins__": builtins}
     try:
         exec(compile(job["tests"], "tests.py", "exec"), namespace)
         namespace[entry] = candidate  # HumanEval's tests may call the entry point by its own name
         namespace["check"](candidate)
     except BaseException as err:  # noqa: BLE001 - any failure of the tests is a failed program
-        return False, candidate.broken or f"the tests failed: {type(err).__name__}"
+        if candidate.broken:
+            return Verdict(False, candidate.kind, candidate.broken)
+        return Verdict(False, "tests", f"the tests failed: {type(err).__name__}")
     if candidate.broken:  # a test that swallowed the proxy's error still fails
-        return False, candidate.broken
-    return True, "the tests passed"
+        return Verdict(False, candidate.kind, candidate.broken)
+    return Verdict(True, "passed", "the tests passed")

@@ -7,12 +7,12 @@ library only (walls.py, filters.py and inside.py beside it).
   launcher (this process, trusted): dies with the trainer, adopts orphans, enters new pid/net/IPC/UTS
       namespaces (inside a user namespace when not root), makes the program's cgroup (root), starts
       the judge, waits at most `timeout_s`, kills everything and removes the cgroup.
-  judge (pid 1 of the new pid namespace): builds the view (a mount namespace showing only what a
+  judge (pid 1 of the new pid namespace; in the cgroup, with the candidate): builds the view (a mount namespace showing only what a
       Python program needs), starts the candidate in a pid namespace of its own, confines itself
       (its own uid, no writes, no new processes), then reads the job from stdin, sends the program
       to the candidate and runs the tests against it (inside.judge); only it writes the verdict.
   candidate (pid 1 of a nested pid namespace, forked before the judge has read the job, so the tests
-      are in no memory it can read): joins the cgroup, enters the view with its own read-only /proc,
+      are in no memory it can read): enters the view with its own read-only /proc,
       becomes a uid of its own (or drops every capability), sets its limits, Landlock and seccomp,
       then runs the program and answers the judge's calls (inside.serve).
 Each wall that held is reported to the trainer (a `layers` line on the status pipe).
@@ -87,6 +87,8 @@ def judge_process(spec: dict, plan: dict, launcher: int) -> None:
     status, result = spec["status_fd"], spec["result_fd"]
     try:
         walls.die_with_parent(launcher)
+        if plan["cgroup_fds"]:  # the judge and (inherited) the candidate: the memory of both bounded as a whole
+            walls.join_cgroup(plan["cgroup_fds"])
         layers = {"namespaces": plan["namespaces"], "cgroup": plan["cgroup"]}
         can_view = "namespaces" not in spec["skip"] and (os.geteuid() == 0 or "user" in plan["namespaces"])
         layers["view"] = build_view(spec, plan) if can_view else "none (the host's filesystem)"
@@ -105,8 +107,6 @@ def judge_process(spec: dict, plan: dict, launcher: int) -> None:
             candidate_process(spec, plan, view, judge if not nested else 0, requests_r, replies_w)
         os.close(requests_r)
         os.close(replies_w)
-        for fd in plan["cgroup_fds"]:
-            os.close(fd)
         first = inside.receive(replies_r)  # the candidate is confined (or failed) before we go on
         if not isinstance(first, dict) or "layers" not in first:
             reason = first.get("error") if isinstance(first, dict) else "it ended before reporting"
@@ -117,8 +117,8 @@ def judge_process(spec: dict, plan: dict, launcher: int) -> None:
         os.close(status)
         job = json.loads(_read_all(0))
         os.close(0)
-        passed, reason = inside.judge(job, requests_w, replies_r)
-        os.write(result, f"{'pass' if passed else 'fail'} {job['nonce']}\n{reason}".encode())
+        verdict = inside.judge(job, requests_w, replies_r)
+        os.write(result, f"{'pass' if verdict.passed else 'fail'} {job['nonce']} {verdict.kind}\n{verdict.reason}".encode())
         os._exit(0)
     except BaseException as err:  # noqa: BLE001 - report anything, never grade without the walls
         try:
@@ -153,8 +153,6 @@ def candidate_process(spec: dict, plan: dict, view: bool, judge: int, requests: 
         for fd in (0, spec["status_fd"], spec["result_fd"]):
             os.close(fd)
         layers: dict = {}
-        if plan["cgroup_fds"]:
-            walls.join_cgroup(plan["cgroup_fds"])
         layers["proc"] = walls.enter_view(spec["tmp"], spec["tmp"], own_proc=nested) if view else "the host's"
         if not view:
             os.chdir(spec["tmp"])
