@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opsd.divergence import chunked_divergence  # noqa: E402  (imported before any memory is measured)
+from opsd.objectives.divergence import chunked_divergence  # noqa: E402  (imported before any memory is measured)
 
 
 def inputs(n: int, hidden: int, vocab: int):

@@ -1,4 +1,4 @@
-"""Memory one process holds: measured on a real step against opsd/memory.py's `state_bytes`, for
+"""Memory one process holds: measured on a real step against opsd/runtime/memory.py's `state_bytes`, for
 run.parallel ddp (one process) and fsdp (N processes under torchrun, CPU/gloo).
 
 A tiny Llama (hidden 256, 4 layers, tied embeddings) takes one distillation-shaped step: forward,
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opsd import distributed  # noqa: E402
-from opsd.memory import measured_state_bytes, state_bytes  # noqa: E402
-from opsd.models import Backbone, output_head  # noqa: E402
-from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState  # noqa: E402
-from opsd.tiny import build_tiny  # noqa: E402
+from opsd.runtime import distributed  # noqa: E402
+from opsd.runtime.memory import measured_state_bytes, state_bytes  # noqa: E402
+from opsd.core.models import Backbone, output_head  # noqa: E402
+from opsd.teacher.target import TeacherWeightsConfig, TeacherWeightsState  # noqa: E402
+from opsd.core.tiny import build_tiny  # noqa: E402
 
 
 def main() -> int:

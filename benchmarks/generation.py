@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opsd.generation import SamplingConfig, make_engine  # noqa: E402
-from opsd.tiny import char_tokenizer  # noqa: E402
+from opsd.core.tiny import char_tokenizer  # noqa: E402
 
 SHAPES = {
     "demo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

@@ -4,7 +4,7 @@ divergence, and rollout generation speed, for a randomly initialised model of Qw
 The step is opsd's own: the frozen-base teacher (a weight snapshot swapped into the one network) runs
 prompt ‖ response under inference mode, the student runs the same response after its own prompt with
 autograd, and the full-vocabulary reverse KL is taken chunk by chunk from final hidden states
-(opsd.divergence.chunked_divergence). The naive variant differs only in the divergence: full
+(opsd.objectives.divergence.chunked_divergence). The naive variant differs only in the divergence: full
 [N × V] logits of both sides through plain autograd. Weights are float32 master copies, every
 forward under bf16 autocast, as `opsd distill` runs on a GPU.
 
@@ -29,12 +29,12 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opsd.divergence import chunked_divergence  # noqa: E402
-from opsd.models import Backbone, output_head  # noqa: E402
+from opsd.objectives.divergence import chunked_divergence  # noqa: E402
+from opsd.core.models import Backbone, output_head  # noqa: E402
 from opsd.generation import SamplingConfig  # noqa: E402
 from opsd.generation.hf import sample  # noqa: E402
-from opsd.packing import pack, response_hidden  # noqa: E402
-from opsd.teacher import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden  # noqa: E402
+from opsd.core.packing import pack, response_hidden  # noqa: E402
+from opsd.teacher.target import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden  # noqa: E402
 
 QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=True)
@@ -96,7 +96,7 @@ def distill_step(model, teacher, batches, divergence: str, device, gradient_chec
             hidden_s = response_hidden(backbone, packed_s)
         weight_N = torch.full_like(packed_s.targets_N, 1.0 / responses_total, dtype=torch.float32)
         forward_done = _now(device)
-        if divergence == "ours":  # outside autocast, as opsd/distill.py calls it
+        if divergence == "ours":  # outside autocast, as opsd/stages/distill.py calls it
             loss = chunked_divergence(hidden_s, head, hidden_t, teacher.head(), weight_N, packed_s.targets_N,
                                       kind="reverse_kl").loss
         else:

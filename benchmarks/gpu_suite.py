@@ -11,7 +11,7 @@ run regardless), results written after every figure of a part and after every pa
               the step against the same step with the naive full-logits divergence. As in `opsd distill`,
               the final hidden states and the head stay float32 under autocast, so the divergence's
               products over the vocabulary run in float32.
-  divergence  opsd.divergence.chunked_divergence_to (what opsd/distill.py calls) alone, reverse KL at
+  divergence  opsd.objectives.divergence.chunked_divergence_to (what opsd/stages/distill.py calls) alone, reverse KL at
               V = 151,936, H = 2048 and 8192 positions, against the naive full-logits computation, each
               with bf16 and with float32 hidden states and heads: time, peak memory above the inputs,
               and loss and gradient errors against the naive float32 computation.
@@ -20,7 +20,7 @@ run regardless), results written after every figure of a part and after every pa
               rate predicts that 4096 would not fit the part's time limit); then, where vLLM imports, the
               vllm engine on the same model, prompts and length (bf16), and its ratio to hf; where it does
               not, "not measured" with the reason.
-  lora        20 steps of `opsd distill` (opsd.distill.run_distill) with LoRA (rank 16) on a random
+  lora        20 steps of `opsd distill` (opsd.stages.distill.run_distill) with LoRA (rank 16) on a random
               Qwen3-0.6B-shaped model with bf16 base weights and bf16 autocast, saved to a temporary folder
               with opsd's local character tokenizer (nothing from a hub); then 10 steps and a resume to 20
               (run.steps=20, run.resume=true) in another folder, compared with the uninterrupted run:
@@ -362,7 +362,7 @@ def divergence_run(impl: str, hidden_s, head, hidden_t, chunk: int, device) -> d
     import torch
 
     from benchmarks.gpu_step import _now, naive_reverse_kl
-    from opsd.divergence import chunked_divergence_to
+    from opsd.objectives.divergence import chunked_divergence_to
 
     def loss_and_grads(count: int):
         hs, w = hidden_s[:count].detach().requires_grad_(), head.detach().requires_grad_()
@@ -473,7 +473,7 @@ def save_random_model(folder: Path, shape: dict, dtype: str, device) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opsd.tiny import char_tokenizer
+    from opsd.core.tiny import char_tokenizer
 
     tokenizer = char_tokenizer()
     config = Qwen3Config(**shape, max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
@@ -506,8 +506,8 @@ def lora_overrides(sizes: dict, model_dir: Path, problems: Path, device) -> list
 
 
 def run_distill_with(overrides: list[str]) -> None:
-    from opsd.config import load_config
-    from opsd.distill import DistillConfig, run_distill
+    from opsd.core.config import load_config
+    from opsd.stages.distill import DistillConfig, run_distill
 
     run_distill(load_config(DistillConfig, None, overrides))
 
@@ -529,7 +529,7 @@ def compare_runs(full: Path, resumed: Path, model_dir: Path, resumed_at: int) ->
     import torch
     from safetensors.torch import load_file
 
-    from opsd.runs import TRAINING_STATE, latest_checkpoint
+    from opsd.runtime.runs import TRAINING_STATE, latest_checkpoint
 
     a, b = latest_checkpoint(full), latest_checkpoint(resumed)
     adapters = [torch.load(c / TRAINING_STATE, weights_only=True)["adapters"] for c in (a, b)]

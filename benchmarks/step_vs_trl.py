@@ -75,8 +75,8 @@ def build_inputs(workdir: Path) -> None:
 
 def run_ours(workdir: Path, steps: int, threads: int) -> dict:
     import torch
-    from opsd.config import load_config
-    from opsd.distill import DistillConfig, run_distill
+    from opsd.core.config import load_config
+    from opsd.stages.distill import DistillConfig, run_distill
 
     torch.set_num_threads(threads)
     base = rss_bytes()

@@ -1,14 +1,14 @@
 """The `opsd` command.
 
-    opsd distill [CONFIG] [--resume] [key=value ...]   on-policy self-distillation (opsd/distill.py)
-    opsd sft [CONFIG] [--resume] [key=value ...]       supervised fine-tuning, loss on responses only (opsd/sft.py)
-    opsd rlvr [CONFIG] [--resume] [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/rlvr.py)
-    opsd pipeline [CONFIG] [--resume] [key=value ...]  stages in order, each evaluated, summary table (opsd/pipeline.py)
+    opsd distill [CONFIG] [--resume] [key=value ...]   on-policy self-distillation (opsd/stages/distill.py)
+    opsd sft [CONFIG] [--resume] [key=value ...]       supervised fine-tuning, loss on responses only (opsd/stages/sft.py)
+    opsd rlvr [CONFIG] [--resume] [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/stages/rlvr.py)
+    opsd pipeline [CONFIG] [--resume] [key=value ...]  stages in order, each evaluated, summary table (opsd/stages/pipeline.py)
     opsd eval [CONFIG] [--responses FILE] [key=value ...]
-                                           accuracy/length/marker table on benchmark files (opsd/eval.py)
+                                           accuracy/length/marker table on benchmark files (opsd/stages/eval.py)
     opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C] [--engine hf|vllm] [--threads N]
-                                           the built-in SFT → RLVR → OPSD demo (opsd/demo.py)
-    opsd report DIR                        an HTML page with plots of a pipeline, demo or run folder (opsd/report.py)
+                                           the built-in SFT → RLVR → OPSD demo (opsd/demo/demo.py)
+    opsd report DIR                        an HTML page with plots of a pipeline, demo or run folder (opsd/stages/report.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
 
 The commands with a config read an optional YAML file (the first argument, unless it is a `key=value`
@@ -27,7 +27,7 @@ import os
 import sys
 import warnings
 
-from opsd.errors import UserError
+from opsd.core.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         if self.config_of is not None:  # built on demand: the config classes come with torch
-            from opsd.config import keys_help
+            from opsd.core.config import keys_help
 
             self.epilog = keys_help(command(self.config_of)[0])
         return super().format_help()
@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         if args.command == "report":
-            from opsd.report import write_report
+            from opsd.stages.report import write_report
 
             print(f"report: {write_report(args.folder)}")
             return 0
         if args.command == "tiny-model":
-            from opsd.tiny import save_tiny
+            from opsd.core.tiny import save_tiny
 
             print(save_tiny(args.out_dir, args.hidden_size, args.layers, args.seed))
             return 0
@@ -133,14 +133,14 @@ def _add_configured(commands, name: str, summary: str, example: str) -> None:
 def command(name: str):
     """(config class, run function) of a command with a config, imported when needed (torch comes with it)."""
     if name == "eval":
-        from opsd.eval import EvalConfig, run_eval
+        from opsd.stages.eval import EvalConfig, run_eval
 
         return EvalConfig, run_eval
     if name == "pipeline":
-        from opsd.pipeline import PipelineConfig, run_pipeline
+        from opsd.stages.pipeline import PipelineConfig, run_pipeline
 
         return PipelineConfig, run_pipeline
-    from opsd.pipeline import stage_runner
+    from opsd.stages.pipeline import stage_runner
 
     return stage_runner(name)
 
@@ -148,7 +148,7 @@ def command(name: str):
 def _configured(args: argparse.Namespace) -> int:
     """Load the command's config from the file and overrides; print it, or run it and say where its folder is."""
     _quiet_libraries()
-    from opsd.config import dump_config, load_config, split_arguments
+    from opsd.core.config import dump_config, load_config, split_arguments
 
     cls, run = command(args.command)
     path, overrides = split_arguments(args.arguments)
@@ -189,8 +189,8 @@ def _responses_flag(argv: list[str]) -> list[str]:
 
 def _demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from opsd.demo import run_demo
-    from opsd.runs import use_threads
+    from opsd.demo.demo import run_demo
+    from opsd.runtime.runs import use_threads
 
     use_threads(args.threads, "--threads")
     out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch, args.seeds or (args.seed,),
@@ -207,7 +207,7 @@ def _report_line(folder) -> str:
 
     if importlib.util.find_spec("matplotlib") is None:
         return "report: not written (it needs matplotlib: pip install 'opsd[report]', then opsd report FOLDER)"
-    from opsd.report import write_report
+    from opsd.stages.report import write_report
 
     return f"report: {write_report(folder)}"
 

@@ -18,17 +18,17 @@ import pytest
 import torch
 import yaml
 
-from opsd import runs
+from opsd.runtime import runs
 from opsd.cli import main
-from opsd.config import load_config, split_arguments
-from opsd.distill import DistillConfig
-from opsd.errors import UserError
-from opsd.eval import EvalConfig
-from opsd.folders import mark
-from opsd.pipeline import PipelineConfig, plan
-from opsd.rlvr import RLVRConfig
-from opsd.runs import check_same_config, save_config, use_threads
-from opsd.sft import SFTConfig
+from opsd.core.config import load_config, split_arguments
+from opsd.stages.distill import DistillConfig
+from opsd.core.errors import UserError
+from opsd.stages.eval import EvalConfig
+from opsd.runtime.folders import mark
+from opsd.stages.pipeline import PipelineConfig, plan
+from opsd.stages.rlvr import RLVRConfig
+from opsd.runtime.runs import check_same_config, save_config, use_threads
+from opsd.stages.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"distill": DistillConfig, "sft": SFTConfig, "rlvr": RLVRConfig, "eval": EvalConfig,
@@ -192,7 +192,7 @@ def test_demo_threads_go_through_the_same_function(tmp_path, monkeypatch, capsys
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    monkeypatch.setattr("opsd.demo.run_demo", stop)
+    monkeypatch.setattr("opsd.demo.demo.run_demo", stop)
     assert main(["demo", "--threads", "3", "--output-dir", str(tmp_path / "demo")]) == 2
     assert calls == [3] and "stopped before running" in capsys.readouterr().err
     assert main(["demo", "--threads", "0", "--output-dir", str(tmp_path / "demo")]) == 2

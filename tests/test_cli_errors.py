@@ -11,9 +11,9 @@ import torch
 from opsd.cli import main
 import yaml
 
-from opsd.config import load_config, to_dict
-from opsd.distill import DistillConfig
-from opsd.errors import UserError
+from opsd.core.config import load_config, to_dict
+from opsd.stages.distill import DistillConfig
+from opsd.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def cases(tmp: Path):
     """(name, extra overrides, words the message must contain)."""
     no_template = tmp / "no-template"
     no_template.mkdir()
-    from opsd.tiny import save_tiny
+    from opsd.core.tiny import save_tiny
 
     save_tiny(no_template)
     config = json.loads((no_template / "tokenizer_config.json").read_text())

@@ -26,8 +26,8 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from opsd.errors import UserError, require
-from opsd.models import causal_lm
+from opsd.core.errors import UserError, require
+from opsd.core.models import causal_lm
 
 EngineName = Literal["hf", "vllm"]
 
@@ -71,7 +71,7 @@ def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") ->
                 raise UserError(f"{prefix}.{key} applies to {prefix}.engine=vllm only (the hf engine samples with "
                                 f"the trainer's own module)")
         return
-    from opsd.distributed import device as resolve
+    from opsd.runtime.distributed import device as resolve
 
     if config.sleep_mode and resolve(device).type != "cuda":
         raise UserError(f"{prefix}.sleep_mode needs a GPU (vLLM's sleep mode frees GPU memory; the device is "

@@ -17,9 +17,9 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
-from opsd.faults import crash_point
+from opsd.runtime.faults import crash_point
 from opsd.generation import Generation, SamplingConfig, filtered_log_softmax, stop_ids
-from opsd.models import causal_lm
+from opsd.core.models import causal_lm
 
 
 # transformers 5.24 renamed the KV cache's argument and output field `past_key_values` to `cache` (the

@@ -44,11 +44,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from opsd import distributed
-from opsd.errors import UserError, first_line
-from opsd.faults import crash_point
+from opsd.runtime import distributed
+from opsd.core.errors import UserError, first_line
+from opsd.runtime.faults import crash_point
 from opsd.generation import Generation, SamplingConfig, stop_ids
-from opsd.models import causal_lm, merged_weights
+from opsd.core.models import causal_lm, merged_weights
 
 CPU_KV_CACHE_GIB = 1.0  # sampling.kv_cache_gib=0 on CPU (vLLM's own default would reserve most of the memory)
 

@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from opsd.data import ANSWERLESS_VERIFIERS, Problem
-from opsd.errors import UserError, require
+from opsd.core.data import ANSWERLESS_VERIFIERS, Problem
+from opsd.core.errors import UserError, require
 from opsd.verifiers import code, exact_match
 from opsd.verifiers.answer import extract_answer
 from opsd.verifiers.sandbox import Limits, describe, isolation, run_tests
