@@ -3,8 +3,8 @@
 
 Each measurement runs in a fresh subprocess so that its peak resident memory (ru_maxrss, minus the
 resident size once the inputs exist) belongs to that computation alone; glibc is told to serve
-blocks over 1 MiB from mmap, so memory freed during the computation leaves the resident set at once. Values and gradients of the
-two implementations are compared in the same run.
+blocks over 1 MiB from mmap, so memory freed during the computation leaves the resident set at once. Values and
+gradients of the two implementations are compared in the same run.
 
     python benchmarks/divergence_memory.py                         # hidden 1024, vocab 151936
     python benchmarks/divergence_memory.py --positions 256 512 --vocab 32000 --hidden 256   # quick
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opsd.objectives.divergence import chunked_divergence  # noqa: E402  (imported before any memory is measured)
+# noqa: E402  (imported before any memory is measured)
+from opsd.objectives.divergence import DivergenceSpec, chunked_divergence
 
 
 def inputs(n: int, hidden: int, vocab: int):
@@ -54,7 +55,8 @@ def naive(hs, head, ht, head_t, kind: str) -> torch.Tensor:
 def ours(hs, head, ht, head_t, kind: str, chunk: int) -> torch.Tensor:
     weight = torch.full((hs.shape[0],), 1.0 / hs.shape[0])
     targets = torch.zeros(hs.shape[0], dtype=torch.long)
-    return chunked_divergence(hs, head, ht, head_t, weight, targets, chunk_size=chunk, kind=kind, beta=0.5).loss
+    return chunked_divergence(hs, head, ht, head_t, weight, targets, spec=DivergenceSpec(chunk_size=chunk, kind=kind,
+                                                                                         beta=0.5)).loss
 
 
 def rss_bytes() -> int:
@@ -66,7 +68,8 @@ def child(args) -> None:
     hs, head, ht, head_t = inputs(args.n, args.hidden, args.vocab)
     base = rss_bytes()
     start = time.perf_counter()
-    loss = ours(hs, head, ht, head_t, args.kind, args.chunk) if args.impl == "ours" else naive(hs, head, ht, head_t, args.kind)
+    loss = ours(hs, head, ht, head_t, args.kind, args.chunk) if args.impl == "ours" else naive(hs, head, ht, head_t,
+                                                                                               args.kind)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -129,7 +132,7 @@ def main() -> None:
     at_largest = [(b["peak_bytes"] / a["peak_bytes"], b["seconds"] / a["seconds"])
                   for (kind, n), (a, b, _) in results.items() if n == largest]
     measured = [k for k in args.kinds if (k, smallest) in results and (k, largest) in results]
-    growth = lambda impl: max(results[(k, largest)][impl]["peak_bytes"] / results[(k, smallest)][impl]["peak_bytes"]  # noqa: E731
+    growth = lambda impl: max(results[(k, largest)][impl]["peak_bytes"] / results[(k, smallest)][impl]["peak_bytes"]
                               for k in measured)
     print(f"peak memory from {smallest} to {largest} positions ({largest // smallest}x): "
           f"naive x{growth(0):.2f}, ours x{growth(1):.2f}")

@@ -4,7 +4,8 @@ run.parallel ddp (one process) and fsdp (N processes under torchrun, CPU/gloo).
 A tiny Llama (hidden 256, 4 layers, tied embeddings) takes one distillation-shaped step: forward,
 backward, AdamW step, and a second backward so the gradients are in place; with an EMA teacher's
 snapshot. Each process then counts the bytes of its own tensors (its shards under FSDP): weights,
-gradients, AdamW's moments, the snapshot, and (FSDP) the whole weights while gathered. Rank 0 prints them next to the prediction, as a ratio.
+gradients, AdamW's moments, the snapshot, and (FSDP) the whole weights while gathered. Rank 0 prints them next to the
+prediction, as a ratio.
 
     python benchmarks/fsdp_memory.py                                           # one process
     torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_memory.py         # FSDP on 2
@@ -19,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from opsd.core.models import Backbone, output_head  # noqa: E402
+from opsd.core.tiny import build_tiny  # noqa: E402
 from opsd.runtime import distributed  # noqa: E402
 from opsd.runtime.memory import measured_state_bytes, state_bytes  # noqa: E402
-from opsd.core.models import Backbone, output_head  # noqa: E402
-from opsd.teacher.target import TeacherWeightsConfig, TeacherWeightsState  # noqa: E402
-from opsd.core.tiny import build_tiny  # noqa: E402
+from opsd.teacher.weights import TeacherWeightsConfig, TeacherWeightsState  # noqa: E402
 
 
 def main() -> int:

@@ -4,8 +4,8 @@
 The model has random weights (so responses rarely stop early) in one of two shapes: `demo`, the demo's
 0.8M-parameter Llama, or `qwen3-1.7b`, Qwen3-1.7B's shape (a GPU's figure: 4k tokens there is the one
 docs/PERFORMANCE.md asks for), and no stop token: every response is sampled at temperature 1 to its
-full length (tokens/s counts the tokens returned, checked to be prompts × length). Each engine first decodes a short warm-up batch. Without vLLM
-installed the vllm column says so and the ratio is not measured.
+full length (tokens/s counts the tokens returned, checked to be prompts × length). Each engine first decodes a short
+warm-up batch. Without vLLM installed the vllm column says so and the ratio is not measured.
 
     python benchmarks/generation.py                                  # demo shape, 512 / 2048 / 8192 tokens
     python benchmarks/generation.py --lengths 128 --prompts 4        # quick
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opsd.generation import SamplingConfig, make_engine  # noqa: E402
 from opsd.core.tiny import char_tokenizer  # noqa: E402
+from opsd.generation import SamplingConfig, make_engine  # noqa: E402
 
 SHAPES = {
     "demo": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

@@ -29,12 +29,13 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from opsd.objectives.divergence import chunked_divergence  # noqa: E402
 from opsd.core.models import Backbone, output_head  # noqa: E402
+from opsd.core.packing import pack, response_hidden  # noqa: E402
 from opsd.generation import SamplingConfig  # noqa: E402
 from opsd.generation.hf import sample  # noqa: E402
-from opsd.core.packing import pack, response_hidden  # noqa: E402
-from opsd.teacher.target import TeacherWeightsConfig, TeacherWeightsState, teacher_hidden  # noqa: E402
+from opsd.objectives.divergence import DivergenceSpec, chunked_divergence  # noqa: E402
+from opsd.teacher.target import teacher_hidden  # noqa: E402
+from opsd.teacher.weights import TeacherWeightsConfig, TeacherWeightsState  # noqa: E402
 
 QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=True)
@@ -98,7 +99,7 @@ def distill_step(model, teacher, batches, divergence: str, device, gradient_chec
         forward_done = _now(device)
         if divergence == "ours":  # outside autocast, as opsd/stages/distill.py calls it
             loss = chunked_divergence(hidden_s, head, hidden_t, teacher.head(), weight_N, packed_s.targets_N,
-                                      kind="reverse_kl").loss
+                                      spec=DivergenceSpec(kind="reverse_kl")).loss
         else:
             with autocast:
                 loss = naive_reverse_kl(hidden_s, head, hidden_t, teacher.head(), weight_N)
@@ -122,11 +123,12 @@ def _now(device: torch.device) -> float:
 def make_batches(vocab: int, micro_batches: int, per_micro: int, prompt_len: int, context_len: int,
                  response_len: int) -> list:
     g = torch.Generator().manual_seed(1)
-    rand = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
+    rand = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()
     batches = []
     for _ in range(micro_batches):
         prompts = [rand(prompt_len) for _ in range(per_micro)]
-        batches.append((prompts, [rand(context_len) + p for p in prompts], [rand(response_len) for _ in range(per_micro)]))
+        batches.append((prompts, [rand(context_len) + p for p in prompts],
+                        [rand(response_len) for _ in range(per_micro)]))
     return batches
 
 
@@ -150,7 +152,7 @@ def measure_step(shape: dict, sizes: StepSizes, device: torch.device, divergence
         result["times"]["optimizer"] = _now(device) - started
         results.append(result)
     measured = results[sizes.warmup:]
-    mean = lambda key: sum(r["times"][key] for r in measured) / len(measured)  # noqa: E731
+    mean = lambda key: sum(r["times"][key] for r in measured) / len(measured)
     tokens = measured[0]["tokens"]
     flops = 2 * params * tokens["teacher"] + 6 * params * tokens["student"]
     out = {"params": params, "teacher_s": mean("teacher"), "student_s": mean("student"),
@@ -241,7 +243,8 @@ def main() -> None:
     print(f"achieved {achieved:.2f} TFLOP/s; MFU {mfu}; generation {generate_tps:.0f} tokens/s")
     if device.type == "cuda":
         figures = [f"mfu={mfu}", f"peak_gib_ours={ours['peak_gib']:.1f}", f"peak_gib_naive={naive['peak_gib']:.1f}",
-                   f"peak_ratio={ours['peak_gib'] / naive['peak_gib']:.3f}", f"generate_tokens_per_s={generate_tps:.0f}"]
+                   f"peak_ratio={ours['peak_gib'] / naive['peak_gib']:.3f}",
+                   f"generate_tokens_per_s={generate_tps:.0f}"]
     else:  # the code ran, at a small size; none of the GPU figures exists
         figures = ["mfu=not_measured", "peak_gib_ours=not_measured", "peak_gib_naive=not_measured",
                    "generate_tokens_per_s=not_measured", f"cpu_small_train_s={train_s:.2f}",

@@ -337,7 +337,7 @@ def part_divergence(sizes: dict, record: Record, device, deadline: float) -> Non
     n, hidden, vocab = sizes["positions"], sizes["hidden"], sizes["vocab"]
     record.update({"positions": n, "vocab": vocab, "hidden": hidden, "kind": "reverse_kl"})
     g = torch.Generator(device=device).manual_seed(0)
-    randn = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, device=device, generator=g)
     hidden_s = randn(n, hidden)
     head = randn(vocab, hidden) * (2.0 / hidden**0.5)  # logits of standard deviation about 2
     hidden_t = hidden_s + 0.3 * randn(n, hidden)
@@ -362,7 +362,7 @@ def divergence_run(impl: str, hidden_s, head, hidden_t, chunk: int, device) -> d
     import torch
 
     from benchmarks.gpu_step import _now, naive_reverse_kl
-    from opsd.objectives.divergence import chunked_divergence_to
+    from opsd.objectives.divergence import DivergenceSpec, chunked_divergence_to
 
     def loss_and_grads(count: int):
         hs, w = hidden_s[:count].detach().requires_grad_(), head.detach().requires_grad_()
@@ -371,7 +371,7 @@ def divergence_run(impl: str, hidden_s, head, hidden_t, chunk: int, device) -> d
         if impl == "ours":
             targets_N = torch.zeros(count, dtype=torch.long, device=device)
             loss = chunked_divergence_to(hs, w, lambda part: ht[part] @ head_t.T, weight_N, targets_N,
-                                         chunk_size=chunk, kind="reverse_kl").loss
+                                         spec=DivergenceSpec(chunk_size=chunk, kind="reverse_kl")).loss
         else:
             loss = naive_reverse_kl(hs, w, ht, head_t, weight_N)
         loss.backward()
@@ -392,7 +392,7 @@ def divergence_run(impl: str, hidden_s, head, hidden_t, chunk: int, device) -> d
 
 def errors_against(label: str, result: dict, reference: dict) -> dict:
     """Relative errors: |Δloss|/|loss| and max|Δgrad|/max|grad| (bf16 errors scale with the values)."""
-    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))  # noqa: E731
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
     return {f"{label}_loss_rel_err": rel(result["loss"], reference["loss"]),
             f"{label}_grad_hidden_rel_err": rel(result["grad_h"], reference["grad_h"]),
             f"{label}_grad_head_rel_err": rel(result["grad_w"], reference["grad_w"])}
@@ -425,7 +425,11 @@ def part_generation(sizes: dict, record: Record, device, deadline: float) -> Non
                    "long_seconds": long["seconds"],
                    "long_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
     if status is None:  # vLLM imports: the same model, prompt size, batch and length on the vllm engine
-        from benchmarks.generation import random_prompts, stopless_tokenizer, tokens_per_s
+        from benchmarks.generation import (
+            random_prompts,
+            stopless_tokenizer,
+            tokens_per_s,
+        )
         from opsd.generation import SamplingConfig, make_engine
 
         options = SamplingConfig(engine="vllm", batch_size=batch, max_model_len=prompt + tokens + 16)
@@ -515,7 +519,7 @@ def run_distill_with(overrides: list[str]) -> None:
 def run_summary(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:] or rows  # the first step pays for warm-up
-    finite = lambda key: all(r.get(key) is not None and math.isfinite(r[key]) for r in rows)  # noqa: E731
+    finite = lambda key: all(r.get(key) is not None and math.isfinite(r[key]) for r in rows)
     return {"steps_done": len(rows), "divergence_first": rows[0]["loss/divergence"],
             "divergence_last": rows[-1]["loss/divergence"], "divergence_all_finite": finite("loss/divergence"),
             "grad_norm_all_finite": finite("optim/grad_norm"), "skipped_steps": rows[-1]["optim/skipped_steps"],
@@ -535,7 +539,7 @@ def compare_runs(full: Path, resumed: Path, model_dir: Path, resumed_at: int) ->
     adapters = [torch.load(c / TRAINING_STATE, weights_only=True)["adapters"] for c in (a, b)]
     merged = [load_file(str(c / "model.safetensors")) for c in (a, b)]
     start = load_file(str(model_dir / "model.safetensors"))
-    max_diff = lambda x, y: max(float((x[k].float() - y[k].float()).abs().max()) for k in x if k in y)  # noqa: E731
+    max_diff = lambda x, y: max(float((x[k].float() - y[k].float()).abs().max()) for k in x if k in y)
     rows = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
     after = [(x["loss/divergence"], y["loss/divergence"]) for x, y in zip(*rows) if x["step"] > resumed_at]
     return {"resume_adapters_max_abs_diff": max_diff(*adapters),

@@ -68,13 +68,14 @@ def build_inputs(workdir: Path) -> None:
     Qwen2ForCausalLM(config).save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
     g = torch.Generator().manual_seed(SEED)
-    text = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g))  # noqa: E731
+    text = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g))
     rows = [{"id": f"p{i}", "problem": text(40), "solution": text(120), "answer": "w1"} for i in range(64)]
     (workdir / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def run_ours(workdir: Path, steps: int, threads: int) -> dict:
     import torch
+
     from opsd.core.config import load_config
     from opsd.stages.distill import DistillConfig, run_distill
 
@@ -161,7 +162,7 @@ def summary(runs: list[dict]) -> dict:
     r = {key: [x for run in runs for x in run[key][1:]] for key in ("step_s", "generate_s", "response_tokens")}
     r["peak_bytes"] = max(run["peak_bytes"] for run in runs)
     r["base_bytes"] = min(run["base_bytes"] for run in runs)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     step, generate = mean(r["step_s"]), mean(r["generate_s"])
     return {"step": step, "generate": generate, "train": step - generate, "tokens": mean(r["response_tokens"]),
             "peak_mib": r["peak_bytes"] / 2**20, "work_mib": (r["peak_bytes"] - r["base_bytes"]) / 2**20}

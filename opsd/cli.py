@@ -1,14 +1,14 @@
 """The `opsd` command.
 
     opsd distill [CONFIG] [--resume] [key=value ...]   on-policy self-distillation (opsd/stages/distill.py)
-    opsd sft [CONFIG] [--resume] [key=value ...]       supervised fine-tuning, loss on responses only (opsd/stages/sft.py)
+    opsd sft [CONFIG] [--resume] [key=value ...]       supervised fine-tuning, loss on responses only (stages/sft.py)
     opsd rlvr [CONFIG] [--resume] [key=value ...]      GRPO/DAPO with the verifiable math reward (opsd/stages/rlvr.py)
-    opsd pipeline [CONFIG] [--resume] [key=value ...]  stages in order, each evaluated, summary table (opsd/stages/pipeline.py)
+    opsd pipeline [CONFIG] [--resume] [key=value ...]  stages in order, each evaluated, summary (stages/pipeline.py)
     opsd eval [CONFIG] [--responses FILE] [key=value ...]
                                            accuracy/length/marker table on benchmark files (opsd/stages/eval.py)
     opsd demo [--quick] [--ablation] [--from-scratch] [--seed N | --seeds A,B,C] [--engine hf|vllm] [--threads N]
                                            the built-in SFT → RLVR → OPSD demo (opsd/demo/demo.py)
-    opsd report DIR                        an HTML page with plots of a pipeline, demo or run folder (opsd/stages/report.py)
+    opsd report DIR                        an HTML page with plots of a pipeline, demo or run (stages/report.py)
     opsd tiny-model DIR                    write the local tiny model + tokenizer as a HF folder
 
 The commands with a config read an optional YAML file (the first argument, unless it is a `key=value`
@@ -51,7 +51,8 @@ CONFIGURED = {  # command: (what it does, example overrides)
     "sft": ("supervised fine-tuning on problem/response pairs", "data.path=pairs.jsonl optim.lr=1e-5"),
     "rlvr": ("GRPO/DAPO with the verifiable math reward", "run.steps=5 sampling.n=8"),
     "pipeline": ("run stages in order, evaluate each, write a summary table", "run.output_dir=runs/p eval.limit=20"),
-    "eval": ("accuracy, lengths, reflective markers and serving cost on benchmark files", "data=[a.jsonl] sampling.n=8"),
+    "eval": ("accuracy, lengths, reflective markers and serving cost on benchmark files", "data=[a.jsonl] "
+                                                                                          "sampling.n=8"),
 }
 
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         _add_configured(commands, name, summary, example)
     demo = commands.add_parser("demo", help="SFT → RLVR → OPSD on the built-in synthetic world, with its table")
     demo.add_argument("--quick", action="store_true", help="a smoke run: every stage for two steps on 40 problems")
-    demo.add_argument("--ablation", action="store_true", help="also the papers' experiments: gatings under the concise and the reference teacher, Purified OPSD")
+    demo.add_argument("--ablation", action="store_true", help="also the papers' experiments: gatings under the "
+                                                              "concise and the reference teacher, Purified OPSD")
     demo.add_argument("--from-scratch", action="store_true", help="re-run SFT from random weights first")
     demo.add_argument("--output-dir", default="runs/demo",
                       help="demo folder (an earlier demo's is replaced; a folder holding anything else is refused)")
@@ -132,17 +134,10 @@ def _add_configured(commands, name: str, summary: str, example: str) -> None:
 
 def command(name: str):
     """(config class, run function) of a command with a config, imported when needed (torch comes with it)."""
-    if name == "eval":
-        from opsd.stages.eval import EvalConfig, run_eval
+    from opsd.stages import COMMANDS
 
-        return EvalConfig, run_eval
-    if name == "pipeline":
-        from opsd.stages.pipeline import PipelineConfig, run_pipeline
-
-        return PipelineConfig, run_pipeline
-    from opsd.stages.pipeline import stage_runner
-
-    return stage_runner(name)
+    found = COMMANDS[name]()
+    return found.config, found.run
 
 
 def _configured(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def result_line(output: str) -> dict[str, str]:
-    line = [l for l in output.splitlines() if l.startswith("RESULT ")][-1]
+    line = [row for row in output.splitlines() if row.startswith("RESULT ")][-1]
     return dict(item.split("=", 1) for item in line.split()[1:])
 
 

@@ -18,16 +18,16 @@ import pytest
 import torch
 import yaml
 
-from opsd.runtime import runs
 from opsd.cli import main
 from opsd.core.config import load_config, split_arguments
-from opsd.stages.distill import DistillConfig
 from opsd.core.errors import UserError
-from opsd.stages.eval import EvalConfig
+from opsd.runtime import runs
 from opsd.runtime.folders import mark
+from opsd.runtime.runs import check_same_config, save_config, use_threads
+from opsd.stages.distill import DistillConfig
+from opsd.stages.eval import EvalConfig
 from opsd.stages.pipeline import PipelineConfig, plan
 from opsd.stages.rlvr import RLVRConfig
-from opsd.runtime.runs import check_same_config, save_config, use_threads
 from opsd.stages.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ GIVEN = {
                 "teacher.model.name_or_path=builtin:tiny", "teacher.device=cpu"],
     "sft": [str(ROOT / "configs/sft-tiny.yaml"), "data.path=pairs.jsonl", "optim.lr=1e-5"],
     "rlvr": [str(ROOT / "configs/rlvr-tiny.yaml"), "sampling.n=3", "run.threads=2"],
-    "eval": ["data=[a.jsonl,b.jsonl]", "responses=r.jsonl", "reflective_markers=[wait]", "threads=1"],
+    "eval": ["data=[a.jsonl,b.jsonl]", "responses=r.jsonl", "reflective_markers=[wait]", "run.threads=1"],
     "pipeline": [str(ROOT / "configs/pipeline-tiny.yaml"), "eval.limit=4", "run.threads=1"],
 }
 
@@ -167,10 +167,10 @@ def test_run_threads_reaches_torch_in_a_training_command_and_eval(tmp_path, monk
     responses = tmp_path / "r.jsonl"
     responses.write_text(json.dumps({"id": "arith_000", "response": "The answer is 54."}) + "\n")
     scoring = [f"data=[{ROOT / 'configs/examples/arithmetic.jsonl'}]", "limit=1", f"responses={responses}"]
-    assert main(["eval", *scoring, "threads=2", f"output_dir={tmp_path / 'eval'}"]) == 0
+    assert main(["eval", *scoring, "run.threads=2", f"run.output_dir={tmp_path / 'eval'}"]) == 0
     assert calls == [1, 2]
     capsys.readouterr()
-    assert main(["eval", *scoring, "threads=0", f"output_dir={tmp_path / 'eval0'}"]) == 2
+    assert main(["eval", *scoring, "run.threads=0", f"run.output_dir={tmp_path / 'eval0'}"]) == 2
     assert "threads must be at least 1" in capsys.readouterr().err and calls == [1, 2]
 
 

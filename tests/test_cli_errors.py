@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from opsd.cli import main
 import yaml
 
+from opsd.cli import main
 from opsd.core.config import load_config, to_dict
-from opsd.stages.distill import DistillConfig
 from opsd.core.errors import UserError
+from opsd.stages.distill import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,21 +47,29 @@ def cases(tmp: Path):
     a_file = write(tmp / "a-file", "")
     other_run = tmp / "other-run"
     other_run.mkdir()
-    config = to_dict(load_config(DistillConfig, ROOT / "configs/tiny.yaml", [f"run.output_dir={other_run}", "loss.kind=jsd"]))
+    config = to_dict(load_config(DistillConfig, ROOT / "configs/tiny.yaml", [f"run.output_dir={other_run}",
+                                                                             "loss.kind=jsd"]))
     (other_run / "config.yaml").write_text(yaml.safe_dump(config))
     (other_run / "opsd_folder.json").write_text('{"kind": "run"}')
     return [
         ("missing data file", [f"data.path={tmp / 'nope.jsonl'}"], ["nope.jsonl", "does not exist"]),
         ("empty data file", [f"data.path={write(tmp / 'empty.jsonl', '')}"], ["empty.jsonl", "no rows"]),
-        ("malformed json line", [f"data.path={write(tmp / 'bad.jsonl', rows(GOOD) + BROKEN_LINE)}"], ["bad.jsonl line 2", "not valid JSON"]),
-        ("missing problem", [f"data.path={write(tmp / 'np.jsonl', rows(GOOD, {'id': 'b', 'answer': '1'}))}"], ["np.jsonl line 2", "'problem'"]),
-        ("missing answer with gating", [f"data.path={write(tmp / 'na.jsonl', rows({**GOOD, 'answer': ''}))}", "gating=correct_only"], ["na.jsonl line 1", "'answer'"]),
-        ("missing answer field", [f"data.path={write(tmp / 'nf.jsonl', rows({'id': 'a', 'problem': 'x'}))}", "gating=correct_only"], ["nf.jsonl line 1", "'answer'"]),
-        ("prompt and response past the context", ["sampling.max_new_tokens=5000"], ["sampling.max_new_tokens (5000)", "context of 2048"]),
+        ("malformed json line", [f"data.path={write(tmp / 'bad.jsonl', rows(GOOD) + BROKEN_LINE)}"],
+         ["bad.jsonl line 2", "not valid JSON"]),
+        ("missing problem", [f"data.path={write(tmp / 'np.jsonl', rows(GOOD, {'id': 'b', 'answer': '1'}))}"],
+         ["np.jsonl line 2", "'problem'"]),
+        ("missing answer with gating", [f"data.path={write(tmp / 'na.jsonl', rows({**GOOD, 'answer': ''}))}",
+                                        "gating=correct_only"], ["na.jsonl line 1", "'answer'"]),
+        ("missing answer field", [f"data.path={write(tmp / 'nf.jsonl', rows({'id': 'a', 'problem': 'x'}))}",
+                                  "gating=correct_only"], ["nf.jsonl line 1", "'answer'"]),
+        ("prompt and response past the context", ["sampling.max_new_tokens=5000"], ["sampling.max_new_tokens "
+                                                                                    "(5000)", "context of 2048"]),
         ("unwritable output folder", [f"run.output_dir={a_file / 'run'}"], ["a-file/run", "cannot be written"]),
         ("another config's run folder", [f"run.output_dir={other_run}"], ["other-run", "another config", "loss.kind"]),
-        ("teacher with another vocabulary", [f"teacher.model.name_or_path={other_vocabulary}"], ["teacher's vocabulary"]),
-        ("no reference solution", [f"data.path={write(tmp / 'ns.jsonl', rows({**GOOD, 'solution': None}))}", "teacher.context=reference"], ["'a'", "reference solution"]),
+        ("teacher with another vocabulary", [f"teacher.model.name_or_path={other_vocabulary}"],
+         ["teacher's vocabulary"]),
+        ("no reference solution", [f"data.path={write(tmp / 'ns.jsonl', rows({**GOOD, 'solution': None}))}",
+                                   "teacher.context=reference"], ["'a'", "reference solution"]),
         ("unknown key", ["loss.kindd=reverse_kl"], ["loss.kindd"]),
         ("unknown section", ["nonsense.x=1"], ["nonsense"]),
         ("wrong type", ["run.steps=many"], ["run.steps", "int"]),
@@ -83,9 +90,11 @@ def cases(tmp: Path):
         ("zero top_p", ["sampling.top_p=0"], ["sampling.top_p"]),
         ("negative temperature", ["sampling.temperature=-1"], ["sampling.temperature"]),
         ("zero loss top_k", ["loss.estimator=topk", "loss.top_k=0"], ["loss.top_k"]),
-        ("ema decay above one", ["teacher.weights.policy=ema", "teacher.weights.ema_decay=2"], ["teacher.weights.ema_decay"]),
+        ("ema decay above one", ["teacher.weights.policy=ema", "teacher.weights.ema_decay=2"],
+         ["teacher.weights.ema_decay"]),
         ("bf16 full fine-tuning", ["model.dtype=bfloat16"], ["model.dtype=bfloat16", "master copy"]),
-        ("lora targets nothing", ["model.lora_rank=4", "model.lora_target_modules=nope_proj"], ["model.lora_target_modules"]),
+        ("lora targets nothing", ["model.lora_rank=4", "model.lora_target_modules=nope_proj"],
+         ["model.lora_target_modules"]),
         ("lora on the head", ["model.lora_rank=4", "model.lora_target_modules=q_proj,lm_head"], ["output layer"]),
         ("vllm option with hf", ["sampling.max_model_len=100"], ["sampling.max_model_len", "engine=vllm only"]),
         ("sleep mode on a cpu", ["sampling.engine=vllm", "sampling.sleep_mode=true", "run.device=cpu"],
@@ -148,7 +157,8 @@ def test_yaml_is_read_with_the_safe_loader(tmp_path):
 
 
 def test_the_installed_command_exits_2_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "opsd.cli", "distill", str(ROOT / "configs/tiny.yaml"), "loss.kindd=1"],
+    result = subprocess.run([sys.executable, "-m", "opsd.cli", "distill", str(ROOT / "configs/tiny.yaml"),
+                             "loss.kindd=1"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("opsd: error: unknown config key 'loss.kindd'")
@@ -168,7 +178,7 @@ def test_the_vllm_engine_without_vllm_is_one_sentence(tmp_path, capsys, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
-    place = [str(out)] if command[0] == "demo" else [f"{'output_dir' if command[0] == 'eval' else 'run.output_dir'}={out}"]
+    place = [str(out)] if command[0] == "demo" else [f"run.output_dir={out}"]
     code = main([*command, *place])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "needs vLLM, which is not installed" in err, err

@@ -121,6 +121,8 @@ MOVED = {
     "overwrite": "run.overwrite",
     "resume": "run.resume",
     "device": "run.device",
+    "seed": "run.seed",  # opsd eval's, when it came to share the run section
+    "threads": "run.threads",
     "run.tensorboard": "run.report_to (a list of trackers: [tensorboard], [] for none)",
 }
 
@@ -178,7 +180,8 @@ def _coerce(hint: Any, value: Any, key: str, default: Any = None) -> Any:
 
 # --- the command line's positional arguments ----------------------------------------------------
 
-OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # `key=value` with a (dotted) key; a path like runs/lr=1e-5/c.yaml is not one
+# `key=value` with a (dotted) key; a path like runs/lr=1e-5/c.yaml is not one
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 
 
 def split_arguments(arguments: list[str]) -> tuple[str | None, list[str]]:
@@ -211,7 +214,8 @@ def describe(cls: type, instance: Any = None, prefix: str = "") -> list[KeyDoc]:
     hints, comments = typing.get_type_hints(cls), field_comments(cls)
     docs = []
     for f in dataclasses.fields(cls):
-        key, hint, value, comment = f"{prefix}{f.name}", hints[f.name], getattr(instance, f.name), comments.get(f.name, "")
+        key, hint, value, comment = f"{prefix}{f.name}", hints[f.name], getattr(instance, f.name), comments.get(f.name,
+                                                                                                                "")
         section = _section_of(hint)
         if dataclasses.is_dataclass(hint):
             docs.append(KeyDoc(key, "section", "", comment, leaf=False))
@@ -228,7 +232,8 @@ def describe(cls: type, instance: Any = None, prefix: str = "") -> list[KeyDoc]:
 def _section_of(hint: Any) -> type | None:
     """The section class inside `X | None` or `tuple[X, ...]`, when X is a dataclass."""
     inner = [arg for arg in get_args(hint) if arg is not type(None) and arg is not Ellipsis]
-    if get_origin(hint) in (Union, types.UnionType, tuple, list) and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+    if get_origin(hint) in (Union, types.UnionType, tuple,
+                            list) and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
         return inner[0]
     return None
 

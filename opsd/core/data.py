@@ -9,10 +9,10 @@ Every defect is a `UserError` naming the file and line.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 import collections
+import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +36,14 @@ class Fields:
     id: str = "id"  # column holding a stable id (optional; the row number otherwise)
 
 
-# verifiers that grade without a gold answer (opsd/verifiers: `code` runs the row's tests)
-ANSWERLESS_VERIFIERS = frozenset({"code"})
-
-
 def load_problems(path: str | Path, fields: Fields = Fields(), require_answer: bool = True,
-                  default_verifier: str = "math") -> list[Problem]:
+                  default_verifier: str = "math", answer_free: frozenset[str] = frozenset()) -> list[Problem]:
     """Read every row of a .jsonl/.json or .parquet file into `Problem`s. With `require_answer`,
     a row without an answer is refused unless its verifier (its `verifier` field, else
-    `default_verifier`) grades without one."""
+    `default_verifier`) is one of `answer_free`, which grade without one (opsd.verifiers.ANSWER_FREE)."""
     rows = read_rows(path)
     problems = [_to_problem(row, where, fields, require_answer and (row.get("verifier") or default_verifier)
-                            not in ANSWERLESS_VERIFIERS) for where, row in rows]
+                            not in answer_free) for where, row in rows]
     counts = collections.Counter(problem.id for problem in problems)
     repeated = [id_ for id_, count in counts.items() if count > 1]
     if repeated:  # harmless for training; said once, since it often means a file was concatenated twice
@@ -67,7 +63,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def load_pairs(path: str | Path, problem_field: str = "problem", response_field: str = "response") -> list[tuple[str, str]]:
+def load_pairs(path: str | Path, problem_field: str = "problem", response_field: str = "response") -> list[tuple[str,
+                                                                                                                 str]]:
     """(problem, response) pairs for supervised fine-tuning."""
     pairs = []
     for where, row in read_rows(path):

@@ -14,7 +14,12 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from opsd.core.errors import UserError, first_line
 
@@ -24,7 +29,8 @@ BUILTIN_TINY = "builtin:tiny"
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = BUILTIN_TINY  # HF folder or hub name; builtin:tiny = the local tiny model
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto = float32 (bf16 comes from autocast)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto = float32 (bf16 comes from
+    #   autocast)
     trust_remote_code: bool = False  # run Python code shipped in the model folder (off: never by default)
     allow_pickle: bool = False  # allow .bin (pickle) weights; off: safetensors only
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (when installed)
@@ -78,7 +84,8 @@ def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
             raise UserError(f"could not load a model from {config.name_or_path} ({first_line(err)})") from None
     for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(model.config, option, None) not in (None, 1, 1.0):
-            raise UserError(f"{config.name_or_path} transforms its logits ({option}), which the chunked divergence does not model")
+            raise UserError(f"{config.name_or_path} transforms its logits ({option}), which the chunked divergence "
+                            "does not model")
     return model.to(device)
 
 
@@ -95,13 +102,15 @@ def add_lora(model: PreTrainedModel, config: ModelConfig) -> nn.Module:
     )
     try:
         with warnings.catch_warnings():
-            # PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing`: not ours to change, not the user's concern
+            # PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing`: not ours to change, not the
+            # user's concern
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             peft_model = get_peft_model(model, lora)
     except (ValueError, KeyError, TypeError) as err:  # PEFT's error for targets that match nothing is a ValueError
         raise UserError(f"model.lora_target_modules={targets!r} cannot be used ({first_line(err)})") from None
     if hasattr(causal_lm(peft_model).get_output_embeddings(), "lora_A"):
-        raise UserError("model.lora_target_modules must not adapt the output layer: the chunked divergence reads its plain weight")
+        raise UserError("model.lora_target_modules must not adapt the output layer: the chunked divergence reads its "
+                        "plain weight")
     return peft_model
 
 
@@ -148,7 +157,8 @@ class Backbone(nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         decoder = causal_lm(self.model).get_decoder()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -56,9 +56,10 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
         predict.append(torch.arange(first, first + len(response)))
         targets += response
         rows += [row] * len(response)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    to = lambda t: None if t is None else t.to(device)
     return Packed(to(ids_B_L), to(mask_B_L), to(positions_B_L), torch.cat(predict).to(device),
-                  torch.tensor(targets, dtype=torch.long, device=device), torch.tensor(rows, dtype=torch.long, device=device))
+                  torch.tensor(targets, dtype=torch.long, device=device), torch.tensor(rows, dtype=torch.long,
+                                                                                       device=device))
 
 
 def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:

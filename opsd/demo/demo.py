@@ -27,14 +27,20 @@ import statistics
 from importlib import resources
 from pathlib import Path
 
-from opsd.demo import toyworld
 from opsd.core.errors import UserError
-from opsd.runtime.folders import mark
-from opsd.generation import SamplingConfig, require_vllm
 from opsd.core.models import ModelConfig
-from opsd.stages.pipeline import NamedModel, PipelineConfig, PipelineEvalConfig, StageSpec, run_pipeline
-from opsd.runtime.runs import RunConfig, prepare_run_dir
 from opsd.core.tiny import save_tiny
+from opsd.demo import toyworld
+from opsd.generation import SamplingConfig, require_vllm
+from opsd.runtime.folders import mark
+from opsd.runtime.runs import RunConfig, prepare_run_dir
+from opsd.stages.pipeline import (
+    NamedModel,
+    PipelineConfig,
+    PipelineEvalConfig,
+    StageSpec,
+    run_pipeline,
+)
 
 ASSETS = Path(str(resources.files("opsd.demo") / "assets"))
 SHIPPED_SFT = ASSETS / "toyworld-sft"
@@ -76,7 +82,8 @@ def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, 
     if from_scratch:
         sft_overrides = (f"data.path={files['sft']}", *(["run.steps=20"] if quick else []))
         stages.append(StageSpec("sft", "sft", str(ASSETS / "demo" / "sft.yaml"), sft_overrides))
-        stages.append(StageSpec("small-sft", "sft", str(ASSETS / "demo" / "sft.yaml"), sft_overrides, start="init-small"))
+        stages.append(StageSpec("small-sft", "sft", str(ASSETS / "demo" / "sft.yaml"), sft_overrides,
+                                start="init-small"))
     stages.append(StageSpec("rlvr", "rlvr", str(ASSETS / "demo" / "rlvr.yaml"),
                             (f"data.path={files['rlvr']}", *short, *big), start="sft" if from_scratch else ""))
     for name, overrides in opsd_rows(ablation):
@@ -90,7 +97,8 @@ def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, 
     if ablation:
         stages.append(StageSpec("small-self", "distill", str(ASSETS / "demo" / "opsd.yaml"), small_overrides,
                                 start="small-sft"))
-    small = NamedModel("init-small", str(out / "init-small")) if from_scratch else NamedModel("small-sft", str(SHIPPED_SMALL_SFT))
+    small = NamedModel("init-small", str(out / "init-small")) if from_scratch else NamedModel("small-sft",
+                                                                                              str(SHIPPED_SMALL_SFT))
     start = out / "init" if from_scratch else SHIPPED_SFT
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=400, n=1 if quick else 4, batch_size=800)
     return PipelineConfig(
@@ -186,15 +194,18 @@ def _mean_se(values: list[float | None]) -> dict[str, float | None]:
 
 
 def across_seeds_table(rows: list[dict], seeds: tuple[int, ...]) -> str:
-    lines = ["| stage | from | benchmark | mean@k across seeds ± s.e. | within-run s.e. | per seed | mean tokens ± s.e. "
+    lines = ["| stage | from | benchmark | mean@k across seeds ± s.e. | within-run s.e. | per seed | mean tokens ± "
+             "s.e. "
              "| compression ± s.e. | markers /1k tokens ± s.e. |", "|---|---|---|---|---|---|---|---|---|"]
-    pct = lambda c, scale=100, unit="", digits=1: "–" if c["mean"] is None else (  # noqa: E731
-        f"{scale * c['mean']:.{digits}f}" + ("" if c["stderr"] is None else f" ± {scale * c['stderr']:.{digits}f}") + unit)
+    pct = lambda c, scale=100, unit="", digits=1: "–" if c["mean"] is None else (
+        f"{scale * c['mean']:.{digits}f}"
+        + ("" if c["stderr"] is None else f" ± {scale * c['stderr']:.{digits}f}") + unit)
     for row in rows:
         per_seed = " / ".join(f"{100 * v:.1f}" for v in row["mean_at_k_per_seed"])
         lines.append(f"| {row['stage']} | {row['start'] or '–'} | {row['benchmark']} | {pct(row['mean_at_k'])} | "
                      f"{100 * row['within_run_stderr']:.1f} | {per_seed} | {pct(row['response_tokens_mean'], 1)} | "
                      f"{pct(row['compression'], unit='%')} | {pct(row['markers_per_1k_tokens'], 1, digits=2)} |")
-    return "\n".join(lines) + (f"\n\nAccuracy in %, over seeds {', '.join(map(str, seeds))} (run.seed of RLVR and OPSD); "
+    return "\n".join(lines) + (f"\n\nAccuracy in %, over seeds {', '.join(map(str, seeds))} (run.seed of RLVR and "
+                               "OPSD); "
                                "± the standard error across seeds; within-run s.e. is the mean over seeds of each "
                                "evaluation's own standard error.\n")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from opsd.core.data import Problem
-from opsd.core.prompts import CONCISE_INSTRUCTION, teacher_user_message
+from opsd.teacher.contexts import CONCISE_INSTRUCTION, teacher_user_message
 
 # Every character the problems, both renderings and the prompt/teacher templates use; the demo's
 # tokenizer is `opsd.core.tiny.char_tokenizer(ALPHABET)` (79 tokens with the 4 special ones).

@@ -18,6 +18,7 @@ process, which receives the trainer's weights in memory before it samples after 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") ->
     lowest = VLLM_LOWEST_TEMPERATURE if config.engine == "vllm" else 1e-3
     require(
         (f"{prefix}.temperature", config.temperature == 0 or config.temperature >= lowest,
-         f"0 (greedy) or at least {lowest:g}" + (" (vLLM raises lower ones to 0.01)" if config.engine == "vllm" else "")),
+         f"0 (greedy) or at least {lowest:g}"
+         + (" (vLLM raises lower ones to 0.01)" if config.engine == "vllm" else "")),
         (f"{prefix}.top_p", 0.0 < config.top_p <= 1.0, "in (0, 1]"),
         (f"{prefix}.top_k", config.top_k >= 0, "non-negative (0 = off)"),
         (f"{prefix}.max_new_tokens", config.max_new_tokens >= 1, "at least 1"),
@@ -103,11 +105,13 @@ class Generation:
 
 
 class Engine(Protocol):
-    reads_trainer_module: bool  # hf: decodes with the trainer's module (under FSDP: gather it around generate)
-
     def ready(self) -> None:
         """Every process calls it at the same point before a step's generations: the engine takes the
         trainer's current weights now if it needs to (vllm; under FSDP a collective)."""
+
+    def decoding(self) -> contextlib.AbstractContextManager:
+        """The block around a step's `generate` calls: hf decodes with the trainer's own module, which
+        FSDP gathers whole for it; vllm decodes from its own copy, so nothing is gathered."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
         """One generation per prompt; `seeds[i]` alone decides the random draws of request i."""
@@ -130,14 +134,15 @@ def make_engine(model: nn.Module, tokenizer, sampling: SamplingConfig, device: t
                 dtype: torch.dtype | None = None, gather=None, positions: int = 0) -> Engine:
     """The engine named by `sampling.engine` for `model` (under any PEFT/DDP/FSDP wrapper). For vllm:
     `device` the run's (None: the weights'), `dtype` what it computes in (None: the weights' dtype),
-    `gather` a context manager factory that makes the weights whole while they are sent (FSDP),
+    `gather` a context manager factory that makes the weights whole (FSDP) while hf decodes and while
+    vllm is sent them,
     `positions` the longest prompt + response the run needs (its max_model_len unless
     sampling.max_model_len says otherwise). vLLM refuses a model it cannot serve here, so build the
     engine before the run folder."""
     if sampling.engine == "hf":
         from opsd.generation.hf import HFEngine
 
-        return HFEngine(model, tokenizer)
+        return HFEngine(model, tokenizer, gather)
     if sampling.engine == "vllm":
         from opsd.generation.vllm import VLLMEngine
 
@@ -153,23 +158,6 @@ def closing_on_error(engine: Engine, make):
     except BaseException:
         engine.close()
         raise
-
-
-def filtered_log_softmax(logits_B_V: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """[B × V] float32 log-probabilities of the distribution a token is drawn from: logits divided by
-    the temperature, then top-k, then top-p over what is left (entries outside: −inf). The sampled
-    token's log-probability that the engines return is read from this."""
-    logits_B_V = logits_B_V.float() / config.temperature
-    if config.top_k > 0:
-        kth_B_1 = logits_B_V.topk(min(config.top_k, logits_B_V.shape[-1]), dim=-1).values[:, -1:]
-        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth_B_1, -torch.inf)
-    if config.top_p < 1.0:
-        sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
-        probs_B_V = sorted_B_V.softmax(-1)
-        drop_sorted_B_V = probs_B_V.cumsum(-1) - probs_B_V >= config.top_p  # mass before it already enough
-        drop_B_V = torch.zeros_like(drop_sorted_B_V).scatter(-1, order_B_V, drop_sorted_B_V)
-        logits_B_V = logits_B_V.masked_fill(drop_B_V, -torch.inf)
-    return torch.log_softmax(logits_B_V, dim=-1)
 
 
 def request_seed(*parts: int | str) -> int:

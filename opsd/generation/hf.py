@@ -12,15 +12,17 @@ filtered distribution's CDF at u[i, t], a uniform drawn up front from a generato
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import transformers
 from packaging.version import Version
 from torch import nn
 
-from opsd.runtime.faults import crash_point
-from opsd.generation import Generation, SamplingConfig, filtered_log_softmax, stop_ids
 from opsd.core.models import causal_lm
-
+from opsd.generation import Generation, SamplingConfig, stop_ids
+from opsd.objectives.logprobs import filtered_log_softmax
+from opsd.runtime.faults import crash_point
 
 # transformers 5.24 renamed the KV cache's argument and output field `past_key_values` to `cache` (the
 # old name warns there); the sampler speaks whichever name the installed release knows.
@@ -28,12 +30,15 @@ CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "pa
 
 
 class HFEngine:
-    reads_trainer_module = True
-
-    def __init__(self, model: nn.Module, tokenizer):
+    def __init__(self, model: nn.Module, tokenizer, gather=None):
         self.model = model
         self.eos_ids = stop_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id
+        self.gather = gather  # makes the trainer's weights whole (FSDP) for a block of decoding
+
+    def decoding(self):
+        """The trainer's module, whole for the block (FSDP gathers it; otherwise nothing to do)."""
+        return self.gather() if self.gather is not None else contextlib.nullcontext()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
         if len(seeds) != len(prompts):
@@ -85,7 +90,8 @@ def sample(model: nn.Module, prompts: list[list[int]], config: SamplingConfig, e
     eos_E = torch.tensor(eos_ids, device=device)
     uniform_B_T = uniforms(seeds, config.max_new_tokens).to(device) if config.temperature > 0 else None
 
-    out = model(input_ids=ids_B_L, attention_mask=mask_B_L, position_ids=positions_B_L, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids_B_L, attention_mask=mask_B_L, position_ids=positions_B_L, use_cache=True,
+                logits_to_keep=1)
     cache, logits_A_V = getattr(out, CACHE), out.logits[:, -1]
     next_position_A = positions_B_L[:, -1] + 1
     # A = the rows still decoding; `active_A` maps them to rows of the batch

@@ -1,16 +1,17 @@
-"""A step's rollouts: `sampling.n` responses per problem through the generation engine, then graded
-through the verifiers. Shared by `opsd distill` and `opsd rlvr`.
+"""A step's rollouts: `sampling.n` responses per problem through the generation engine, their texts
+(for the verifiers), and the samples.jsonl fields every stage saves of them. Shared by `opsd distill`
+and `opsd rlvr`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from opsd.core.data import Problem
 from opsd.generation import Engine, SamplingConfig, request_seed
-from opsd.verifiers import Verdict, Verifiers
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,40 @@ def collect_rollouts(engine: Engine, prompts: list[list[int]], sampling: Samplin
             for (i, seed), g in zip(repeated, generations)]
 
 
-def grade_rollouts(rollouts: list[Rollout], problems: list[Problem], tokenizer, verifiers: Verifiers) -> list[Verdict]:
-    """The verdict of each rollout on its problem (each with the verifier its problem asks for)."""
-    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-    return verifiers.verify(texts, [problems[r.problem_index] for r in rollouts])
+def response_texts(tokenizer, rollouts: list[Rollout]) -> list[str]:
+    """The responses as text, what the verifiers grade (special tokens skipped)."""
+    return tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+
+
+def pick(count: int, wanted: int) -> list[int]:
+    """`wanted` indices spread evenly over range(count) (all of them when count ≤ wanted)."""
+    if count <= wanted:
+        return list(range(count))
+    return [i * count // wanted for i in range(wanted)]
+
+
+def rollout_rows(tokenizer, rollouts: list[Rollout], problems: list[Problem], verdicts: list[Any],
+                 picked: list[int]) -> list[dict[str, Any]]:
+    """The samples.jsonl fields every stage saves of the rollouts at `picked` (verdicts: the verifiers'):
+    problem id, prompt as rendered (chat template included), response, extracted and gold answer,
+    grade, truncation, length in tokens."""
+    rows = []
+    for index in picked:
+        rollout, verdict = rollouts[index], verdicts[index]
+        problem = problems[rollout.problem_index]
+        rows.append({
+            "id": problem.id,
+            "prompt": render(tokenizer, rollout.prompt_ids),
+            "response": tokenizer.decode(rollout.response_ids, skip_special_tokens=True),
+            "extracted": verdict.extracted,
+            "answer": problem.answer,
+            "correct": verdict.correct,
+            "truncated": rollout.truncated,
+            "response_tokens": len(rollout.response_ids),
+        })
+    return rows
+
+
+def render(tokenizer, ids: list[int]) -> str:
+    """Token ids as the model sees them, special tokens of the chat template included."""
+    return tokenizer.decode(ids, skip_special_tokens=False)

@@ -27,8 +27,8 @@ global generators too; the engine puts their state back, so opsd's own draws do 
 Under torchrun every process runs its own engine on its own share of the prompts (vLLM's
 `external_launcher`, data-parallel generation as TRL's colocate mode). vLLM's engine shutdown
 destroys the default process group; under torchrun `close` destroys vLLM's model-parallel groups and
-keeps its world group and the default one (a pipeline's next stage and opsd's group keep working). In one process vLLM starts and destroys a
-group of one of its own (`distributed.active` ignores it).
+keeps its world group and the default one (a pipeline's next stage and opsd's group keep working). In one process vLLM
+starts and destroys a group of one of its own (`distributed.active` ignores it).
 """
 
 from __future__ import annotations
@@ -44,17 +44,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from opsd.runtime import distributed
 from opsd.core.errors import UserError, first_line
-from opsd.runtime.faults import crash_point
-from opsd.generation import Generation, SamplingConfig, stop_ids
 from opsd.core.models import causal_lm, merged_weights
+from opsd.generation import Generation, SamplingConfig, stop_ids
+from opsd.runtime import distributed
+from opsd.runtime.faults import crash_point
 
 CPU_KV_CACHE_GIB = 1.0  # sampling.kv_cache_gib=0 on CPU (vLLM's own default would reserve most of the memory)
 
 
 class VLLMEngine:
-    reads_trainer_module = False  # it holds its own copy: under FSDP nothing stays gathered while it decodes
 
     def __init__(self, model: nn.Module, tokenizer, sampling: SamplingConfig, device: torch.device | None = None,
                  dtype: torch.dtype | None = None, gather=None, positions: int = 0):
@@ -62,8 +61,9 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # else a warning per reload about rotary buffers
         try:
             from vllm import LLM
-        except Exception as err:  # noqa: BLE001 - a broken install raises anything at import
-            raise UserError(f"sampling.engine=vllm: vLLM is installed but does not import ({first_line(err)})") from None
+        except Exception as err:  # a broken install raises anything at import
+            raise UserError(f"sampling.engine=vllm: vLLM is installed but does not import "
+                            f"({first_line(err)})") from None
 
         base = causal_lm(model)
         device = device or next(base.parameters()).device  # the run's device (run.fsdp_offload keeps weights on CPU)
@@ -102,11 +102,15 @@ class VLLMEngine:
         try:
             with _random_state_kept(device):  # vLLM seeds the process's generators; opsd's draws must not move
                 self.llm = LLM(**options)
-        except Exception as err:  # noqa: BLE001 - vLLM's many ways of refusing a model: say which and why
+        except Exception as err:  # vLLM's many ways of refusing a model: say which and why
             raise UserError(f"sampling.engine=vllm could not start vLLM on this model: {first_line(err)}") from None
         finally:
             torch.set_num_threads = set_threads
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def decoding(self):
+        """Nothing gathered: vLLM decodes from its own copy of the weights."""
+        return contextlib.nullcontext()
 
     def ready(self) -> None:
         if self.stale:
@@ -230,7 +234,9 @@ def check_servable(model: nn.Module, device: torch.device) -> None:
     """What vLLM would only find out at its first forward, said before anything starts."""
     if device.type != "cpu":
         return
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # imported by LLM above: it imports
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,  # imported by LLM above: it imports
+    )
 
     config = model.config
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -132,13 +132,16 @@ class ChunkedDivergence:
 
 
 @dataclass(frozen=True)
-class _Options:
-    kind: DivergenceKind
-    beta: float
-    temperature: float
-    clip_tau: float | None
-    estimator: Estimator
-    top_k: int
+class DivergenceSpec:
+    """Which divergence, and how it is estimated and chunked."""
+
+    kind: DivergenceKind = "reverse_kl"
+    beta: float = 0.5  # JSD's mixture weight
+    temperature: float = 1.0  # logit temperature of both sides
+    clip_tau: float | None = None  # cap on each (position, vocabulary) term (OPSD's pointwise clip)
+    estimator: Estimator = "full"
+    top_k: int = 64  # entries kept by the topk estimator
+    chunk_size: int = 256  # positions per chunk: no more than chunk_size × V logits per side at once
 
 
 def chunked_divergence(
@@ -149,13 +152,12 @@ def chunked_divergence(
     token_weight_N: torch.Tensor,
     targets_N: torch.Tensor,
     reverse_N: torch.Tensor | None = None,
-    **options,
+    spec: DivergenceSpec = DivergenceSpec(),
 ) -> ChunkedDivergence:
-    """Σ_n w_n·D_n toward a teacher given by its hidden states and head (which get no gradient);
-    `options` are the keyword options of `chunked_divergence_to`."""
+    """Σ_n w_n·D_n toward a teacher given by its hidden states and head (which get no gradient)."""
     hidden_t, head_t = teacher_hidden_N_H.detach(), teacher_head_V_H.detach()
     return chunked_divergence_to(student_hidden_N_H, student_head_V_H, lambda part: hidden_t[part] @ head_t.T,
-                                 token_weight_N, targets_N, reverse_N, **options)
+                                 token_weight_N, targets_N, reverse_N, spec)
 
 
 def chunked_divergence_to(
@@ -165,14 +167,7 @@ def chunked_divergence_to(
     token_weight_N: torch.Tensor,
     targets_N: torch.Tensor,
     reverse_N: torch.Tensor | None = None,
-    *,
-    chunk_size: int = 256,
-    kind: DivergenceKind = "reverse_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    clip_tau: float | None = None,
-    estimator: Estimator = "full",
-    top_k: int = 64,
+    spec: DivergenceSpec = DivergenceSpec(),
 ) -> ChunkedDivergence:
     """Σ_n w_n·D_n from the student's final hidden states, never holding more than C × V logits per
     side, toward any teacher whose [C × V] logits (or log-probabilities) for a slice of positions
@@ -183,15 +178,14 @@ def chunked_divergence_to(
     the forward pass and stored for the backward pass, which just scales it: O(N·H + V·H) extra
     memory and no recomputation. The teacher never receives gradient.
     """
-    options = _Options(kind, beta, temperature, clip_tau, estimator, top_k)
-    _check(options, reverse_N)
+    _check(spec, reverse_N)
     loss, value_N, entropy_N, clipped_N = _FusedChunkedDivergence.apply(
         student_hidden_N_H, student_head_V_H, token_weight_N.detach(), teacher_logits, targets_N, reverse_N,
-        chunk_size, options)
+        spec.chunk_size, spec)
     return ChunkedDivergence(loss, value_N, entropy_N, clipped_N)
 
 
-def _check(options: _Options, reverse_N: torch.Tensor | None) -> None:
+def _check(options: DivergenceSpec, reverse_N: torch.Tensor | None) -> None:
     """Option combinations that have no meaning are refused here, in one sentence each."""
     if options.kind not in get_args(DivergenceKind):
         raise ValueError(f"unknown divergence kind {options.kind!r}")
@@ -252,7 +246,7 @@ class _FusedChunkedDivergence(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         del ctx.grads
         # the gradients are used once: scale them in place rather than allocating copies
-        scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731
+        scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))
         return scale(grad_h), scale(grad_w), None, None, None, None, None, None
 
 
@@ -262,7 +256,7 @@ def _divergence_and_gradient(
     weight_C: torch.Tensor,
     targets_C: torch.Tensor,
     reverse_C: torch.Tensor | None,
-    options: _Options,
+    options: DivergenceSpec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, value, entropy and clipped per row, with d(Σ w·loss)/d(logits) written over `logits_C_V`.
 
@@ -293,13 +287,13 @@ def _estimate(
     logp_t_R_V: torch.Tensor,
     targets_R: torch.Tensor,
     reverse_R: torch.Tensor | None,
-    options: _Options,
+    options: DivergenceSpec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_R, value_R, slopes_R_V, clipped_R) of a block of rows under the chosen estimator: slopes
     are ∂loss/∂log pS_v over the whole vocabulary; loss and value differ only for `sampled`."""
     if options.estimator == "sampled":
         y_R_1 = targets_R[:, None]
-        at_y = lambda logp_R_V: logp_R_V.gather(-1, y_R_1).squeeze(-1)  # noqa: E731
+        at_y = lambda logp_R_V: logp_R_V.gather(-1, y_R_1).squeeze(-1)
         loss_R, slope_R = sampled_terms(at_y(logp_s_R_V), at_y(logp_t_R_V))
         slopes_R_V = torch.zeros_like(logp_s_R_V).scatter_(-1, y_R_1, slope_R[:, None])
         return loss_R, slope_R, slopes_R_V, torch.zeros_like(loss_R, dtype=torch.bool)

@@ -8,9 +8,17 @@ building block of SFT (cross-entropy = −log p) and of the RLVR policy gradient
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from opsd.generation import SamplingConfig, filtered_log_softmax
+
+class SamplingFilter(Protocol):
+    """What shapes the distribution a token is drawn from (generation.SamplingConfig has these)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
 
 
 def chunked_token_logprobs(
@@ -63,9 +71,26 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(head.dtype), None, None, None
 
 
+def filtered_log_softmax(logits_B_V: torch.Tensor, config: SamplingFilter) -> torch.Tensor:
+    """[B × V] float32 log-probabilities of the distribution a token is drawn from: logits divided by
+    the temperature, then top-k, then top-p over what is left (entries outside: −inf). The sampled
+    token's log-probability that the engines return is read from this."""
+    logits_B_V = logits_B_V.float() / config.temperature
+    if config.top_k > 0:
+        kth_B_1 = logits_B_V.topk(min(config.top_k, logits_B_V.shape[-1]), dim=-1).values[:, -1:]
+        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth_B_1, -torch.inf)
+    if config.top_p < 1.0:
+        sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
+        probs_B_V = sorted_B_V.softmax(-1)
+        drop_sorted_B_V = probs_B_V.cumsum(-1) - probs_B_V >= config.top_p  # mass before it already enough
+        drop_B_V = torch.zeros_like(drop_sorted_B_V).scatter(-1, order_B_V, drop_sorted_B_V)
+        logits_B_V = logits_B_V.masked_fill(drop_B_V, -torch.inf)
+    return torch.log_softmax(logits_B_V, dim=-1)
+
+
 @torch.no_grad()
 def logprob_gap(hidden_N_H: torch.Tensor, head_V_H: torch.Tensor, targets_N: torch.Tensor,
-                engine_logprobs: list[torch.Tensor], sampling: SamplingConfig, chunk_size: int = 512,
+                engine_logprobs: list[torch.Tensor], sampling: SamplingFilter, chunk_size: int = 512,
                 trainer_N: torch.Tensor | None = None) -> tuple[float, int]:
     """(Σ |log p_engine(y_n) − log p_trainer(y_n)|, outside): the trainer's log-probability under the
     same processed distribution the engine drew from (temperature, top-k, top-p), from the trainer's

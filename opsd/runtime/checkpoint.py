@@ -41,17 +41,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from opsd.runtime import distributed
 from opsd.core.errors import UserError, first_line
-from opsd.runtime.faults import crash_point
-from opsd.runtime.folders import (CHECKPOINT_INFO, CHECKPOINT_INFO_TMP, SHARDED_STATE, checkpoint_step, foreign_checkpoint,
-                          remove_partial_checkpoint)
 from opsd.core.models import BUILTIN_TINY, ModelConfig, causal_lm, merged_weights
+from opsd.runtime import distributed
+from opsd.runtime.faults import crash_point
+from opsd.runtime.folders import (
+    CHECKPOINT_INFO,
+    CHECKPOINT_INFO_TMP,
+    SHARDED_STATE,
+    checkpoint_step,
+    foreign_checkpoint,
+    remove_partial_checkpoint,
+)
 from opsd.runtime.runs import TRAINING_STATE, RunConfig
-from opsd.runtime.training import new_progress
+from opsd.runtime.training import Progress
 
 TEACHER_FILE = "teacher.safetensors"
-RESUME_FILES = (TRAINING_STATE, SHARDED_STATE, TEACHER_FILE)  # what only resuming needs; the training state first: without it
+# what only resuming needs; the training state first: without it
+RESUME_FILES = (TRAINING_STATE, SHARDED_STATE, TEACHER_FILE)
 # a folder is no resume point (runs.latest_checkpoint), so a prune cut short never leaves a half resume point
 
 
@@ -165,26 +172,28 @@ def _finish(tmp: Path, folder: Path, info: dict[str, Any]) -> None:
     if folder.exists():  # a step redone after a crash: replace our own checkpoint of it, nothing else
         foreign = foreign_checkpoint(folder)
         if foreign is not None:
-            raise UserError(f"checkpoint folder {folder} holds {foreign.name}, which opsd did not write; nothing was replaced")
+            raise UserError(f"checkpoint folder {folder} holds {foreign.name}, which opsd did not write; nothing was "
+                            "replaced")
         shutil.rmtree(folder)
     tmp.rename(folder)
     _fsync(folder.parent)
 
 
 def save_run_checkpoint(run_dir: Path | None, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                        optimizer: torch.optim.Optimizer, progress: dict[str, int], info: dict[str, Any],
+                        optimizer: torch.optim.Optimizer, progress: Progress, info: dict[str, Any],
                         run: RunConfig, start: StartModel,
                         teacher_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """The checkpoint of step `progress["step"]` with all a run needs to continue (weights in the
+    """The checkpoint of step `progress.step` with all a run needs to continue (weights in the
     start model's dtype); then older checkpoints are pruned (`run.keep_last`, `run.keep_weights`).
     Under FSDP every process calls it, `run_dir` None but on rank 0."""
-    step = progress["step"]
+    step = progress.step
     record = {"start_model": {"path": start.path, "sha256": start.sha256}} if start.sha256 else {}
     folder = Path(run.output_dir) / "checkpoints" / f"step_{step:06d}"
     if run.parallel == "fsdp":
         stepped = bool(optimizer.state)  # AdamW has state once it has stepped (the same on every process)
         save_checkpoint(model, tokenizer, folder, {"step": step, **info, **record},
-                        training_state={**progress, "sharded": True, "optimizer_stepped": stepped}, dtype=start.dtype,
+                        training_state={**progress.state(), "sharded": True, "optimizer_stepped": stepped},
+                        dtype=start.dtype,
                         sharded_state=sharded_state(model, optimizer, teacher_state or {}, stepped))
     else:
         save_checkpoint(model, tokenizer, folder, {"step": step, **info, **record}, teacher_state,
@@ -207,32 +216,20 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, teacher_st
             "optimizer": get_optimizer_state_dict(model, optimizer) if stepped else {}, "teacher": dict(teacher_state)}
 
 
-def checkpoint_or_stop(run_dir: Path | None, run: RunConfig, max_skipped_in_a_row: int, model: nn.Module,
-                       tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer, progress: dict[str, int],
-                       stage: str, start: StartModel, teacher_state: dict[str, torch.Tensor] | None = None,
-                       why_empty: str = "") -> None:
-    """After a step: its checkpoint when due (rank 0), and a checkpoint and a stop when
-    `max_skipped_in_a_row` non-finite steps in a row (optim.max_skipped_in_a_row) or
-    `run.max_empty_steps_in_a_row` steps with nothing to train on (`why_empty` says why) have passed."""
-    crash_point("step")
-    empty = progress["empty_in_a_row"] >= run.max_empty_steps_in_a_row
-    stop = progress["skipped_in_a_row"] >= max_skipped_in_a_row or empty
-    step = progress["step"]
-    # FSDP: every process writes its shards (rank 0 alone has a run_dir)
-    writes = run_dir is not None or (run.parallel == "fsdp" and distributed.active())
-    if stop or checkpoint_due(step, run.steps, run.save_every):
-        if writes:
-            save_run_checkpoint(run_dir, model, tokenizer, optimizer, progress, {"stage": stage}, run, start,
-                                teacher_state)
-        distributed.barrier_long()  # the others wait for rank 0's writing without NCCL's 10-minute limit
-    if empty:
-        raise UserError(f"training stopped after step {step}: {progress['empty_in_a_row']} steps in a row had nothing "
-                        f"to train on ({why_empty}; run.max_empty_steps_in_a_row={run.max_empty_steps_in_a_row}); "
-                        f"the weights are unchanged since the last step that trained")
-    if stop:
-        raise UserError(f"training stopped after step {step}: {progress['skipped_in_a_row']} steps in a row had a "
-                        f"non-finite loss or gradient (try a lower optim.lr); the last good weights are in "
-                        f"{run.output_dir}/checkpoints/step_{step:06d}")
+def stop_reason(progress: Progress, run: RunConfig, max_skipped_in_a_row: int, why_empty: str = "") -> str:
+    """Why the run stops after this step ("" to go on): `max_skipped_in_a_row` non-finite steps in a
+    row (optim.max_skipped_in_a_row), or `run.max_empty_steps_in_a_row` steps with nothing to train on
+    (`why_empty` says why)."""
+    step = progress.step
+    if progress.empty_in_a_row >= run.max_empty_steps_in_a_row:
+        return (f"training stopped after step {step}: {progress.empty_in_a_row} steps in a row had nothing to train "
+                f"on ({why_empty}; run.max_empty_steps_in_a_row={run.max_empty_steps_in_a_row}); the weights are "
+                "unchanged since the last step that trained")
+    if progress.skipped_in_a_row >= max_skipped_in_a_row:
+        return (f"training stopped after step {step}: {progress.skipped_in_a_row} steps in a row had a non-finite "
+                f"loss or gradient (try a lower optim.lr); the last good weights are in "
+                f"{run.output_dir}/checkpoints/step_{step:06d}")
+    return ""
 
 
 def _fsync(path: Path) -> None:
@@ -276,7 +273,7 @@ def _drop_resume_files(folder: Path) -> None:
     (folder / CHECKPOINT_INFO_TMP).replace(folder / CHECKPOINT_INFO)
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int],
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
                    weights_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """What training_state.pt holds: `progress` (step and counters), the optimizer state, for LoRA
     runs (whose saved weights are merged) the adapters themselves, and, when the weights are saved in
@@ -284,8 +281,8 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, progress:
     weights: continuing from the rounded ones would not be the same run."""
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if _is_peft(model):
-        return {**progress, "optimizer": optimizer.state_dict(), "adapters": trained}
-    state = {**progress, "optimizer": optimizer.state_dict(), "adapters": {}}
+        return {**progress.state(), "optimizer": optimizer.state_dict(), "adapters": trained}
+    state = {**progress.state(), "optimizer": optimizer.state_dict(), "adapters": {}}
     if weights_dtype is not None and any(p.dtype != weights_dtype for p in trained.values()):
         state["master_weights"] = trained
     return state
@@ -301,7 +298,7 @@ def _load_state(checkpoint: Path, device) -> dict[str, Any]:
 
 
 def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, start: StartModel,
-            teacher=None) -> dict[str, int]:
+            teacher=None) -> Progress:
     """Load weights, optimizer state and teacher snapshot of `checkpoint` into a run freshly built
     from `start`, after checking that what it rebuilds from `start` is what the run had; return its
     progress (step and counters). The state file is read with the tensors-only loader."""
@@ -315,7 +312,7 @@ def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     state = _load_state(checkpoint, device)
     if state.get("sharded"):
         _load_sharded(checkpoint, model, optimizer, teacher, state.get("optimizer_stepped", True))
-        return {**new_progress(), **{k: v for k, v in state.items() if k not in ("sharded", "optimizer_stepped")}}
+        return Progress.from_state(state)
     if _is_peft(model):
         _copy_into(model, state["adapters"], checkpoint)
     elif "master_weights" in state:  # the weights were saved rounded to the start model's dtype
@@ -325,9 +322,7 @@ def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     optimizer.load_state_dict(state["optimizer"])
     if teacher is not None and (checkpoint / TEACHER_FILE).is_file():
         teacher.load_state_dict(load_file(str(checkpoint / TEACHER_FILE), device=str(device)))
-    # counters a checkpoint of an earlier version does not hold start from zero
-    tensors = ("optimizer", "adapters", "master_weights")
-    return {**new_progress(), **{k: v for k, v in state.items() if k not in tensors}}
+    return Progress.from_state(state)
 
 
 def _load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, teacher,
@@ -403,7 +398,7 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
     if dtype is None:
         return state
     cast: dict[tuple, torch.Tensor] = {}
-    key = lambda value: (value.data_ptr(), value.dtype, value.shape, value.stride())  # noqa: E731
+    key = lambda value: (value.data_ptr(), value.dtype, value.shape, value.stride())
     for value in state.values():
         if key(value) not in cast:
             cast[key(value)] = value.to(dtype) if value.is_floating_point() else value
@@ -414,7 +409,10 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
 def _gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Under FSDP: the weights whole in rank 0's CPU memory, gathered one parameter at a time (every
     process takes part; the others get an empty dict); LoRA merged as in `_merged_state_dict`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     base = causal_lm(model)
     state = get_model_state_dict(base, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -433,7 +431,8 @@ def _gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLinear):
             key = f"{name}.base_layer.weight"
             for adapter in module.active_adapters:
-                delta = state[f"{name}.lora_B.{adapter}.weight"].float() @ state[f"{name}.lora_A.{adapter}.weight"].float()
+                b, a = state[f"{name}.lora_B.{adapter}.weight"], state[f"{name}.lora_A.{adapter}.weight"]
+                delta = b.float() @ a.float()
                 delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
                 state[key] = state[key] + delta.to(state[key].dtype)
     return {key.replace(".base_layer.", "."): value for key, value in state.items() if "lora_" not in key}

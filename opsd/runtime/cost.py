@@ -65,7 +65,8 @@ AES_WEIGHTS = (1.0, 3.0, 5.0)
 
 
 def accuracy_efficiency_score(accuracy: float | None, tokens: float | None, base_accuracy: float | None,
-                              base_tokens: float | None, weights: tuple[float, float, float] = AES_WEIGHTS) -> float | None:
+                              base_tokens: float | None, weights: tuple[float, float,
+                                                                        float] = AES_WEIGHTS) -> float | None:
     """O1-Pruner's accuracy-efficiency score of a model against a baseline:
     ΔL = (L_base − L) / L_base, ΔA = (A − A_base) / A_base, AES = α·ΔL + β·ΔA when ΔA ≥ 0, else
     α·ΔL − γ·|ΔA| (γ > β: a loss of accuracy costs more than a gain earns). 0 for the baseline itself;
@@ -175,5 +176,6 @@ COST_FIELDS = ("parameters", "latency_p50_s", "latency_p95_s", "throughput_token
                "compute_per_solved_flops")
 
 # responses scored without decoding: nothing was timed
-NOT_MEASURED = {**latency_summary([], []), **throughput(0, 0, 0.0, 0), "latency_problems": None, "throughput_batch_size": None,
+NOT_MEASURED = {**latency_summary([], []), **throughput(0, 0, 0.0, 0), "latency_problems": None,
+                "throughput_batch_size": None,
                 "peak_memory_mib": None, "peak_memory_measured_as": "not measured"}

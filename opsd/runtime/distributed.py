@@ -136,7 +136,12 @@ def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", 
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(backbone, device_ids=ids)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # bf16: every forward computes with bf16 weights (the root's embeddings and head too, so that
@@ -144,7 +149,8 @@ def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", 
     # into the float32 master weights
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    options = {"mesh": mesh, "mp_policy": precision, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    options = {"mesh": mesh, "mp_policy": precision,
+               "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
     layers = decoder_layers(backbone)
     for layer in layers:
         fully_shard(layer, **options)

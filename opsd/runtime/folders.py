@@ -36,7 +36,8 @@ EVAL_FILES = frozenset({*EVAL_OUTPUTS, *(f"{name}.tmp" for name in EVAL_OUTPUTS)
 
 # files a folder of each kind may hold besides the marker (subfolders are checked by `_foreign`)
 _FILES: dict[str, frozenset[str]] = {
-    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "samples.jsonl", "samples.jsonl.tmp", TRACKIO_NAME}),
+    "run": frozenset({"config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "samples.jsonl", "samples.jsonl.tmp",
+                      TRACKIO_NAME}),
     "eval": EVAL_FILES | {"row.json"},
     "pipeline": frozenset({"config.yaml", "summary.json", "summary.md"}),
     "demo": frozenset({"summary.json", "summary.md"}),
@@ -182,5 +183,6 @@ def remove_own(folder: Path, what: str, kind: str | None = None) -> None:
 def remove_partial_checkpoint(tmp: Path) -> None:
     """Delete an interrupted checkpoint write of ours (step_N.tmp), refusing anything else."""
     if foreign_checkpoint(tmp) is not None:
-        raise UserError(f"{tmp} is not an interrupted checkpoint write of opsd's; nothing was deleted (remove it yourself)")
+        raise UserError(f"{tmp} is not an interrupted checkpoint write of opsd's; nothing was deleted (remove it "
+                        "yourself)")
     shutil.rmtree(tmp)

@@ -76,7 +76,8 @@ def activation_bytes(shape: Shape, tokens: int, chunk_size: int = 256) -> float:
     return checkpoints + one_layer + divergence
 
 
-def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: list[torch.Tensor] | None) -> dict[str, int]:
+def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         snapshot: list[torch.Tensor] | None) -> dict[str, int]:
     """What this process really holds of the same (local shards under FSDP), after a step whose
     gradients are still in place: the check of `state_bytes` on a real run."""
     def held(tensor: torch.Tensor) -> int:
@@ -86,7 +87,8 @@ def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, sna
     params = [p for p in model.parameters() if p.requires_grad]
     moments = [value for state in optimizer.state.values() for key, value in state.items()
                if key in ("exp_avg", "exp_avg_sq")]
-    return {"weights": sum(held(p) for p in params), "gradients": sum(held(p.grad) for p in params if p.grad is not None),
+    return {"weights": sum(held(p) for p in params),
+            "gradients": sum(held(p.grad) for p in params if p.grad is not None),
             "optimizer": sum(held(m) for m in moments), "teacher": sum(held(s) for s in snapshot or [])}
 
 

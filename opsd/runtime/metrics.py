@@ -53,7 +53,8 @@ class MetricsLog:
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
-        self.close(failed=kind is not None)  # also when a stop is raised: the bar ends its line before the error is printed
+        # also when a stop is raised: the bar ends its line before the error is printed
+        self.close(failed=kind is not None)
 
     def close(self, failed: bool = False) -> None:
         self.bar.close()

@@ -18,9 +18,16 @@ import torch
 import yaml
 
 from opsd.core.config import build, to_dict
-from opsd.runtime.distributed import Parallel
 from opsd.core.errors import UserError, require
-from opsd.runtime.folders import MARKER, Kind, checkpoint_step, mark, remove_own, remove_partial_checkpoint
+from opsd.runtime.distributed import Parallel
+from opsd.runtime.folders import (
+    MARKER,
+    Kind,
+    checkpoint_step,
+    mark,
+    remove_own,
+    remove_partial_checkpoint,
+)
 from opsd.runtime.tracking import check_trackers
 
 TRAINING_STATE = "training_state.pt"
@@ -40,14 +47,20 @@ class RunConfig:
     problems_per_step: int = 32  # problems per optimizer step (sft: problem/response pairs) (a pipeline: per stage)
     save_every: int = 0  # checkpoint every k steps (0: only at the end) (a pipeline: per stage)
     keep_last: int = 3  # checkpoints kept (the latest ones; 0 keeps all) (a pipeline: per stage)
-    keep_weights: bool = False  # past keep_last, delete only resume files (training state, teacher), keep weights + tokenizer (a pipeline: per stage)
+    keep_weights: bool = False  # past keep_last, delete only resume files (training state, teacher), keep weights +
+    #   tokenizer (a pipeline: per stage)
     seed: int = 0  # data order, sampling and initialisation (a pipeline: per stage)
-    max_empty_steps_in_a_row: int = 5  # stop (exit 2) after this many steps with nothing to train on (a pipeline: per stage)
+    max_empty_steps_in_a_row: int = 5  # stop (exit 2) after this many steps with nothing to train on (a pipeline: per
+    #   stage)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (a pipeline: given to every stage and evaluation)
-    report_to: tuple[str, ...] | str = ("tensorboard",)  # trackers besides metrics.jsonl: tensorboard (when installed), wandb, trackio; [] or none: no tracker (a pipeline: every stage, when not the default)
-    threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU (a pipeline: every stage)
-    parallel: Parallel = "ddp"  # several processes (torchrun): ddp = whole model per process; fsdp = weights, gradients and optimizer state sharded (FSDP2) (a pipeline: every stage)
-    fsdp_offload: bool = False  # run.parallel=fsdp on GPU: keep the shards (weights, gradients, optimizer state) in CPU memory (a pipeline: every stage)
+    report_to: tuple[str, ...] | str = ("tensorboard",)  # trackers besides metrics.jsonl: tensorboard (when
+    #   installed), wandb, trackio; [] or none: no tracker (a pipeline: every stage, when not the default)
+    threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU (a
+    #   pipeline: every stage)
+    parallel: Parallel = "ddp"  # several processes (torchrun): ddp = whole model per process; fsdp = weights,
+    #   gradients and optimizer state sharded (FSDP2) (a pipeline: every stage)
+    fsdp_offload: bool = False  # run.parallel=fsdp on GPU: keep the shards (weights, gradients, optimizer state) in
+    #   CPU memory (a pipeline: every stage)
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # run.report_to=wandb reads as [wandb]; none as []
@@ -86,7 +99,8 @@ def prepare_run_dir(path: str | Path, overwrite: bool, kind: Kind = "run", optio
         raise UserError(f"output folder {run_dir} is a file")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
-            raise UserError(f"output folder {run_dir} already holds files; choose another output folder or set {option}=true")
+            raise UserError(f"output folder {run_dir} already holds files; choose another output folder or set "
+                            f"{option}=true")
         remove_own(run_dir, deleting_for or f"{option}=true", kind)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +148,8 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file()
 
 
-def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...], cls: type | None = None) -> None:
+def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[str, ...],
+                      cls: type | None = None) -> None:
     """Refuse to continue the run in `run_dir` under a config that differs in other keys than `changeable`
     (or one written by an opsd without folder markers, whose keys and sampling differ). With `cls`
     (the config's class) the saved config is read through it first, so that a key added since it was
@@ -153,7 +168,8 @@ def check_same_config(run_dir: Path, config: dict[str, Any], changeable: tuple[s
         except UserError:
             pass  # compared as written: the first difference is named below
     current = _flatten(yaml.safe_load(yaml.safe_dump(config)))
-    differ = [k for k in sorted(saved.keys() | current.keys()) if k not in changeable and saved.get(k) != current.get(k)]
+    differ = [k for k in sorted(saved.keys() | current.keys())
+              if k not in changeable and saved.get(k) != current.get(k)]
     if differ:
         key = differ[0]
         raise UserError(f"output folder {run_dir} holds a run of another config ({key} is {saved.get(key)!r} there, "

@@ -16,45 +16,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from opsd.core.data import Problem
-from opsd.generation.rollouts import Rollout
 from opsd.runtime.runs import trim_rows
-from opsd.verifiers import Verdict
 
 SAMPLES = "samples.jsonl"
-
-
-def pick(count: int, wanted: int) -> list[int]:
-    """`wanted` indices spread evenly over range(count) (all of them when count ≤ wanted)."""
-    if count <= wanted:
-        return list(range(count))
-    return [i * count // wanted for i in range(wanted)]
-
-
-def rollout_rows(tokenizer, rollouts: list[Rollout], problems: list[Problem], verdicts: list[Verdict],
-                 picked: list[int]) -> list[dict[str, Any]]:
-    """The fields every stage saves of the rollouts at `picked`: problem id, prompt as rendered (chat
-    template included), response, extracted and gold answer, grade, truncation, length in tokens."""
-    rows = []
-    for index in picked:
-        rollout, verdict = rollouts[index], verdicts[index]
-        problem = problems[rollout.problem_index]
-        rows.append({
-            "id": problem.id,
-            "prompt": render(tokenizer, rollout.prompt_ids),
-            "response": tokenizer.decode(rollout.response_ids, skip_special_tokens=True),
-            "extracted": verdict.extracted,
-            "answer": problem.answer,
-            "correct": verdict.correct,
-            "truncated": rollout.truncated,
-            "response_tokens": len(rollout.response_ids),
-        })
-    return rows
-
-
-def render(tokenizer, ids: list[int]) -> str:
-    """Token ids as the model sees them, special tokens of the chat template included."""
-    return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 class SamplesLog:

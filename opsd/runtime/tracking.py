@@ -147,7 +147,8 @@ class _Trackio:
         else:
             name = f"{parent}-{run_dir.name}-{uuid.uuid4().hex[:6]}"
             name_file.write_text(name + "\n", encoding="utf-8")
-        self.run = _started("trackio", lambda: trackio.init(project=os.environ.get("TRACKIO_PROJECT", "opsd"), name=name,
+        self.run = _started("trackio", lambda: trackio.init(project=os.environ.get("TRACKIO_PROJECT", "opsd"),
+                                                            name=name,
                                                             group=parent, config=config, resume="allow"))
 
     def log(self, metrics: dict[str, float], step: int) -> None:

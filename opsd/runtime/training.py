@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from opsd.runtime import distributed
 from opsd.core.errors import UserError, require
-from opsd.core.models import Backbone, ModelConfig, add_lora, load_model, lora_not_linear
+from opsd.core.models import (
+    Backbone,
+    ModelConfig,
+    add_lora,
+    load_model,
+    lora_not_linear,
+)
+from opsd.runtime import distributed
 
 
 @dataclass(frozen=True)
@@ -121,25 +128,36 @@ def compute_dtype(optim: OptimConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if optim.bf16 and device.type == "cuda" else None
 
 
-def new_progress() -> dict[str, int]:
-    """Where a run stands: optimizer steps done, steps skipped as non-finite and steps with nothing
-    to train on (in all, and in a row), response tokens trained on (all processes)."""
-    return {"step": 0, "skipped": 0, "skipped_in_a_row": 0, "empty": 0, "empty_in_a_row": 0, "tokens": 0}
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands; a checkpoint's training state holds it, so a resumed run continues counting."""
+
+    step: int = 0  # optimizer steps done
+    skipped: int = 0  # steps skipped as non-finite, in all
+    skipped_in_a_row: int = 0
+    empty: int = 0  # steps with nothing to train on, in all
+    empty_in_a_row: int = 0
+    tokens: int = 0  # response tokens trained on (all processes)
+
+    def after(self, step: int, skipped: bool, tokens: int = 1) -> Progress:
+        """Progress after `step`, which was skipped as non-finite or not, and trained on `tokens` (0: empty)."""
+        empty = tokens == 0
+        return Progress(step, self.skipped + int(skipped), self.skipped_in_a_row + 1 if skipped else 0,
+                        self.empty + int(empty), self.empty_in_a_row + 1 if empty else 0, self.tokens + tokens)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        """The progress in a training state; counters a checkpoint of an earlier version lacks start from zero."""
+        return cls(**{f.name: int(state[f.name]) for f in dataclasses.fields(cls) if f.name in state})
+
+    def state(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
-def advance(progress: dict[str, int], step: int, skipped: bool, tokens: int = 1) -> dict[str, int]:
-    """Progress after `step`, which was skipped as non-finite or not, and trained on `tokens` (0: empty)."""
-    empty = tokens == 0
-    return {"step": step, "skipped": progress["skipped"] + int(skipped),
-            "skipped_in_a_row": progress["skipped_in_a_row"] + 1 if skipped else 0,
-            "empty": progress["empty"] + int(empty), "empty_in_a_row": progress["empty_in_a_row"] + 1 if empty else 0,
-            "tokens": progress["tokens"] + tokens}
-
-
-def stage_summary(stage: str, progress: dict[str, int]) -> str:
+def stage_summary(stage: str, progress: Progress) -> str:
     """The line a stage prints when it ends."""
-    return (f"opsd {stage}: {progress['step']} steps done ({progress['skipped']} skipped as non-finite, "
-            f"{progress['empty']} with nothing to train on), {progress['tokens']:,} response tokens trained on")
+    return (f"opsd {stage}: {progress.step} steps done ({progress.skipped} skipped as non-finite, "
+            f"{progress.empty} with nothing to train on), {progress.tokens:,} response tokens trained on")
 
 
 def step_items(count: int, step: int, per_step: int, shuffle: bool, seed: int) -> list[int]:

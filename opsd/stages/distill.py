@@ -14,7 +14,7 @@ One step, top to bottom:
      teacher's prompt as rendered, per-sequence divergence); save a Hugging Face checkpoint every
      `run.save_every` steps and at the end.
 
-Deviations from the papers: the teacher's user turn wordings are ours (opsd/core/prompts.py). The loop
+Deviations from the papers: the teacher's user turn wordings are ours (opsd/teacher/contexts.py). The loop
 runs unchanged under `torchrun`: each process takes its share of the step's problems, the student
 backbone is wrapped as `run.parallel` says (DDP, or FSDP2 with the weights gathered for generation
 and the teacher's forward: opsd/runtime/distributed.py), only rank 0 writes, and the token mean is over the
@@ -30,38 +30,61 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from opsd.runtime import distributed
-from opsd.runtime.checkpoint import checkpoint_or_stop, restore, start_model
-from opsd.core.config import to_dict
 from opsd.core.data import Fields, Problem, load_problems
-from opsd.objectives.divergence import DivergenceKind, Estimator, chunked_divergence_to
 from opsd.core.errors import UserError, require
-from opsd.objectives.gating import Gating, gate
-from opsd.generation import (Engine, SamplingConfig, check_engine_fits, check_sampling, closing_on_error,
-                             make_engine, request_seed)
-from opsd.objectives.logprobs import gap_metrics, logprob_gap
-from opsd.teacher.memo import MEMO_INSTRUCTION, memo_positions
-from opsd.runtime.metrics import MetricsLog
-from opsd.core.models import ModelConfig, check_fits, load_tokenizer, output_head
+from opsd.core.models import ModelConfig, output_head
 from opsd.core.packing import pack, per_sequence_mean, response_hidden
-from opsd.core.prompts import CONCISE_INSTRUCTION, TeacherContext, check_template
+from opsd.generation import SamplingConfig, check_sampling, request_seed
+from opsd.generation.rollouts import (
+    Rollout,
+    collect_rollouts,
+    pick,
+    render,
+    response_texts,
+    rollout_rows,
+)
+from opsd.objectives.divergence import (
+    DivergenceKind,
+    DivergenceSpec,
+    Estimator,
+    chunked_divergence_to,
+)
+from opsd.objectives.gating import Gating, gate
+from opsd.objectives.logprobs import gap_metrics, logprob_gap
 from opsd.objectives.purified import PurifiedTarget
-from opsd.generation.rollouts import collect_rollouts, grade_rollouts
-from opsd.runtime.runs import RunConfig, check_run, open_run_dir, resume_point, use_threads
-from opsd.runtime.samples import SamplesLog, pick, render, rollout_rows
-from opsd.teacher.target import (CONTEXTS, ExternalTeacher, TeacherPrompts, TeacherWeightsConfig, TeacherWeightsState,
-                          check_same_vocabulary, load_external_teacher, render_teacher_prompts, rollout_teacher_prompts,
-                          start_snapshot, teacher_target)
-from opsd.runtime.training import (OptimConfig, Timer, advance, autocast, check_optim, compute_dtype, guarded_step, load_policy,
-                           make_optimizer, new_progress, set_lr, stage_summary, step_items, wrap_policy)
-from opsd.verifiers import VerifierConfig, Verifiers, check_problems, check_verifier, gradable
+from opsd.runtime import distributed
+from opsd.runtime.runs import RunConfig, check_run
+from opsd.runtime.training import (
+    OptimConfig,
+    Timer,
+    autocast,
+    check_optim,
+    guarded_step,
+    step_items,
+)
+from opsd.stages.session import Needs, Session, StepResult, begin, session
+from opsd.teacher.contexts import CONCISE_INSTRUCTION, CONTEXTS, TeacherContext, Wording
+from opsd.teacher.memo import MEMO_INSTRUCTION, memo_positions
+from opsd.teacher.target import (
+    Teacher,
+    TeacherPrompts,
+    load_external_teacher,
+    render_teacher_prompts,
+)
+from opsd.teacher.weights import TeacherWeightsConfig
+from opsd.verifiers import (
+    ANSWER_FREE,
+    VerifierConfig,
+    check_problems,
+    check_verifier,
+    gradable,
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TeacherConfig:
     context: TeacherContext = "reference"  # reference | answer | concise | template | memo | purified
+    #   (teacher/contexts.py)
     template: str = "{problem}\n\nReference solution:\n{solution}"  # user turn for context=template
     concise_instruction: str = CONCISE_INSTRUCTION  # instruction for context=concise
     memo_instruction: str = MEMO_INSTRUCTION  # what the model is asked to write (context=memo)
@@ -112,6 +136,7 @@ class DistillConfig:
 def check_options(config: DistillConfig, world: int = 1) -> None:
     """Out-of-range and contradictory options, refused before any work starts."""
     loss, weights, teacher = config.loss, config.teacher.weights, config.teacher
+    context = CONTEXTS[teacher.context]
     require(
         ("loss.beta", 0.0 <= loss.beta <= 1.0, "in [0, 1]"),
         ("loss.temperature", loss.temperature > 0, "positive"),
@@ -132,9 +157,8 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
         raise UserError("loss.clip_tau applies to the full and topk estimators, not to loss.estimator=sampled")
     if loss.estimator == "sampled" and loss.kind != "reverse_kl":
         raise UserError("loss.estimator=sampled estimates the reverse KL only; set loss.kind=reverse_kl")
-    if teacher.context == "template":
-        check_template(teacher.template, "teacher.template")
-    if CONTEXTS[teacher.context].purified and weights.policy != "frozen":
+    context.check(wording(config))
+    if context.purified and weights.policy != "frozen":
         raise UserError("teacher.context=purified uses three frozen views; set teacher.weights.policy=frozen")
     if teacher.model is not None and weights.policy != "frozen":
         raise UserError("an external teacher (teacher.model) is frozen; set teacher.weights.policy=frozen")
@@ -145,163 +169,131 @@ def check_options(config: DistillConfig, world: int = 1) -> None:
                         "float32 master copy; use model.dtype=float32 (bf16 autocast stays on with optim.bf16) or LoRA")
 
 
+def wording(config: DistillConfig) -> Wording:
+    return Wording(config.teacher.template, config.teacher.concise_instruction)
+
+
 def needs_answers(config: DistillConfig) -> bool:
     return config.gating != "all" or config.loss.kind == "branched" or CONTEXTS[config.teacher.context].needs_answer
-
-
-@dataclass(frozen=True)
-class Parts:
-    """What a step works with (built once by `run_distill`)."""
-
-    model: torch.nn.Module  # the student (PEFT-wrapped with LoRA)
-    backbone: torch.nn.Module  # its final hidden states, wrapped by run.parallel under torchrun
-    optimizer: torch.optim.Optimizer
-    engine: Engine  # samples rollouts and memos
-    weights: TeacherWeightsState  # the self-teacher's weights
-    external: ExternalTeacher | None  # or another checkpoint as the teacher
-    tokenizer: object
-    verifiers: Verifiers
-    device: torch.device
 
 
 def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
     """Train; return the run folder (None on ranks other than 0). Everything a user can get wrong is
     checked before the folder is created. `name` labels the progress bar (a pipeline: the stage's)."""
-    world = distributed.world_size()
-    check_options(config, world)
-    use_threads(config.run.threads)
-    resume_from = resume_point(config.run, to_dict(config), type(config))
+    begun = begin(config, check_options)
     problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config),
-                             default_verifier=config.verifier.default)
+                             default_verifier=config.verifier.default, answer_free=ANSWER_FREE)
     check_problems(problems, config.data.path, config.verifier)
-    device = distributed.device(config.run.device)
-    tokenizer = load_tokenizer(config.model)
-    teacher = config.teacher
-    prompts = render_teacher_prompts(tokenizer, problems, teacher.context, teacher.template, teacher.concise_instruction)
-    external = load_external_teacher(teacher.model, teacher.device, tokenizer, device, distributed.device) \
+    teacher, context, tokenizer = config.teacher, CONTEXTS[config.teacher.context], begun.tokenizer
+    prompts = render_teacher_prompts(tokenizer, problems, context, wording(config))
+    external = load_external_teacher(teacher.model, teacher.device, tokenizer, begun.device, distributed.device) \
         if teacher.model else None
-    rank = distributed.setup(device, cpu_collectives=config.run.fsdp_offload)
-    torch.manual_seed(config.run.seed)  # the same on every process: FSDP shards each one's own LoRA initialisation
-    model = load_policy(config.model, config.optim, device)
-    check_same_vocabulary(model, external)
+    with session(config, name, "distill", begun, needs(config, problems, prompts, external, tokenizer)) as s:
+        target = Teacher(context, s.model, s.shadow, external, (teacher.purified_clip, teacher.purified_beta),
+                         tokenizer.pad_token_id, s.device, lambda: autocast(config.optim, s.device))
+        for step in s.steps():
+            order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
+            mine = s.my_share(order)  # this process's places in the step
+            indices = [order[p] for p in mine]
+            # seeded by the place in the step, not the process: the same samples on any number of processes
+            seeds = [request_seed(config.run.seed, step, p) for p in mine]
+            result = train_step(config, s, target, [problems[i] for i in indices], prompts.select(indices), seeds)
+            result.metrics["teacher/updated"] = s.shadow.after_step(step) if s.shadow is not None else False
+            s.end_step(step, result)
+    return s.run_dir
+
+
+def needs(config: DistillConfig, problems: list[Problem], prompts: TeacherPrompts, external, tokenizer) -> Needs:
+    """What the session builds for this run: the lengths the policy and the engine must hold (the
+    longest prompt of any view plus the response budget; memos), the teacher's weights, grading."""
+    teacher, budget = config.teacher, config.sampling.max_new_tokens
     memo = teacher.memo_max_tokens if CONTEXTS[teacher.context].writes_memo else 0
     longest = max(len(p) for p in [*prompts.student, *prompts.teacher, *(prompts.reference_only or [])]) + memo
-    budget = config.sampling.max_new_tokens
-    check_fits(model, longest + budget, f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({budget})")
+    fits = [(longest + budget, f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({budget})")]
     # what the engine decodes: the student's prompts and responses, and the memo prompts and memos
     student = max(len(p) for p in prompts.student)
     engine_positions = student + budget
     what = f"the longest student prompt ({student} tokens) plus sampling.max_new_tokens ({budget})"
     if memo:
         memos = memo_positions(tokenizer, problems, teacher.memo_instruction, budget, memo)
-        check_fits(model, memos, f"the longest memo prompt with a response of sampling.max_new_tokens ({budget}) "
-                                 f"plus teacher.memo_max_tokens ({memo})")
+        fits.append((memos, f"the longest memo prompt with a response of sampling.max_new_tokens ({budget}) "
+                            f"plus teacher.memo_max_tokens ({memo})"))
         if memos > engine_positions:
             engine_positions, what = memos, f"the longest memo prompt plus teacher.memo_max_tokens ({memo})"
-    check_engine_fits(config.sampling, "sampling", engine_positions, what)
-    uses_lora = config.model.lora_rank > 0
-    start = start_model(config.model, model, start_snapshot(model, teacher.weights, uses_lora))
-    backbone = wrap_policy(model, device, config.run.parallel, config.run.fsdp_offload, config.optim)
-    weights = TeacherWeightsState(model, teacher.weights, uses_lora=uses_lora)
-    optimizer = make_optimizer(model, config.optim)
-    progress = restore(resume_from, model, optimizer, start, weights) if resume_from else new_progress()
-    # before the run folder: vLLM refuses a model it cannot serve here
-    engine = make_engine(model, tokenizer, config.sampling, device, compute_dtype(config.optim, device),
-                         lambda: distributed.gathered(backbone), engine_positions)
-    run_dir = closing_on_error(engine, lambda: open_run_dir(config.run, to_dict(config), rank, progress["step"]))
-    with engine, Verifiers(config.verifier) as verifiers, \
-            SamplesLog(run_dir, config.samples_per_step, resumed_step=progress["step"]) as samples, \
-            MetricsLog(run_dir, config.run.steps, config.run.report_to, done=progress["step"], name=name,
-                       config=to_dict(config)) as log:
-        parts = Parts(model, backbone, optimizer, engine, weights, external,
-                      tokenizer, verifiers, device)
-        for step in range(progress["step"] + 1, config.run.steps + 1):
-            set_lr(optimizer, config.optim, step, config.run.steps)
-            order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
-            positions = distributed.shard(list(range(len(order))), rank, world)  # this process's share of the step
-            indices = [order[p] for p in positions]
-            # seeded by the place in the step, not the process: the same samples on any number of processes
-            seeds = [request_seed(config.run.seed, step, p) for p in positions]
-            metrics, rows = train_step(config, parts, [problems[i] for i in indices], prompts.select(indices), seeds,
-                                       samples.per_step)
-            progress = advance(progress, step, metrics.pop("skipped"), metrics["train/tokens"])
-            parts.engine.update_weights()
-            metrics.update({"optim/skipped_steps": progress["skipped"], "teacher/updated": weights.after_step(step)})
-            samples.write(step, rows)
-            log.write(step, metrics, postfix={"div": metrics["loss/divergence"], "acc": metrics["rollout/accuracy"],
-                                              "len": metrics["rollout/response_tokens_mean"]})
-            why_empty = (f"gating={config.gating} kept none of the {metrics['rollout/count']} rollouts; rollout "
-                         f"accuracy {metrics['rollout/accuracy']:.2f}")
-            if metrics["optim/empty_step"] and progress["empty"] == 1:
-                log.say(f"opsd: warning: step {step} had nothing to train on ({why_empty})")
-            checkpoint_or_stop(run_dir, config.run, config.optim.max_skipped_in_a_row, model, tokenizer, optimizer,
-                               progress, "distill", start, weights.checkpoint_state(), why_empty)
-        del parts, backbone  # release DDP's reducer / FSDP's state before the process group (see distributed.teardown)
-    if run_dir is not None:
-        print(stage_summary("distill", progress), file=sys.stderr)
-    distributed.teardown()
-    return run_dir
+    return Needs(fits=tuple(fits), shadow=teacher.weights if external is None else None, external=external,
+                 sampling=config.sampling, engine_positions=engine_positions, engine_what=what,
+                 verifier=config.verifier, samples_per_step=config.samples_per_step)
 
 
-def train_step(config: DistillConfig, parts: Parts, problems: list[Problem], prompts: TeacherPrompts,
-               seeds: list[int], samples_wanted: int) -> tuple[dict[str, float], list[dict]]:
+@dataclass(frozen=True)
+class Kept:
+    """A rollout the gate kept, with its grade."""
+
+    rollout: Rollout
+    correct: bool
+
+
+def train_step(config: DistillConfig, s: Session, teacher: Teacher, problems: list[Problem], prompts: TeacherPrompts,
+               seeds: list[int]) -> StepResult:
     """One optimizer step: sample → grade → gate → (memo) → teacher/student → backward → step; its
-    metrics and the samples.jsonl rows of `samples_wanted` of its rollouts."""
+    metrics and the samples.jsonl rows of `samples_per_step` of its rollouts."""
     timer, started = Timer(), time.perf_counter()
-    parts.model.eval()
-    # FSDP: the hf engine decodes with the trainer's module, whole for the block; vllm with its own copy
-    decoding = distributed.gathered if parts.engine.reads_trainer_module else lambda _: contextlib.nullcontext()
+    s.model.eval()
     with timer("generate"):
-        parts.engine.ready()  # every process: the trainer's weights into the engine if they changed
-        with decoding(parts.backbone):
-            rollouts = collect_rollouts(parts.engine, prompts.student, config.sampling, seeds)
+        s.engine.ready()  # every process: the trainer's weights into the engine if they changed
+        with s.engine.decoding():
+            rollouts = collect_rollouts(s.engine, prompts.student, config.sampling, seeds)
     with timer("grade"):
-        verdicts = grade_rollouts(rollouts, problems, parts.tokenizer, parts.verifiers)
+        verdicts = s.verifiers.verify(response_texts(s.tokenizer, rollouts),
+                                      [problems[r.problem_index] for r in rollouts])
     correct = [v.correct for v in verdicts]
     keep = gate(correct, [r.truncated for r in rollouts], config.gating)
-    kept = [(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
-    writes_memo = CONTEXTS[config.teacher.context].writes_memo
-    with timer("memo"), decoding(parts.backbone) if writes_memo else contextlib.nullcontext():
-        teacher_prompts, memos = rollout_teacher_prompts(
-            config.teacher.context, parts.engine, parts.tokenizer, kept, problems, prompts,
-            config.teacher.memo_instruction, config.teacher.memo_max_tokens)
-    parts.engine.idle()  # vllm's sleep mode: its memory back while the teacher and the student run
-    kept_tokens = sum(len(r.response_ids) for r, _ in kept)
+    kept = [Kept(r, c) for r, c, k in zip(rollouts, correct, keep) if k]
+    with timer("memo"), s.engine.decoding() if teacher.context.writes_memo else contextlib.nullcontext():
+        teacher_prompts, memos = teacher.rollout_prompts(s.engine, s.tokenizer, kept, problems, prompts,
+                                                         config.teacher.memo_instruction,
+                                                         config.teacher.memo_max_tokens)
+    s.engine.idle()  # vllm's sleep mode: its memory back while the teacher and the student run
+    kept_tokens = sum(len(k.rollout.response_ids) for k in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
-    parts.optimizer.zero_grad(set_to_none=True)
-    sums, divergence_K = distill_kept(config, parts, kept, teacher_prompts, prompts, total_tokens, timer)
-    grad_norm, skipped = guarded_step(parts.model, parts.optimizer, config.optim.max_grad_norm,
-                                      has_gradient=total_tokens > 0)
+    s.optimizer.zero_grad(set_to_none=True)
+    sums, divergence_K = distill_kept(config, s, teacher, kept, teacher_prompts, prompts, total_tokens, timer)
+    grad_norm, skipped = guarded_step(s.model, s.optimizer, config.optim.max_grad_norm, has_gradient=total_tokens > 0)
     lengths = [len(r.response_ids) for r in rollouts]
-    per_token = lambda key: sums[key] / kept_tokens if kept_tokens else float("nan")  # noqa: E731
+    per_token = lambda key: sums[key] / kept_tokens if kept_tokens else float("nan")
     generate_s, student_s, teacher_s = timer.total("generate"), timer.total("student"), timer.total("teacher")
-    rows = sample_rows(parts.tokenizer, samples_wanted, rollouts, problems, verdicts, keep, teacher_prompts, memos,
+    rows = sample_rows(s.tokenizer, s.samples.per_step, rollouts, problems, verdicts, keep, teacher_prompts, memos,
                        divergence_K, prompts)
-    return {
+    accuracy = sum(correct) / len(correct) if all(gradable(p, config.verifier.default) for p in problems) \
+        else float("nan")
+    metrics = {
         "loss/divergence": per_token("divergence"),
         "loss/clipped_ratio": per_token("clipped"),
         "loss/student_entropy": per_token("entropy"),
         **({"purified/gap_cosine": per_token("gap_cosine"), "purified/gap_norm_ratio": per_token("gap_norm_ratio")}
-           if CONTEXTS[config.teacher.context].purified else {}),
-        "rollout/accuracy": sum(correct) / len(correct) if all(gradable(p, config.verifier.default) for p in problems)
-        else float("nan"),
+           if teacher.context.purified else {}),
+        "rollout/accuracy": accuracy,
         "rollout/count": len(rollouts),
         "rollout/restated": sum(v.restated for v in verdicts),
         "rollout/kept": len(kept),
         "rollout/response_tokens_mean": sum(lengths) / len(lengths),
         "rollout/response_tokens_max": max(lengths),
         "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
-        **gap_metrics(sums["logprob_gap"], int(sums["logprob_gap_outside"]), kept_tokens, config.sampling.temperature > 0),
+        **gap_metrics(sums["logprob_gap"], int(sums["logprob_gap_outside"]), kept_tokens,
+                      config.sampling.temperature > 0),
         "optim/grad_norm": grad_norm,
-        "optim/lr": parts.optimizer.param_groups[0]["lr"],
+        "optim/lr": s.optimizer.param_groups[0]["lr"],
         "optim/empty_step": total_tokens == 0,
         "train/tokens": total_tokens,
         **{f"time/{phase}_s": timer.total(phase) for phase in ("generate", "grade", "memo", "teacher", "student")},
         "time/step_s": time.perf_counter() - started,
         "throughput/generate_tokens_per_s": sum(lengths) / generate_s if generate_s else float("nan"),
         "throughput/train_tokens_per_s": kept_tokens / (teacher_s + student_s) if kept_tokens else float("nan"),
-        "skipped": skipped,
-    }, rows
+    }
+    why_empty = f"gating={config.gating} kept none of the {len(rollouts)} rollouts; rollout accuracy {accuracy:.2f}"
+    return StepResult(metrics, skipped, total_tokens, rows=rows, why_empty=why_empty,
+                      postfix={"div": metrics["loss/divergence"], "acc": accuracy,
+                               "len": metrics["rollout/response_tokens_mean"]})
 
 
 def sample_rows(tokenizer, wanted: int, rollouts, problems: list[Problem], verdicts, keep: list[bool],
@@ -327,51 +319,48 @@ def sample_rows(tokenizer, wanted: int, rollouts, problems: list[Problem], verdi
     return rows
 
 
-def distill_kept(config: DistillConfig, parts: Parts, kept, teacher_prompts: list[list[int]], prompts: TeacherPrompts,
-                 total_tokens: int, timer: Timer) -> tuple[dict[str, float], list[float]]:
+def distill_kept(config: DistillConfig, s: Session, teacher: Teacher, kept: list[Kept],
+                 teacher_prompts: list[list[int]],
+                 prompts: TeacherPrompts, total_tokens: int, timer: Timer) -> tuple[dict[str, float], list[float]]:
     """Teacher target and student forward per micro-batch of kept rollouts, divergence, backward;
     gradients accumulate (token mean over the whole step). Sums of the per-token metrics, and each
     kept rollout's divergence averaged over its response tokens (from the same forward)."""
     # token mean over the whole step: DDP and FSDP average gradients over processes, hence the factor world
-    token_weight = distributed.world_size() / max(total_tokens, 1)
+    token_weight = s.world / max(total_tokens, 1)
     sums: dict[str, float] = collections.defaultdict(float)
     divergence_K: list[float] = []
-    micro, pad_id, device, loss = config.optim.micro_batch_size, parts.tokenizer.pad_token_id, parts.device, config.loss
-    n_micro = distributed.max_over_ranks(math.ceil(len(kept) / micro))
-    for index in range(n_micro):
-        batch = kept[index * micro : (index + 1) * micro]
-        with distributed.no_sync_unless(parts.backbone, last=index == n_micro - 1):
-            # FSDP: the self-teacher's weights are gathered whole for its forward (an external one is not sharded)
-            gathered = distributed.gathered(parts.backbone) if parts.external is None else contextlib.nullcontext()
-            if not batch:  # this process has run out: zero-weight passes keep the collectives in step
-                with parts.weights.active(), gathered:  # its shards of the teacher's weights, for the others
+    loss, micro = config.loss, config.optim.micro_batch_size
+    spec = DivergenceSpec(loss.kind, loss.beta, loss.temperature, loss.clip_tau, loss.estimator, loss.top_k,
+                          config.optim.chunk_size)
+    for index, batch in enumerate(s.micro_batches(kept, micro)):
+        # FSDP: the self-teacher's weights are gathered whole for its forward (an external one is not sharded)
+        gathered = distributed.gathered(s.backbone) if teacher.external is None else contextlib.nullcontext()
+        if not batch:  # this process has run out: zero-weight passes keep the collectives in step
+            if teacher.weights is not None:
+                with teacher.weights.active(), gathered:  # its shards of the teacher's weights, for the others
                     pass
-                distributed.idle_backward(parts.backbone, parts.model, pad_id, device)
-                continue
-            with timer("teacher"):
-                target = teacher_target(config.teacher.context, (config.teacher.purified_clip, config.teacher.purified_beta),
-                                        parts.model, parts.weights, parts.external, batch,
-                                        teacher_prompts[index * micro : (index + 1) * micro], prompts, pad_id, device,
-                                        autocast(config.optim, device), gathered)
-            with timer("student"):
-                parts.model.train()
-                packed = pack([prompts.student[r.problem_index] for r, _ in batch], [r.response_ids for r, _ in batch],
-                              pad_id, device)
-                with autocast(config.optim, device):
-                    hidden_N_H = response_hidden(parts.backbone, packed)
-                reverse_N = torch.tensor([c for _, c in batch], device=device)[packed.row_N]
-                result = chunked_divergence_to(
-                    hidden_N_H, output_head(parts.model), target,
-                    torch.full_like(packed.targets_N, token_weight, dtype=torch.float32), packed.targets_N,
-                    reverse_N if loss.kind == "branched" else None, chunk_size=config.optim.chunk_size, kind=loss.kind,
-                    beta=loss.beta, temperature=loss.temperature, clip_tau=loss.clip_tau, estimator=loss.estimator,
-                    top_k=loss.top_k)
-                # before the backward: under FSDP the head is whole until then
-                gap, outside = logprob_gap(hidden_N_H, output_head(parts.model), packed.targets_N,
-                                           [r.sample_logprobs for r, _ in batch], config.sampling, config.optim.chunk_size)
-                sums["logprob_gap"] += gap
-                sums["logprob_gap_outside"] += outside
-                result.loss.backward()
+            s.idle_pass()
+            continue
+        with timer("teacher"):
+            target = teacher.target(batch, teacher_prompts[index * micro : (index + 1) * micro], prompts, gathered)
+        with timer("student"):
+            s.model.train()
+            packed = pack([prompts.student[k.rollout.problem_index] for k in batch],
+                          [k.rollout.response_ids for k in batch], s.tokenizer.pad_token_id, s.device)
+            with autocast(config.optim, s.device):
+                hidden_N_H = response_hidden(s.backbone, packed)
+            reverse_N = torch.tensor([k.correct for k in batch], device=s.device)[packed.row_N]
+            result = chunked_divergence_to(
+                hidden_N_H, output_head(s.model), target,
+                torch.full_like(packed.targets_N, token_weight, dtype=torch.float32), packed.targets_N,
+                reverse_N if loss.kind == "branched" else None, spec)
+            # before the backward: under FSDP the head is whole until then
+            gap, outside = logprob_gap(hidden_N_H, output_head(s.model), packed.targets_N,
+                                       [k.rollout.sample_logprobs for k in batch], config.sampling,
+                                       config.optim.chunk_size)
+            sums["logprob_gap"] += gap
+            sums["logprob_gap_outside"] += outside
+            result.loss.backward()
         sums["divergence"] += float(result.value_N.sum())
         divergence_K += per_sequence_mean(result.value_N.detach(), packed.row_N, len(batch)).tolist()
         sums["entropy"] += float(result.entropy_N.sum())

@@ -55,23 +55,56 @@ from typing import Any
 
 import torch
 
-from opsd.runtime import distributed
 from opsd.core.config import to_dict
-from opsd.runtime.cost import NOT_MEASURED, CostConfig, compute_per_solved, latency, parameter_count, peak_memory, throughput
 from opsd.core.data import Fields, Problem, load_problems, read_rows
 from opsd.core.errors import UserError, require
-from opsd.runtime.folders import EVAL_OUTPUTS, foreign_checkpoint, kind_of, mark
-from opsd.generation import Engine, SamplingConfig, check_engine_fits, check_sampling, make_engine, request_seed
-from opsd.runtime.metrics import progress_bar
 from opsd.core.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer
 from opsd.core.prompts import render_prompt
+from opsd.generation import (
+    Engine,
+    SamplingConfig,
+    check_engine_fits,
+    check_sampling,
+    make_engine,
+    request_seed,
+)
+from opsd.runtime import distributed
+from opsd.runtime.cost import (
+    NOT_MEASURED,
+    CostConfig,
+    compute_per_solved,
+    latency,
+    parameter_count,
+    peak_memory,
+    throughput,
+)
+from opsd.runtime.folders import EVAL_OUTPUTS, foreign_checkpoint, kind_of, mark
+from opsd.runtime.metrics import progress_bar
 from opsd.runtime.runs import use_threads
-from opsd.verifiers import Verdict, VerifierConfig, Verifiers, check_problems, check_verifier
+from opsd.verifiers import (
+    ANSWER_FREE,
+    Verdict,
+    VerifierConfig,
+    Verifiers,
+    check_problems,
+    check_verifier,
+)
 from opsd.verifiers.math import normalize_answer
 
 REFLECTIVE_MARKERS = ("wait", "hmm", "let me check", "let me re-check", "double-check", "actually")
 # evaluation's sampling defaults (k = n = 4 samples at temperature 0.6, top-p 0.95, 4,096 new tokens)
 EVAL_SAMPLING = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=4096, n=4)
+
+
+@dataclass(frozen=True)
+class EvalRunConfig:
+    """The run contract of an evaluation: the keys it shares with every other command's `run` section."""
+
+    output_dir: str = "runs/eval"  # folder receiving eval.json, eval.md and responses.jsonl
+    overwrite: bool = False  # replace an earlier evaluation's files in run.output_dir
+    seed: int = 0  # seed of the sampling requests (each problem and sample draws from its own)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU
 
 
 @dataclass(frozen=True)
@@ -88,12 +121,8 @@ class EvalConfig:
     instruction: str = ""  # text put before each problem in the user turn (blank line between)
     reflective_markers: tuple[str, ...] = REFLECTIVE_MARKERS  # words/phrases counted case-insensitively
     responses: str | None = None  # JSONL of {id, response} rows to score instead of generating
-    output_dir: str = "runs/eval"  # folder receiving eval.json, eval.md and responses.jsonl
-    overwrite: bool = False  # replace an earlier evaluation's files in output_dir
-    seed: int = 0  # seed of the sampling requests (each problem and sample draws from its own)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads; null: torch's choice (one per core); 1-2 on a busy CPU
     cost: CostConfig = field(default_factory=CostConfig)  # serving cost: batch-1 latency (throughput, memory always)
+    run: EvalRunConfig = field(default_factory=EvalRunConfig)  # folder, seed, device, threads
 
 
 @dataclass(frozen=True)
@@ -247,7 +276,7 @@ def check_options(config: EvalConfig) -> None:
         ("greedy", not (config.greedy and config.responses), "false with responses (nothing is decoded)"),
         ("cost.latency_problems", config.cost.latency_problems >= 0, "non-negative (0 = no latency measurement)"),
     )
-    check_sampling(config.sampling, "sampling", config.device)
+    check_sampling(config.sampling, "sampling", config.run.device)
     check_verifier(config.verifier)
 
 
@@ -256,8 +285,9 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
     mistakes are found (data, responses, model) before the folder is touched. `name` labels the
     progress bars (a pipeline: the stage evaluated)."""
     check_options(config)
-    use_threads(config.threads, "threads")
-    benchmarks = [(path, load_problems(path, config.fields, default_verifier=config.verifier.default))
+    use_threads(config.run.threads)
+    benchmarks = [(path, load_problems(path, config.fields, default_verifier=config.verifier.default,
+                                          answer_free=ANSWER_FREE))
                   for path in config.data]
     for path, problems in benchmarks:
         check_problems(problems, path, config.verifier)
@@ -265,7 +295,7 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
     responses = read_responses(Path(config.responses), benchmarks, selected) if config.responses else None
     counts_with_tokenizer = responses is None or config.model.name_or_path != BUILTIN_TINY
     tokenizer = load_tokenizer(config.model) if counts_with_tokenizer else None
-    device = distributed.device(config.device)
+    device = distributed.device(config.run.device)
     model = load_model(config.model, device).eval() if responses is None else None
     engine = contextlib.nullcontext()
     if model is not None:  # before the output folder: vLLM refuses a model it cannot serve here
@@ -273,11 +303,12 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
                       default=0)
         positions = longest + config.sampling.max_new_tokens
         check_engine_fits(config.sampling, "sampling", positions, f"the longest prompt ({longest} tokens) plus "
-                                                                  f"sampling.max_new_tokens ({config.sampling.max_new_tokens})")
+                                                                  "sampling.max_new_tokens "
+                                                                  f"({config.sampling.max_new_tokens})")
         engine = make_engine(model, tokenizer, config.sampling, device, positions=positions)
-    out = prepare_output_dir(Path(config.output_dir), config.overwrite)
+    out = prepare_output_dir(Path(config.run.output_dir), config.run.overwrite)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.run.seed)
     pattern = marker_pattern(config.reflective_markers)
     rows, graded = [], []
     with engine, Verifiers(config.verifier) as verifiers:
@@ -324,14 +355,15 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
     prompts = [eval_prompt(tokenizer, p, config.instruction) for p in problems]
     k = config.sampling.n
     repeated = [prompt for prompt in prompts for _ in range(k)]
-    seeds = [request_seed(config.seed, file, position, p.id, j) for position, p in enumerate(problems) for j in range(k)]
+    seeds = [request_seed(config.run.seed, file, position, p.id, j)
+             for position, p in enumerate(problems) for j in range(k)]
     engine.ready()  # vllm: the weights in before the clock starts
     with peak_memory(device) as memory, progress_bar(f"{name} · {file}", len(problems), "problem") as bar:
         ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds, bar, k)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     generated = sum(len(i) for i in ids)
     timed = prompts[: config.cost.latency_problems]
-    cost = {**latency(engine, timed, config.sampling, [request_seed(config.seed, file, "latency", i)
+    cost = {**latency(engine, timed, config.sampling, [request_seed(config.run.seed, file, "latency", i)
                                                         for i in range(len(timed))]),
             **throughput(len(ids), generated, seconds, config.sampling.batch_size),
             "peak_memory_mib": memory.mib, "peak_memory_measured_as": memory.measured_as}
@@ -342,7 +374,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
             greedy_ids, _, greedy_seconds = decode(engine, prompts, greedy, [0] * len(prompts), bar, 1)
         greedy_texts = tokenizer.batch_decode(greedy_ids, skip_special_tokens=True)
         generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
-    per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]  # noqa: E731
+    per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]
     return (per_problem(texts), per_problem([len(i) for i in ids]), per_problem(truncated), greedy_texts,
             generated / seconds if seconds > 0 else None, cost)
 
@@ -371,7 +403,8 @@ def score(problems: list[Problem], texts_P_K: list[list[str]], tokens_P_K: list[
           pattern: re.Pattern[str] | None, level_field: str, task_field: str = "task") -> list[Scored]:
     """Grade every response (one verifier call per file) and count its markers."""
     texts = [t for texts in texts_P_K for t in texts]
-    verdicts: Iterator[Verdict] = iter(verifiers.verify(texts, [p for p, texts in zip(problems, texts_P_K) for _ in texts]))
+    verdicts: Iterator[Verdict] = iter(verifiers.verify(texts, [p for p, texts in zip(problems,
+                                                                                      texts_P_K) for _ in texts]))
     greedy_correct = [v.correct for v in verifiers.verify(greedy_P, problems)] if greedy_P else [None] * len(problems)
     scored = []
     for problem, texts, tokens, truncated, greedy in zip(
@@ -459,9 +492,10 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
     lines = ["", "| benchmark | parameters | latency p50 / p95 s (batch 1) | tok/s (batch 1) | responses/s | tok/s "
              "| batch | peak memory MiB | GFLOPs per solved |", "|---" * 9 + "|"]
     for row in rows:
-        cell = lambda key, spec=".3g": "–" if row.get(key) is None else format(row[key], spec)  # noqa: E731
+        cell = lambda key, spec=".3g": "–" if row.get(key) is None else format(row[key], spec)
         solved = "–" if row.get("compute_per_solved_flops") is None else f"{row['compute_per_solved_flops'] / 1e9:.3g}"
-        lines.append(f"| {row['name']} | {cell('parameters', ',d')} | {cell('latency_p50_s')} / {cell('latency_p95_s')} "
+        lines.append(f"| {row['name']} | {cell('parameters', ',d')} | {cell('latency_p50_s')} / "
+                     f"{cell('latency_p95_s')} "
                      f"| {cell('latency_tokens_per_s', '.1f')} | {cell('throughput_responses_per_s')} "
                      f"| {cell('throughput_tokens_per_s', '.1f')} | {cell('throughput_batch_size', 'd')} "
                      f"| {cell('peak_memory_mib', '.1f')} ({row.get('peak_memory_measured_as')}) | {solved} |")
@@ -488,15 +522,16 @@ def prepare_output_dir(out: Path, overwrite: bool) -> Path:
     opsd checkpoint there. Only eval.json, eval.md and responses.jsonl are ever written in it, and
     they are replaced (`overwrite=true`) only in a folder marked as an evaluation folder by opsd."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file")
+        raise UserError(f"run.output_dir {out} is a file")
     ours = kind_of(out) == "eval"
     existing = [name for name in EVAL_OUTPUTS if (out / name).exists()]
     if existing:
         if not overwrite:
-            raise UserError(f"{out / existing[0]} already exists; choose another output_dir or set overwrite=true")
+            raise UserError(f"{out / existing[0]} already exists; choose another run.output_dir or set "
+                            "run.overwrite=true")
         if not ours:
             raise UserError(f"overwrite=true: {out} is not an evaluation folder opsd created (no opsd_folder.json of "
-                            f"kind eval), so its {existing[0]} is not replaced; choose another output_dir")
+                            f"kind eval), so its {existing[0]} is not replaced; choose another run.output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         if ours or not any(out.iterdir()) or (kind_of(out) is None and foreign_checkpoint(out) is None):
@@ -505,7 +540,7 @@ def prepare_output_dir(out: Path, overwrite: bool) -> Path:
             _write_atomic(out / ".write-test", "")
             (out / ".write-test").unlink()
     except OSError as err:
-        raise UserError(f"output_dir {out} cannot be written ({err.strerror})") from None
+        raise UserError(f"run.output_dir {out} cannot be written ({err.strerror})") from None
     return out
 
 

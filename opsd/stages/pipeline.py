@@ -1,8 +1,8 @@
 """`opsd pipeline`: stages in order (SFT → RLVR → OPSD, or any list of them), each starting from an
 earlier stage's final checkpoint, every checkpoint evaluated on the same held-out set, and a summary:
 accuracy (mean@k ± standard error), maj@k, mean response tokens, serving cost, and against the stage
-it started from: compression (1 − tokens / tokens of that stage), its ratio and O1-Pruner's AES. Stages hand work to each other only through
-checkpoint folders. Every stage's config is loaded and checked before the first one runs.
+it started from: compression (1 − tokens / tokens of that stage), its ratio and O1-Pruner's AES. Stages hand work to
+each other only through checkpoint folders. Every stage's config is loaded and checked before the first one runs.
 
 Started again on its own folder (same config), a pipeline resumes: finished stages and evaluations
 are kept, the stage it was in continues from its latest checkpoint. The pipeline's `run` section is
@@ -30,26 +30,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from opsd.runtime import distributed
 from opsd.core.config import load_config, to_dict
-from opsd.runtime.cost import COST_FIELDS, CostConfig, accuracy_efficiency_score
 from opsd.core.data import load_problems
 from opsd.core.errors import UserError
-from opsd.stages.eval import EVAL_SAMPLING, EvalConfig, run_eval
-from opsd.runtime.folders import MARKER, checkpoint_step, remove_own
-from opsd.generation import SamplingConfig, check_sampling
 from opsd.core.models import ModelConfig
-from opsd.runtime.runs import RunConfig, check_same_config, latest_checkpoint, prepare_run_dir, save_config, use_threads
+from opsd.generation import SamplingConfig, check_sampling
+from opsd.runtime import distributed
+from opsd.runtime.cost import COST_FIELDS, CostConfig, accuracy_efficiency_score
+from opsd.runtime.folders import MARKER, checkpoint_step, remove_own
+from opsd.runtime.runs import (
+    RunConfig,
+    check_same_config,
+    latest_checkpoint,
+    prepare_run_dir,
+    save_config,
+    use_threads,
+)
 from opsd.runtime.tracking import check_trackers
+from opsd.stages import COMMANDS, TRAINING
+from opsd.stages.eval import EVAL_SAMPLING, EvalConfig, EvalRunConfig, run_eval
 from opsd.verifiers import VerifierConfig, check_problems
 
-Command = Literal["sft", "rlvr", "distill"]
+Command = Literal[TRAINING]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
 class Sweep:
     key: str = ""  # a config key of the stage's command (optim.lr, run.steps, teacher.concise_instruction, ...)
-    values: tuple[Any, ...] = ()  # one stage per value, named <stage>-<value> (<stage>-<n> when a value is no folder name)
+    values: tuple[Any, ...] = ()  # one stage per value, named <stage>-<value> (<stage>-<n> when a value is no folder
+    #   name)
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,12 @@ class StageSpec:
     command: Command = "distill"  # sft | rlvr | distill
     config: str = ""  # YAML config of that command ("" = its defaults)
     overrides: tuple[str, ...] = ()  # key=value overrides of that config
-    start: str = ""  # stage (or entry of `models`) whose checkpoint it starts from; "" = the previous stage (the first: `model`)
-    teacher: str = ""  # distill: an earlier stage (or entry of `models`) whose checkpoint is the external teacher (teacher.model)
-    sweep: Sweep | None = None  # run this stage once per value of one key, each from the same start (a stage after it starts from the last)
+    start: str = ""  # stage (or entry of `models`) whose checkpoint it starts from; "" = the previous stage (the
+    #   first: `model`)
+    teacher: str = ""  # distill: an earlier stage (or entry of `models`) whose checkpoint is the external teacher
+    #   (teacher.model)
+    sweep: Sweep | None = None  # run this stage once per value of one key, each from the same start (a stage after it
+    #   starts from the last)
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,9 @@ class PipelineConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pipeline"))  # folder, resume, device
 
 
-PER_STAGE = ("steps", "problems_per_step", "save_every", "keep_last", "keep_weights", "seed", "max_empty_steps_in_a_row")  # run keys a pipeline leaves to its stages
+# run keys a pipeline leaves to its stages
+PER_STAGE = ("steps", "problems_per_step", "save_every", "keep_last", "keep_weights", "seed",
+             "max_empty_steps_in_a_row")
 
 
 def check_run_section(run: RunConfig) -> None:
@@ -102,21 +116,6 @@ def check_run_section(run: RunConfig) -> None:
         if getattr(run, key) != getattr(default, key):
             raise UserError(f"run.{key} is set per stage in a pipeline (in the stage's config or overrides), "
                             "not in the pipeline's run section")
-
-
-def stage_runner(command: Command):
-    """(config class, run function) of a training command."""
-    if command == "sft":
-        from opsd.stages.sft import SFTConfig, run_sft
-
-        return SFTConfig, run_sft
-    if command == "rlvr":
-        from opsd.stages.rlvr import RLVRConfig, run_rlvr
-
-        return RLVRConfig, run_rlvr
-    from opsd.stages.distill import DistillConfig, run_distill
-
-    return DistillConfig, run_distill
 
 
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name; '@' marks eval.every's checkpoints
@@ -129,13 +128,7 @@ SET_BY_EVAL_EVERY = frozenset({"run.save_every", "run.keep_weights"})
 def check_stage(command: Command, stage_config) -> None:
     """A stage's own checks (its command's check_options and its trackers), for one process."""
     check_trackers(stage_config.run.report_to)
-    if command == "sft":
-        from opsd.stages.sft import check_options
-    elif command == "rlvr":
-        from opsd.stages.rlvr import check_options
-    else:
-        from opsd.stages.distill import check_options
-    check_options(stage_config)
+    COMMANDS[command]().check(stage_config)
 
 
 def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
@@ -168,29 +161,42 @@ def plan(config: PipelineConfig, out: Path) -> list[tuple[StageSpec, str, Any]]:
             raise UserError(f"stage '{name}': its teacher '{stage.teacher}' is not an earlier stage or a model")
     planned = []
     for stage in stages:
-        name, start = stage.name, stage.start
-        cls, _ = stage_runner(stage.command)
-        # the pipeline's run.report_to reaches every stage when it is not the default (a stage's own stays)
-        trackers = [] if config.run.report_to == RunConfig().report_to else [f"run.report_to=[{','.join(config.run.report_to)}]"]
-        given = [f"run.device={config.run.device}", *trackers,
-                 *([] if config.run.threads is None else [f"run.threads={config.run.threads}"]),
-                 f"run.parallel={config.run.parallel}", f"run.fsdp_offload={str(config.run.fsdp_offload).lower()}"]
-        # eval.every: the stage saves every N steps and keeps those checkpoints' weights for the curves
-        curves = [f"run.save_every={config.eval.every}", "run.keep_weights=true"] if config.eval.every else []
-        # stage.teacher: an external teacher, its checkpoint known once that stage has run (run_pipeline)
-        teacher = [f"teacher.model.name_or_path=stage:{stage.teacher}"] if stage.teacher else []
-        overrides = [*given, *stage.overrides, *teacher, *curves, f"run.output_dir={out / name}"]
-        stage_config = load_config(cls, stage.config or None, overrides)
+        stage_config = stage_config_for(config, stage, out)
         try:  # the stage's own checks, before the first stage runs
             check_stage(stage.command, stage_config)
         except UserError as err:
-            raise UserError(f"pipeline stage '{name}': {err}") from None
-        for key in ("device", "parallel", "fsdp_offload"):  # one process group serves every stage
-            if getattr(stage_config.run, key) != getattr(config.run, key):
-                raise UserError(f"pipeline stage '{name}': run.{key} is the pipeline's (its run section), "
-                                "the same for every stage; remove it from the stage's overrides")
-        planned.append((stage, start, stage_config))
+            raise UserError(f"pipeline stage '{stage.name}': {err}") from None
+        planned.append((stage, stage.start, stage_config))
     return planned
+
+
+def stage_config_for(config: PipelineConfig, stage: StageSpec, out: Path):
+    """A stage's config: its file and overrides, then what the pipeline sets on every stage (typed, not
+    as text): run.device, run.parallel and run.fsdp_offload, which a stage may not change (one process
+    group serves them all); run.report_to and run.threads unless the stage's overrides set them;
+    eval.every's checkpoints; its folder. A teacher from an earlier stage is filled in once that stage
+    has run (`run_pipeline`); until then `teacher.model` is the stage's own, with an empty path."""
+    set_by_stage = {override.partition("=")[0].strip() for override in stage.overrides}
+    stage_config = load_config(COMMANDS[stage.command]().config, stage.config or None, list(stage.overrides))
+    run, given = stage_config.run, config.run
+    for key in ("device", "parallel", "fsdp_offload"):
+        if f"run.{key}" in set_by_stage and getattr(run, key) != getattr(given, key):
+            raise UserError(f"pipeline stage '{stage.name}': run.{key} is the pipeline's (its run section), "
+                            "the same for every stage; remove it from the stage's overrides")
+    run = dataclasses.replace(run, device=given.device, parallel=given.parallel, fsdp_offload=given.fsdp_offload,
+                              output_dir=str(out / stage.name))
+    if given.report_to != RunConfig().report_to and "run.report_to" not in set_by_stage:
+        run = dataclasses.replace(run, report_to=given.report_to)
+    if given.threads is not None and "run.threads" not in set_by_stage:
+        run = dataclasses.replace(run, threads=given.threads)
+    if config.eval.every:  # the stage saves every N steps and keeps those checkpoints' weights for the curves
+        run = dataclasses.replace(run, save_every=config.eval.every, keep_weights=True)
+    stage_config = dataclasses.replace(stage_config, run=run)
+    if stage.teacher:
+        teacher_model = dataclasses.replace(stage_config.teacher.model or ModelConfig(), name_or_path="")
+        stage_config = dataclasses.replace(stage_config, teacher=dataclasses.replace(stage_config.teacher,
+                                                                                      model=teacher_model))
+    return stage_config
 
 
 def expand_sweeps(stages: tuple[StageSpec, ...], start_name: str, eval_every: int = 0) -> list[StageSpec]:
@@ -198,7 +204,8 @@ def expand_sweeps(stages: tuple[StageSpec, ...], start_name: str, eval_every: in
     value (its overrides plus `key=value`), each from the sweep's start."""
     expanded, previous = [], start_name
     for index, stage in enumerate(stages):
-        stage = dataclasses.replace(stage, name=stage.name or f"{index + 1}-{stage.command}", start=stage.start or previous)
+        stage = dataclasses.replace(stage, name=stage.name or f"{index + 1}-{stage.command}",
+                                    start=stage.start or previous)
         if stage.sweep is None:
             expanded.append(stage)
         else:
@@ -233,7 +240,8 @@ def check_data(config: PipelineConfig, stages: list[tuple[StageSpec, str, Any]])
             continue
         data = stage_config.data
         try:
-            check_problems(load_problems(data.path, data.fields, require_answer=False, default_verifier=verifier.default),
+            check_problems(load_problems(data.path, data.fields, require_answer=False,
+                                         default_verifier=verifier.default),
                            data.path, verifier)
         except UserError as err:
             raise UserError(f"pipeline stage '{stage.name}': {err}") from None
@@ -283,11 +291,12 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
             rows.append(evaluate(config, name, "", dataclasses.replace(config.model, name_or_path=path), out, 0.0))
     wait_for_rank0()
     for number, (stage, start, stage_config) in enumerate(stages, 1):
-        _, run = stage_runner(stage.command)
+        run = COMMANDS[stage.command]().run
         stage_config = _with_model(stage_config, checkpoints[start])
         if stage.teacher:
             teacher = dataclasses.replace(stage_config.teacher.model, name_or_path=checkpoints[stage.teacher])
-            stage_config = dataclasses.replace(stage_config, teacher=dataclasses.replace(stage_config.teacher, model=teacher))
+            stage_config = dataclasses.replace(stage_config, teacher=dataclasses.replace(stage_config.teacher,
+                                                                                         model=teacher))
         if writer:
             print(stage_header(number, len(stages), stage, stage_config), file=sys.stderr)
         started = time.perf_counter()
@@ -367,9 +376,10 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
         return json.loads((eval_dir / "row.json").read_text())
     remove_own(eval_dir, "resuming the pipeline (an unfinished evaluation is redone)")
     started = time.perf_counter()
+    run = EvalRunConfig(output_dir=str(eval_dir), seed=config.eval.seed, device=config.run.device)
     run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit, sampling=config.eval.sampling,
-                        instruction=config.eval.instruction, verifier=config.eval.verifier, output_dir=str(eval_dir),
-                        seed=config.eval.seed, cost=config.eval.cost, device=config.run.device), name=f"eval {stage}")
+                        instruction=config.eval.instruction, verifier=config.eval.verifier, cost=config.eval.cost,
+                        run=run), name=f"eval {stage}")
     report = json.loads((eval_dir / "eval.json").read_text())
     benchmarks = [{key: b[key] for key in ("name", "problems", "mean_at_k", "mean_at_k_stderr", "maj_at_k",
                                            "response_tokens_mean", "correct_response_tokens_mean",
@@ -399,12 +409,13 @@ def add_compression(rows: list[dict]) -> list[dict]:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| stage | from | benchmark | params | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | compression "
+    lines = ["| stage | from | benchmark | params | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | "
+             "compression "
              "| ratio | AES | truncated | markers /1k tokens | latency p50 s | tok/s | peak MiB | GFLOPs / solved |",
              "|---" * 17 + "|"]
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    num = lambda v, digits=1: "–" if v is None else f"{v:.{digits}f}"  # noqa: E731
-    ratio = lambda v: "–" if v is None else f"{v:.2f}×"  # noqa: E731
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+    num = lambda v, digits=1: "–" if v is None else f"{v:.{digits}f}"
+    ratio = lambda v: "–" if v is None else f"{v:.2f}×"
     for row in rows:
         for b in row["benchmarks"]:
             accuracy = f"{100 * b['mean_at_k']:.1f} ± {100 * (b['mean_at_k_stderr'] or 0):.1f}"
@@ -419,9 +430,12 @@ def summary_table(rows: list[dict]) -> str:
                          f"{num(b.get('peak_memory_mib'))} | {'–' if flops is None else f'{flops / 1e9:.3g}'} |")
     k = rows[0]["k"] if rows else None
     return "\n".join(lines) + (f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error; "
-                               "compression: 1 − mean tokens / those of the stage it started from, ratio: theirs / ours; "
-                               "AES: O1-Pruner's accuracy-efficiency score against that stage (length gain + 3 × relative "
+                               "compression: 1 − mean tokens / those of the stage it started from, ratio: theirs / "
+                               "ours; "
+                               "AES: O1-Pruner's accuracy-efficiency score against that stage (length gain + 3 × "
+                               "relative "
                                "accuracy gain, or − 5 × relative accuracy loss; Luo et al. 2025, arXiv 2501.12570); "
                                "markers: reflective words (wait, hmm, ...) per 1,000 response tokens; latency: one "
                                "problem decoded alone; tok/s and peak memory: while the evaluation's samples are "
-                               "decoded; GFLOPs / solved: 2 × parameters × mean tokens / mean@k (eval.md has the rest).\n")
+                               "decoded; GFLOPs / solved: 2 × parameters × mean tokens / mean@k (eval.md has the "
+                               "rest).\n")

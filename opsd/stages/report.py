@@ -243,7 +243,8 @@ def _before_after(pipeline: Path, row: dict, samples: int) -> str:
                         for r in [r for r in responses if r["id"] == problem][:samples])
         columns.append(f"<div class='col'><h4>{html.escape(name)}</h4>{cells}</div>")
     return (f"<h3>One problem before and after '{html.escape(row['stage'])}'</h3><p>Problem <code>"
-            f"{html.escape(problem)}</code>; green: graded correct, red: wrong.</p><div class='row'>{''.join(columns)}</div>")
+            f"{html.escape(problem)}</code>; green: graded correct, red: wrong.</p><div "
+            f"class='row'>{''.join(columns)}</div>")
 
 
 def markdown_table_html(markdown: str) -> str:
@@ -310,7 +311,8 @@ def write_report(folder: Path) -> Path:
         runs = {row["stage"]: read_jsonl(pipeline / row["stage"] / "metrics.jsonl") for row in rows}
         runs = {stage: metrics for stage, metrics in runs.items() if metrics}
         sections.append(f"<h2>{html.escape(title)}</h2>" + markdown_table_html((pipeline / "summary.md").read_text()))
-        sections.append(image(accuracy_tokens_figure(plt, rows, f"accuracy against length · {title}"), "accuracy-tokens"))
+        sections.append(image(accuracy_tokens_figure(plt, rows, f"accuracy against length · {title}"),
+                              "accuracy-tokens"))
         curves = _read_summary(pipeline).get("curves")
         if curves:
             sections.append("<h3>Along training (eval.every)</h3>" + image(

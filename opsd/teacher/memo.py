@@ -52,7 +52,7 @@ def memo_positions(tokenizer, problems: list[Problem], instruction: str, respons
 
 def write_memos(engine: Engine, tokenizer, rollouts: list, correct: list[bool], problems: list[Problem],
                 instruction: str, max_tokens: int, temperature: float = 1.0) -> list[str]:
-    """One memo per rollout (opsd.generation.rollouts.Rollout), sampled at `temperature`, decoded and stripped of thinking."""
+    """One memo per rollout (generation.rollouts.Rollout), sampled at `temperature`, decoded, thinking stripped."""
     if not rollouts:
         return []
     texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)

@@ -63,7 +63,8 @@ _NOT_ANSWERS = frozenset(
 _TRAILING_HEDGES = frozenset(
     "unsure probably maybe perhaps might guess think uncertain possibly likely doubt".split()
 )  # and "not sure" / "n't sure" ("makes sure" is no hedge)
-_RETRACTIONS = frozenset("wrong incorrect mistake mistaken wait actually instead rather oops correction scratch".split())
+_RETRACTIONS = frozenset("wrong incorrect mistake mistaken wait actually instead rather oops correction "
+                         "scratch".split())
 # and "not correct" / "not right"
 # Words that end a textual answer ("Evelyn, because ...", "Evelyn has the best average").
 _TEXT_STOPS = _SHORT_WORDS | frozenset(

@@ -32,8 +32,10 @@ _OPTION = re.compile(r"\(([A-Z])\)")
 _MARKED_OPTION = re.compile(r"(?:(?:option|choice)\s+\(?([A-Za-z])\)?|\(([A-Za-z])\)|([A-Za-z])\))(?=$|[\s.,:;])",
                             re.IGNORECASE)
 _BARE_OPTION = re.compile(r"([A-Za-z])(?=$|[\s.,:;])")
-_ANY_MARKED = re.compile(r"(?:\b(?:option|choice)\s+\(?([A-Za-z])\)?(?![\w'])|\(([A-Z])\)|(?<![\w(])([A-Z])\))", re.IGNORECASE)
-_BARE_LIST = re.compile(r"^([A-Za-z])\s*(?:[,/&]|\bor\b|\band\b)\s*(?:(?:but\s+)?not\s+)?\(?([A-Za-z])\)?(?=$|[\s.,:;])",
+_ANY_MARKED = re.compile(r"(?:\b(?:option|choice)\s+\(?([A-Za-z])\)?(?![\w'])|\(([A-Z])\)|(?<![\w(])([A-Z])\))",
+                         re.IGNORECASE)
+_BARE_LIST = re.compile(r"^([A-Za-z])\s*(?:[,/&]|\bor\b|\band\b)\s*(?:(?:but\s+)?not\s+)?\(?([A-Za-z])\)?"
+                        r"(?=$|[\s.,:;])",
                         re.IGNORECASE)
 _HEDGES = frozenset("probably likely maybe perhaps possibly presumably either not neither none unclear unsure "
                     "approximately about around roughly".split())

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from opsd.core.config import load_config
-from opsd.stages.distill import DistillConfig
 from opsd.core.errors import UserError
+from opsd.stages.distill import DistillConfig
 from opsd.stages.eval import EvalConfig
 from opsd.stages.pipeline import PipelineConfig
 from opsd.stages.rlvr import RLVRConfig
@@ -79,11 +79,16 @@ def test_the_table_covers_every_command_and_the_reported_defects():
     assert len(CASES) > 150
 
 
+def flow(value) -> str:
+    """`value` as written after `key=` (YAML flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 @pytest.mark.parametrize(("command", "key", "value"), CASES, ids=[f"{c}:{k}" for c, k, _ in CASES])
 def test_setting_one_key_keeps_every_other_key_at_the_commands_default(command, key, value):
     cls = COMMANDS[command]
     default = cls()
-    config = load_config(cls, None, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+    config = load_config(cls, None, [f"{key}={flow(value)}"])
     assert get(config, key) != get(default, key)
     for other, _, expected in leaves(default, cls):
         if other != key:

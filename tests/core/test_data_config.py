@@ -7,15 +7,16 @@ import pytest
 
 from opsd.core.config import load_config
 from opsd.core.data import Fields, load_problems
-from opsd.stages.distill import DistillConfig
 from opsd.core.errors import UserError
+from opsd.stages.distill import DistillConfig
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def test_jsonl_with_remapped_fields_keeps_extras(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"question": "Q1", "final": 3, "level": 2}) + "\n\n" + json.dumps({"question": "Q2", "final": "x"}) + "\n")
+    path.write_text(json.dumps({"question": "Q1", "final": 3, "level": 2}) + "\n\n" + json.dumps({"question": "Q2",
+                                                                                                  "final": "x"}) + "\n")
     problems = load_problems(path, Fields(problem="question", answer="final"))
     assert [(p.problem, p.answer, p.solution) for p in problems] == [("Q1", "3", None), ("Q2", "x", None)]
     assert problems[0].extra == {"level": 2}
@@ -27,15 +28,19 @@ def test_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"id": ["a", "b"], "problem": ["P1", "P2"], "answer": ["1", "2"], "solution": ["s", None]}), path)
+    pq.write_table(pa.table({"id": ["a", "b"], "problem": ["P1", "P2"], "answer": ["1", "2"], "solution": ["s",
+                                                                                                           None]}),
+                                                                                                           path)
     problems = load_problems(path)
-    assert [(p.id, p.problem, p.answer, p.solution) for p in problems] == [("a", "P1", "1", "s"), ("b", "P2", "2", None)]
+    assert [(p.id, p.problem, p.answer, p.solution) for p in problems] == [("a", "P1", "1", "s"), ("b", "P2", "2",
+                                                                                                   None)]
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(UserError, match="broken.parquet"):
         load_problems(tmp_path / "broken.parquet")
 
 
-@pytest.mark.parametrize("name,rows", [("gsm8k_train.jsonl", 7473), ("gsm8k_test.jsonl", 1319), ("math500_test.jsonl", 500),
+@pytest.mark.parametrize("name,rows", [("gsm8k_train.jsonl", 7473), ("gsm8k_test.jsonl", 1319), ("math500_test.jsonl",
+                                                                                                 500),
                                        ("aime24.jsonl", 30), ("aime25.jsonl", 30)])
 def test_shared_benchmark_files_load_as_they_are(name, rows):
     if not (SHARED / name).is_file():

@@ -12,16 +12,17 @@ import warnings
 import pytest
 import torch
 
-from opsd.generation import SamplingConfig
-from opsd.generation.hf import sample
 from opsd.core.models import Backbone, ModelConfig
 from opsd.core.prompts import render_prompt
 from opsd.core.tiny import build_tiny
+from opsd.generation import SamplingConfig
+from opsd.generation.hf import sample
 from opsd.runtime.training import OptimConfig, load_policy
 
 
 def deprecations(record: list[warnings.WarningMessage]) -> list[str]:
-    return [f"{w.filename}:{w.lineno}: {w.message}" for w in record if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    return [f"{w.filename}:{w.lineno}: {w.message}" for w in record if issubclass(w.category, (FutureWarning,
+                                                                                               DeprecationWarning))]
 
 
 def test_sampling_uses_the_current_cache_argument():

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from opsd.cli import main
 from opsd.core.config import load_config
-from opsd.stages.distill import DistillConfig
 from opsd.core.errors import UserError
-from opsd.core.prompts import check_template
 from opsd.core.tiny import save_tiny
+from opsd.stages.distill import DistillConfig
+from opsd.teacher.contexts import check_template
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [str(ROOT / "configs/tiny.yaml"), "run.steps=1", "run.problems_per_step=2", "sampling.max_new_tokens=4",

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from opsd.cli import main
-from opsd.demo.demo import SHIPPED_SFT, SHIPPED_SMALL_SFT
 from opsd.demo import toyworld
+from opsd.demo.demo import SHIPPED_SFT, SHIPPED_SMALL_SFT
 
 
 @pytest.mark.parametrize("folder", [SHIPPED_SFT, SHIPPED_SMALL_SFT])
@@ -44,7 +44,8 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
                                                                    ("opsd", "rlvr"), ("small-opsd", "small-sft")]
     params = {r["stage"]: r["benchmarks"][0]["parameters"] for r in summary["rows"]}
     assert params["small-opsd"] == params["small-sft"] and 3.5 < params["rlvr"] / params["small-opsd"] < 4.5
-    assert summary["checkpoints"]["rlvr"] in (out / "pipeline" / "small-opsd" / "config.yaml").read_text()  # its teacher
+    # its teacher
+    assert summary["checkpoints"]["rlvr"] in (out / "pipeline" / "small-opsd" / "config.yaml").read_text()
     for row in summary["rows"]:
         (bench,) = row["benchmarks"]
         assert bench["problems"] == 10 * len(toyworld.LEVELS)
@@ -70,7 +71,8 @@ def test_seed_reaches_the_rlvr_and_opsd_stages_only(tmp_path):
                                                "small-self"]
     assert all("run.seed=7" in stage.overrides for stage in config.stages)
     assert all(stage.start == "rlvr" for stage in config.stages[1:-2])  # every experiment from the same RLVR model
-    assert [(s.start, s.teacher) for s in config.stages[-2:]] == [("small-sft", "rlvr"), ("small-sft", "")]  # big → small
+    # big → small
+    assert [(s.start, s.teacher) for s in config.stages[-2:]] == [("small-sft", "rlvr"), ("small-sft", "")]
     assert config.eval.seed == 0 and config.model.name_or_path == str(SHIPPED_SFT)  # evaluation and start unchanged
 
 
@@ -83,7 +85,8 @@ def test_across_seeds_is_the_mean_and_standard_error_over_seeds():
         return [{"stage": "opsd", "start": "rlvr", "benchmarks": [bench]}]
 
     (row,) = across_seeds([run(0.4, 100.0, 0.5), run(0.6, 50.0, 0.7), run(0.8, 30.0, None)])
-    assert row["mean_at_k"]["mean"] == pytest.approx(0.6) and row["mean_at_k"]["stderr"] == pytest.approx(0.2 / 3 ** 0.5)
+    assert row["mean_at_k"]["mean"] == pytest.approx(0.6)
+    assert row["mean_at_k"]["stderr"] == pytest.approx(0.2 / 3 ** 0.5)
     assert row["mean_at_k_per_seed"] == [0.4, 0.6, 0.8] and row["within_run_stderr"] == pytest.approx(0.02)
     assert row["response_tokens_mean"]["mean"] == pytest.approx(60.0)
     assert row["compression"] == {"mean": None, "stderr": None}  # a seed without it: not averaged
@@ -109,13 +112,14 @@ def test_quick_demo_over_seeds_reports_the_spread_across_them(tmp_path, capsys):
 def test_ablation_rows_are_the_papers_experiments(tmp_path):
     """Each ablation stage resolves to the distill config its name promises (a row mislabelled here
     would put a wrong claim in the README's table)."""
+    from opsd.core.config import load_config
     from opsd.demo.demo import REFERENCE_LR, demo_config
     from opsd.stages.distill import DistillConfig
-    from opsd.core.config import load_config
 
     files = {name: tmp_path / f"{name}.jsonl" for name in ("heldout", "rlvr", "opsd")}
     stages = {s.name: s for s in demo_config(tmp_path, files, quick=False, ablation=True, from_scratch=False).stages}
-    resolved = {name: load_config(DistillConfig, s.config, list(s.overrides)) for name, s in stages.items() if name != "rlvr"}
+    resolved = {name: load_config(DistillConfig, s.config, list(s.overrides))
+                for name, s in stages.items() if name != "rlvr"}
     demo_lr = resolved["opsd"].optim.lr
     expect = {  # name: (teacher context, gating, divergence, learning rate)
         "opsd": ("concise", "correct_only", "forward_kl", demo_lr),

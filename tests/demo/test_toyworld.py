@@ -8,9 +8,7 @@ import statistics
 import pytest
 
 from opsd.core.data import Problem, load_problems
-from opsd.verifiers.answer import extract_answer
-from opsd.verifiers.worker import Grader
-from opsd.core.prompts import CONCISE_INSTRUCTION, render_prompt, teacher_user_message
+from opsd.core.prompts import render_prompt
 from opsd.core.tiny import char_tokenizer
 from opsd.demo.toyworld import (
     ALPHABET,
@@ -30,6 +28,9 @@ from opsd.demo.toyworld import (
     verbose_solution,
     write_jsonl,
 )
+from opsd.teacher.contexts import CONCISE_INSTRUCTION, teacher_user_message
+from opsd.verifiers.answer import extract_answer
+from opsd.verifiers.worker import Grader
 
 
 def _sample(n_per_level: int, seed: int = 0) -> list[ToyProblem]:

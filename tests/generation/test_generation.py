@@ -5,15 +5,16 @@ import pytest
 import torch
 
 from opsd.core.data import Problem
-from opsd.objectives.gating import gate
-from opsd.generation import SamplingConfig, make_engine, request_seed
-from opsd.generation.hf import sample, sample_token
+from opsd.core.errors import UserError
 from opsd.core.models import Backbone, output_head
 from opsd.core.packing import pack, response_hidden
-from opsd.core.prompts import fill, check_template, render_prompt, teacher_user_message
-from opsd.generation.rollouts import collect_rollouts
+from opsd.core.prompts import render_prompt
 from opsd.core.tiny import build_tiny
-from opsd.core.errors import UserError
+from opsd.generation import SamplingConfig, make_engine, request_seed
+from opsd.generation.hf import sample, sample_token
+from opsd.generation.rollouts import collect_rollouts
+from opsd.objectives.gating import gate
+from opsd.teacher.contexts import check_template, fill, teacher_user_message
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,11 @@ def tiny():
 def test_greedy_batched_sampling_matches_generate(tiny):
     model, tok = tiny
     prompts = [render_prompt(tok, "What is 2+2?"), render_prompt(tok, "Compute 37 + 45 - 12, carefully.")]
-    results = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [tok.eos_token_id], tok.pad_token_id,
+    results = sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [tok.eos_token_id],
+                     tok.pad_token_id,
                      [0, 0])
-    for prompt, (response, logprobs, truncated) in zip(prompts, [(g.response_ids, g.logprobs, g.truncated) for g in results]):
+    for prompt, (response, logprobs, truncated) in zip(prompts, [(g.response_ids, g.logprobs,
+                                                                  g.truncated) for g in results]):
         reference = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
         assert response == reference[0, len(prompt):].tolist()[: len(response)]
@@ -167,14 +170,16 @@ def test_gating_selects_the_right_rollouts():
 
 def test_teacher_contexts():
     p = Problem("x", "Compute 2 + 2.", "4", "2 + 2 = 4.")
-    assert "4" in teacher_user_message(p, "answer", "", "") and "2 + 2 = 4." not in teacher_user_message(p, "answer", "", "")
+    assert "4" in teacher_user_message(p, "answer", "", "") and "2 + 2 = 4." not in teacher_user_message(p, "answer",
+                                                                                                         "", "")
     assert teacher_user_message(p, "concise", "", "Be brief.") == "Be brief.\n\nCompute 2 + 2."
     assert teacher_user_message(p, "template", "Q: {problem} A: {answer}", "") == "Q: Compute 2 + 2. A: 4"
     with pytest.raises(UserError, match="reference solution"):
         teacher_user_message(Problem("y", "Compute.", "1"), "reference", "", "")
 
 
-@pytest.mark.parametrize("bad", ["{problem.__class__}", "{answer[0]}", "{0}", "{}", "{secret}", "{problem!r}", "{problem:>10}", "{"])
+@pytest.mark.parametrize("bad", ["{problem.__class__}", "{answer[0]}", "{0}", "{}", "{secret}", "{problem!r}",
+                                 "{problem:>10}", "{"])
 def test_templates_refuse_anything_but_plain_named_fields(bad):
     with pytest.raises(UserError, match="teacher.template"):
         check_template(bad, "teacher.template")
@@ -195,9 +200,10 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
             p.normal_(0.0, 0.5)
     model.eval()
     prompts = [render_prompt(tok, f"Compute {i} + {i * 7 % 10}{'!' * i}") for i in range(8)]
-    unpack = lambda gs: [(g.response_ids, g.logprobs, g.truncated) for g in gs]  # noqa: E731
-    probe = unpack(sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [-1], tok.pad_token_id, [0] * 8))
-    first = lambda t, ids: ids.index(t) if t in ids else len(ids)  # noqa: E731
+    unpack = lambda gs: [(g.response_ids, g.logprobs, g.truncated) for g in gs]
+    probe = unpack(sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [-1], tok.pad_token_id,
+                          [0] * 8))
+    first = lambda t, ids: ids.index(t) if t in ids else len(ids)
     stop = max({t for ids, _, _ in probe for t in ids}, key=lambda t: len({first(t, ids) for ids, _, _ in probe}))
     results = unpack(sample(model, prompts, SamplingConfig(temperature=0, max_new_tokens=12), [stop], tok.pad_token_id,
                             [0] * 8))

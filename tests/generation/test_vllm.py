@@ -20,14 +20,14 @@ pytestmark = pytest.mark.vllm
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from opsd.demo.demo import SHIPPED_SFT  # noqa: E402
-from opsd.generation import SamplingConfig, filtered_log_softmax, make_engine  # noqa: E402
-from opsd.objectives.logprobs import logprob_gap  # noqa: E402
 from opsd.core.models import Backbone, ModelConfig, add_lora  # noqa: E402
 from opsd.core.packing import pack, response_hidden  # noqa: E402
 from opsd.core.prompts import render_prompt  # noqa: E402
-from opsd.runtime.runs import latest_checkpoint  # noqa: E402
 from opsd.core.tiny import save_tiny  # noqa: E402
+from opsd.demo.demo import SHIPPED_SFT  # noqa: E402
+from opsd.generation import SamplingConfig, make_engine  # noqa: E402
+from opsd.objectives.logprobs import filtered_log_softmax, logprob_gap  # noqa: E402
+from opsd.runtime.runs import latest_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = ["What is 3 + 4?", "What is 9 - 2 + 5?", "What is 7 + 8 - 6 + 1?", "What is 2 + 2 - 1 - 1 + 9?",
@@ -82,7 +82,8 @@ def test_sampled_log_probs_equal_the_trainers_recomputation(demo):
         again = vllm.generate(prompts[:2], SAMPLED, [0, 1])  # a request alone draws what it drew in a batch
         cut = vllm.generate(prompts[:2], SamplingConfig(temperature=1.0, max_new_tokens=5), [0, 1])
     assert [g.response_ids for g in again] == [g.response_ids for g in generations[:2]]
-    worst = max(float((r - g.logprobs).abs().max()) for r, g in zip(recomputed(model, prompts * 3, generations, SAMPLED),
+    worst = max(float((r - g.logprobs).abs().max()) for r, g in zip(recomputed(model, prompts * 3, generations,
+                                                                               SAMPLED),
                                                                       generations))
     assert worst < 1e-3
     assert len({tuple(g.response_ids) for g in generations}) > len(prompts)  # samples, not greedy copies
@@ -118,7 +119,8 @@ def test_the_engine_samples_from_the_weights_after_optimizer_steps(tiny, lora):
     assert stale == before and trainer != before  # the steps changed the greedy output; a stale engine would miss it
     assert [g.response_ids for g in synced] == trainer
     base = model.get_base_model() if lora else model
-    worst = max(float((r - g.logprobs).abs().max()) for r, g in zip(recomputed(base, prompts, sampled, SAMPLED), sampled))
+    worst = max(float((r - g.logprobs).abs().max()) for r, g in zip(recomputed(base, prompts, sampled, SAMPLED),
+                                                                    sampled))
     assert worst < 1e-3
 
 
@@ -132,7 +134,8 @@ def test_the_log_prob_gap_sees_stale_weights(demo):
     def gap(network):
         with torch.no_grad():
             hidden = response_hidden(Backbone(network), packed)
-        total, outside = logprob_gap(hidden, network.lm_head.weight, packed.targets_N, [g.logprobs for g in generations],
+        total, outside = logprob_gap(hidden, network.lm_head.weight, packed.targets_N,
+                                     [g.logprobs for g in generations],
                                      SAMPLED)
         return total / (packed.targets_N.numel() - outside)
 
@@ -146,7 +149,8 @@ def test_the_log_prob_gap_sees_stale_weights(demo):
 
 
 def opsd(args: list[str], out: Path, processes: int = 1, crash: str | None = None) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(processes)] if processes > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("OPSD_CRASH_AT", None)
     if crash:
@@ -187,7 +191,8 @@ def stages(tiny, tmp_path_factory):
         "distill": ["distill", str(ROOT / "configs/tiny.yaml"), model, "sampling.n=2", *COMMON],
         "memo": ["distill", str(ROOT / "configs/tiny.yaml"), model, "teacher.context=memo", "teacher.memo_max_tokens=8",
                  "gating=all", *COMMON],
-        "rlvr": ["rlvr", str(ROOT / "configs/rlvr-tiny.yaml"), f"model.name_or_path={SHIPPED_SFT}", f"data.path={world}",
+        "rlvr": ["rlvr", str(ROOT / "configs/rlvr-tiny.yaml"), f"model.name_or_path={SHIPPED_SFT}",
+                 f"data.path={world}",
                  "grpo.kl_coef=0.1", "sampling.n=4", *COMMON, "sampling.max_new_tokens=400",
                  "run.problems_per_step=4", "optim.lr=1e-3"],
     }
@@ -223,12 +228,13 @@ def test_each_stage_runs_on_vllm_with_the_engine_in_step(reference, name):
 
 def test_eval_runs_on_vllm(tmp_path):
     data = ROOT / "configs/examples/arithmetic.jsonl"
-    common = [f"model.name_or_path={SHIPPED_SFT}", f"data=[{data}]", "limit=6", "sampling.n=2", "device=cpu",
-              "sampling.max_new_tokens=64", "greedy=true", "threads=1"]
+    common = [f"model.name_or_path={SHIPPED_SFT}", f"data=[{data}]", "limit=6", "sampling.n=2", "run.device=cpu",
+              "sampling.max_new_tokens=64", "greedy=true", "run.threads=1"]
     reports = []
     for engine in ("hf", "vllm"):
         result = subprocess.run([sys.executable, "-m", "opsd.cli", "eval", *common, f"sampling.engine={engine}",
-                                 f"output_dir={tmp_path / engine}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                                 f"run.output_dir={tmp_path / engine}"], capture_output=True, text=True, cwd=ROOT,
+                                 timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         reports.append(json.loads((tmp_path / engine / "eval.json").read_text()))
     hf, vllm = (r["benchmarks"][0] for r in reports)
@@ -245,7 +251,7 @@ def test_a_killed_vllm_run_resumes_to_the_uninterrupted_result(reference, stages
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ran(args, tmp_path / "run")
     assert max_difference(weights(reference(name)), weights(tmp_path / "run")) == 0.0
-    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
                           for row in rows]
     assert strip(metrics(tmp_path / "run")) == strip(metrics(reference(name)))
 

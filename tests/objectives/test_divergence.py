@@ -7,14 +7,21 @@ import math
 import pytest
 import torch
 
-from opsd.objectives.divergence import chunked_divergence, chunked_divergence_to, clip_terms, divergence_terms, topk_with_tail
+from opsd.objectives.divergence import (
+    DivergenceSpec,
+    chunked_divergence,
+    chunked_divergence_to,
+    clip_terms,
+    divergence_terms,
+    topk_with_tail,
+)
 
 N, H, V = 13, 8, 37
 
 
 def naive_terms(logp_s, logp_t, kind, beta):
     """Terms of METHODS.md's divergences for one position, as explicit KL sums."""
-    kl_terms = lambda logp_a, logp_b: logp_a.exp() * (logp_a - logp_b)  # noqa: E731
+    kl_terms = lambda logp_a, logp_b: logp_a.exp() * (logp_a - logp_b)
     if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
         return kl_terms(logp_s, logp_t)
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
@@ -71,7 +78,7 @@ GRID = [dict(**kind, **estimator, clip_tau=clip, temperature=t)
         for kind, estimator, clip, t in itertools.product(KINDS, ESTIMATORS, (None, 0.05), (1.0, 1.1))]
 VALID = [o for o in GRID if o["estimator"] != "sampled" or (o["kind"] == "reverse_kl" and o["clip_tau"] is None)]
 IGNORED = [o for o in GRID if o not in VALID]  # sampled with another kind or a clip
-name = lambda o: "-".join(f"{k}={v}" for k, v in o.items())  # noqa: E731
+name = lambda o: "-".join(f"{k}={v}" for k, v in o.items())
 
 
 @pytest.mark.parametrize("options", VALID, ids=name)
@@ -82,7 +89,8 @@ def test_chunked_matches_naive_values_and_gradients(options, chunk_size):
     expected, expected_N = naive_loss(hs1, head1, ht, head_t, weight, targets, reverse, **options)
     expected.backward()
     hs2, head2 = hs.clone().requires_grad_(), head.clone().requires_grad_()
-    result = chunked_divergence(hs2, head2, ht, head_t, weight, targets, reverse, chunk_size=chunk_size, **options)
+    result = chunked_divergence(hs2, head2, ht, head_t, weight, targets, reverse,
+                                spec=DivergenceSpec(chunk_size=chunk_size, **options))
     result.loss.backward()
     torch.testing.assert_close(result.loss, expected)
     torch.testing.assert_close(result.value_N, expected_N)
@@ -99,8 +107,8 @@ def test_chunked_matches_naive_values_and_gradients(options, chunk_size):
 def test_sampled_estimates_the_reverse_kl_whatever_kind_and_clip(options):
     hs, head, ht, head_t, weight, targets, reverse = make_inputs()
     plain = dict(options, kind="reverse_kl", clip_tau=None)
-    got = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, **options)
-    expected = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, **plain)
+    got = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, spec=DivergenceSpec(**options))
+    expected = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, spec=DivergenceSpec(**plain))
     assert not got.clipped_N.any()
     torch.testing.assert_close(got.loss, expected.loss)
     torch.testing.assert_close(got.value_N, expected.value_N)
@@ -111,14 +119,15 @@ def test_sampled_estimates_the_reverse_kl_whatever_kind_and_clip(options):
 def test_bad_options_are_refused(options):
     hs, head, ht, head_t, weight, targets, _ = make_inputs()
     with pytest.raises(ValueError):
-        chunked_divergence(hs, head, ht, head_t, weight, targets, None, **options)
+        chunked_divergence(hs, head, ht, head_t, weight, targets, None, spec=DivergenceSpec(**options))
 
 
 @pytest.mark.parametrize("options", VALID, ids=name)
 def test_zero_with_zero_gradient_when_teacher_equals_student(options):
     hs, head, ht, head_t, weight, targets, reverse = make_inputs(same=True)
     hs.requires_grad_()
-    result = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, chunk_size=4, **options)
+    result = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, spec=DivergenceSpec(chunk_size=4,
+                                                                                                    **options))
     result.loss.backward()
     assert abs(float(result.loss.detach())) < 1e-10
     assert float(result.value_N.abs().max()) < 1e-10
@@ -132,12 +141,13 @@ def test_zero_weight_positions_contribute_nothing(options):
     hs, head, ht, head_t, weight, targets, reverse = make_inputs()
     weight[::2] = 0.0
     hs.requires_grad_()
-    result = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, chunk_size=4, **options)
+    result = chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, spec=DivergenceSpec(chunk_size=4,
+                                                                                                    **options))
     result.loss.backward()
     assert torch.all(hs.grad[::2] == 0)
     assert torch.any(hs.grad[1::2] != 0)
     kept = chunked_divergence(hs[1::2].detach(), head, ht[1::2], head_t, weight[1::2], targets[1::2], reverse[1::2],
-                              **options)
+                              spec=DivergenceSpec(**options))
     torch.testing.assert_close(result.loss.detach(), kept.loss)
 
 
@@ -148,9 +158,10 @@ def test_gradient_flows_only_into_the_student(estimator):
         tensor.requires_grad_()
     kinds = ["reverse_kl"] if estimator["estimator"] == "sampled" else ["reverse_kl", "forward_kl", "jsd", "branched"]
     for kind in kinds:
-        chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, kind=kind, **estimator).loss.backward()
-        chunked_divergence_to(hs, head, lambda part: ht[part] @ head_t.T, weight, targets, reverse, kind=kind,
-                              **estimator).loss.backward()
+        chunked_divergence(hs, head, ht, head_t, weight, targets, reverse, spec=DivergenceSpec(kind=kind,
+                                                                                               **estimator)).loss.backward()
+        chunked_divergence_to(hs, head, lambda part: ht[part] @ head_t.T, weight, targets, reverse,
+                              spec=DivergenceSpec(kind=kind, **estimator)).loss.backward()
     assert ht.grad is None and head_t.grad is None
     assert hs.grad.abs().max() > 0 and head.grad.abs().max() > 0
 
@@ -183,7 +194,7 @@ def test_jsd_endpoints_are_the_two_kls():
     middle = divergence_terms(logp_s, logp_t, "jsd", 0.5)[0].sum(-1)
     assert torch.all(middle > 0) and torch.all(middle <= math.log(2.0))
     hs, head, ht, head_t, weight, targets, _ = make_inputs()
-    value = lambda **o: chunked_divergence(hs, head, ht, head_t, weight, targets, **o).value_N  # noqa: E731
+    value = lambda **o: chunked_divergence(hs, head, ht, head_t, weight, targets, spec=DivergenceSpec(**o)).value_N
     torch.testing.assert_close(value(kind="jsd", beta=0.0), value(kind="forward_kl"))
     torch.testing.assert_close(value(kind="jsd", beta=1.0), value(kind="reverse_kl"))
 
@@ -201,16 +212,19 @@ def test_clip_terms_caps_each_term_and_kills_its_slope():
 
 def test_chunked_clip_caps_each_term_and_stops_its_gradient():
     hs, head, ht, head_t, weight, targets, _ = make_inputs()
-    unclipped = chunked_divergence(hs, head, ht, head_t, weight, targets, kind="reverse_kl")
-    loose = chunked_divergence(hs, head, ht, head_t, weight, targets, kind="reverse_kl", clip_tau=1e9)
-    tight = chunked_divergence(hs, head, ht, head_t, weight, targets, kind="reverse_kl", clip_tau=1e-4)
+    unclipped = chunked_divergence(hs, head, ht, head_t, weight, targets, spec=DivergenceSpec(kind="reverse_kl"))
+    loose = chunked_divergence(hs, head, ht, head_t, weight, targets, spec=DivergenceSpec(kind="reverse_kl",
+                                                                                          clip_tau=1e9))
+    tight = chunked_divergence(hs, head, ht, head_t, weight, targets, spec=DivergenceSpec(kind="reverse_kl",
+                                                                                          clip_tau=1e-4))
     torch.testing.assert_close(loose.loss, unclipped.loss)
     assert not loose.clipped_N.any() and tight.clipped_N.all()
     assert float(tight.loss) < float(unclipped.loss)
     assert float(tight.value_N.max()) <= V * 1e-4 + 1e-12  # at most V terms of at most τ each
     # every term capped: the loss is then constant in the student, so no gradient
     hs_grad = hs.clone().requires_grad_()
-    capped = chunked_divergence(hs_grad, head, ht, head_t, weight, targets, kind="forward_kl", clip_tau=-1.0)
+    capped = chunked_divergence(hs_grad, head, ht, head_t, weight, targets, spec=DivergenceSpec(kind="forward_kl",
+                                                                                                clip_tau=-1.0))
     capped.loss.backward()
     torch.testing.assert_close(capped.loss, -weight.sum() * V)
     assert float(hs_grad.grad.abs().max()) == 0.0
@@ -235,7 +249,8 @@ def test_topk_keeping_all_but_one_entry_is_the_full_divergence(kind):
     every_entry, more_than_every = dict(estimator="topk", top_k=V - 1), dict(estimator="topk", top_k=10 * V)
     for estimator in (dict(estimator="full"), every_entry, more_than_every):
         head_grad = head.clone().requires_grad_()
-        results.append(chunked_divergence(hs, head_grad, ht, head_t, weight, targets, reverse, **kind, **estimator))
+        results.append(chunked_divergence(hs, head_grad, ht, head_t, weight, targets, reverse,
+                                          spec=DivergenceSpec(**kind, **estimator)))
         results[-1].loss.backward()
         grads.append(head_grad.grad)
     for result, grad in zip(results[1:], grads[1:]):
@@ -251,9 +266,9 @@ def test_sampled_estimator_is_unbiased_for_the_reverse_kl():
     every_y = torch.arange(V)
     head_sampled, head_full = head.clone().requires_grad_(), head.clone().requires_grad_()
     sampled = chunked_divergence(hs[:1].expand(V, H), head_sampled, ht[:1].expand(V, H), head_t, p_s, every_y,
-                                 estimator="sampled", temperature=t)
+                                 spec=DivergenceSpec(estimator="sampled", temperature=t))
     full = chunked_divergence(hs[:1], head_full, ht[:1], head_t, torch.ones(1, dtype=hs.dtype), every_y[:1],
-                              kind="reverse_kl", temperature=t)
+                              spec=DivergenceSpec(kind="reverse_kl", temperature=t))
     sampled.loss.backward()
     full.loss.backward()
     torch.testing.assert_close((p_s * sampled.value_N).sum(), full.value_N[0])
@@ -264,8 +279,10 @@ def test_temperature_divides_both_sides_logits():
     hs, head, ht, head_t, weight, targets, reverse = make_inputs()
     for kind, t in itertools.product(("reverse_kl", "forward_kl", "jsd", "branched"), (0.5, 1.1, 3.0)):
         heads = [head.clone().requires_grad_() for _ in range(2)]
-        scaled = chunked_divergence(hs, heads[0], ht, head_t, weight, targets, reverse, kind=kind, temperature=t)
-        manual = chunked_divergence(hs / t, heads[1], ht / t, head_t, weight, targets, reverse, kind=kind)
+        scaled = chunked_divergence(hs, heads[0], ht, head_t, weight, targets, reverse, spec=DivergenceSpec(kind=kind,
+                                                                                                            temperature=t))
+        manual = chunked_divergence(hs / t, heads[1], ht / t, head_t, weight, targets, reverse,
+                                    spec=DivergenceSpec(kind=kind))
         scaled.loss.backward()
         manual.loss.backward()
         torch.testing.assert_close(scaled.value_N, manual.value_N)
@@ -274,9 +291,9 @@ def test_temperature_divides_both_sides_logits():
 
 def test_bf16_inputs_accumulate_in_float32():
     hs, head, ht, head_t, weight, targets, _ = make_inputs()
-    exact = chunked_divergence(hs, head, ht, head_t, weight, targets, kind="reverse_kl")
+    exact = chunked_divergence(hs, head, ht, head_t, weight, targets, spec=DivergenceSpec(kind="reverse_kl"))
     low = chunked_divergence(hs.bfloat16().requires_grad_(), head.bfloat16(), ht.bfloat16(), head_t.bfloat16(),
-                             weight.float(), targets, kind="reverse_kl")
+                             weight.float(), targets, spec=DivergenceSpec(kind="reverse_kl"))
     assert low.loss.dtype == torch.float32
     torch.testing.assert_close(low.loss.double(), exact.loss, rtol=0.05, atol=0.05)
 

@@ -7,8 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opsd.cli import main
-from opsd.objectives.divergence import chunked_divergence
 from opsd.core.tiny import char_tokenizer
+from opsd.objectives.divergence import DivergenceSpec, chunked_divergence
 
 
 class VocabRows(TorchDispatchMode):
@@ -36,7 +36,7 @@ def test_chunked_divergence_holds_one_chunk_of_logits(estimator):
     ht, head_t = torch.randn(n, h), torch.randn(v, h)
     with VocabRows(v) as fused:
         result = chunked_divergence(hs, head, ht, head_t, torch.ones(n) / n, torch.randint(0, v, (n,)),
-                                    chunk_size=chunk, kind="jsd", estimator=estimator)
+                                    spec=DivergenceSpec(chunk_size=chunk, kind="jsd", estimator=estimator))
         result.loss.backward()
     # the head and its gradient are [V × H]; logits and softmaxes are [chunk × V]
     assert fused.max_rows <= max(chunk, h), fused.max_rows

@@ -36,11 +36,11 @@ def test_frozen_head_and_empty_input():
 def test_the_log_prob_gap_is_float_error_for_the_engines_own_weights_and_large_for_others():
     """logprob_gap against the hf engine's own sampled log-probs (top-k and top-p on): ~0 with the
     weights that sampled, large with moved weights (what a stale vLLM engine would show)."""
-    from opsd.generation import SamplingConfig, make_engine
-    from opsd.objectives.logprobs import logprob_gap
     from opsd.core.models import Backbone
     from opsd.core.packing import pack, response_hidden
     from opsd.core.tiny import build_tiny
+    from opsd.generation import SamplingConfig, make_engine
+    from opsd.objectives.logprobs import logprob_gap
 
     model, tokenizer = build_tiny(seed=3)
     model.eval()
@@ -77,7 +77,8 @@ def test_the_log_prob_gap_from_given_log_probs_equals_the_one_it_computes_withou
 
     g = torch.Generator().manual_seed(0)
     hidden, head = torch.randn(10, 8, generator=g), torch.randn(30, 8, generator=g)
-    targets, engine = torch.randint(0, 30, (10,), generator=g), [-torch.rand(4, generator=g), -torch.rand(6, generator=g)]
+    targets, engine = torch.randint(0, 30, (10,), generator=g), [-torch.rand(4, generator=g), -torch.rand(6,
+                                                                                                          generator=g)]
     sampling = SamplingConfig(temperature=0.7)
     trainer = chunked_token_logprobs(hidden, head, targets, 0.7, chunk_size=3)
     computed, outside = logprob_gap(hidden, head, targets, engine, sampling, chunk_size=3)

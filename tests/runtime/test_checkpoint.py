@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opsd.runtime.checkpoint import prune_checkpoints
 from opsd.cli import main
+from opsd.core.tiny import build_tiny, save_tiny
+from opsd.runtime.checkpoint import prune_checkpoints
 from opsd.runtime.folders import foreign_checkpoint, foreign_entry
 from opsd.runtime.runs import latest_checkpoint
-from opsd.core.tiny import build_tiny, save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 DISTILL = ["distill", str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=8", "sampling.n=2",

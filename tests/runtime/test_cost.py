@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from opsd.core.config import load_config
-from opsd.runtime.cost import accuracy_efficiency_score, compute_per_solved, latency_summary, peak_memory, percentile, throughput
+from opsd.runtime.cost import (
+    accuracy_efficiency_score,
+    compute_per_solved,
+    latency_summary,
+    peak_memory,
+    percentile,
+    throughput,
+)
 from opsd.stages.eval import EvalConfig, run_eval
 from tests.stages.test_eval import ARITHMETIC
 
@@ -39,8 +46,9 @@ def test_peak_memory_sees_a_large_allocation():
 
 
 def evaluate(tmp_path, name, *overrides):
-    config = load_config(EvalConfig, None, [f"data=[{ARITHMETIC}]", "limit=6", "sampling.n=2", "device=cpu",
-                                            "threads=1", "cost.latency_problems=6", f"output_dir={tmp_path / name}",
+    config = load_config(EvalConfig, None, [f"data=[{ARITHMETIC}]", "limit=6", "sampling.n=2", "run.device=cpu",
+                                            "run.threads=1", "cost.latency_problems=6",
+                                            f"run.output_dir={tmp_path / name}",
                                             *overrides])
     return json.loads((run_eval(config) / "eval.json").read_text())["benchmarks"][0]
 
@@ -65,10 +73,12 @@ def test_accuracy_efficiency_score_is_o1_pruners():
     # O1-Pruner's Table 2, Marco-o1-7B on MATH: baseline 73.8% at 1156 tokens, O1-Pruner 77.5% at 657 → 0.58
     assert accuracy_efficiency_score(77.5, 657, 73.8, 1156) == pytest.approx(0.582, abs=5e-4)
     # accuracy in fractions or percent: the same score (both changes are relative)
-    assert accuracy_efficiency_score(0.775, 657, 0.738, 1156) == pytest.approx(accuracy_efficiency_score(77.5, 657, 73.8, 1156))
+    assert accuracy_efficiency_score(0.775, 657, 0.738, 1156) == pytest.approx(accuracy_efficiency_score(77.5, 657,
+                                                                                                         73.8, 1156))
     # a drop costs γ = 5 per relative point, as section 5.1 defines it: 0.1566 − 5 × 0.0841 (the paper's
     # table prints 0.41 here, the drop added with β = 3: a slip of the table, not of the definition)
     assert accuracy_efficiency_score(81.7, 447, 89.2, 530) == pytest.approx(83 / 530 - 5 * 7.5 / 89.2)
     assert accuracy_efficiency_score(81.7, 447, 89.2, 530) < 0
     assert accuracy_efficiency_score(0.5, 100, 0.5, 100) == 0.0
-    assert accuracy_efficiency_score(0.5, 100, 0.0, 100) is None and accuracy_efficiency_score(0.5, 100, 0.5, None) is None
+    assert accuracy_efficiency_score(0.5, 100, 0.0, 100) is None and accuracy_efficiency_score(0.5, 100, 0.5,
+                                                                                               None) is None

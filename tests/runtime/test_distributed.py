@@ -18,7 +18,8 @@ SAME_WORK = ["run.steps=1", "run.problems_per_step=4", "sampling.n=1", "sampling
 
 
 def run(out: Path, processes: int) -> dict:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(processes)] if processes > 1 else []
     command = [sys.executable, *launcher, "-m", "opsd.cli", "distill", str(ROOT / "configs/tiny.yaml"),
                f"run.output_dir={out}", *SAME_WORK]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
@@ -38,7 +39,7 @@ def test_two_processes_compute_the_single_process_gradient(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     # samples.jsonl: rank 0 alone writes, its own rollouts, the same as a single process samples for them
-    samples = lambda out: [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    samples = lambda out: [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     one = {s["id"]: s for s in samples(tmp_path / "one")}
     two = samples(tmp_path / "two")
     assert len(one) == 4 and len(two) == 2

@@ -45,7 +45,8 @@ def test_foreign_entries_are_found_at_any_depth(tmp_path):
 
 STAGES = {
     "distill": DISTILL,
-    "sft": ["sft", str(ROOT / "configs/sft-tiny.yaml"), f"data.path={ROOT / 'configs/examples/arithmetic-pairs.jsonl'}", "run.steps=1"],
+    "sft": ["sft", str(ROOT / "configs/sft-tiny.yaml"),
+            f"data.path={ROOT / 'configs/examples/arithmetic-pairs.jsonl'}", "run.steps=1"],
     "rlvr": ["rlvr", str(ROOT / "configs/rlvr-tiny.yaml"), "run.steps=1"],
 }
 
@@ -91,15 +92,15 @@ def test_pipeline_overwrite_refuses_a_planted_file(tmp_path, capsys):
 
 def test_eval_replaces_only_its_own_outputs(tmp_path, capsys):
     data = ROOT / "configs/examples/arithmetic.jsonl"
-    base = ["eval", f"data=[{data}]", "limit=2", "sampling.n=1", "sampling.max_new_tokens=4", "device=cpu"]
+    base = ["eval", f"data=[{data}]", "limit=2", "sampling.n=1", "sampling.max_new_tokens=4", "run.device=cpu"]
     foreign = tmp_path / "results"
     plant(foreign / "eval.json")
-    assert main([*base, f"output_dir={foreign}", "overwrite=true"]) == 2
+    assert main([*base, f"run.output_dir={foreign}", "run.overwrite=true"]) == 2
     assert "not an evaluation folder opsd created" in capsys.readouterr().err
     assert (foreign / "eval.json").read_text() == "my notes\n"
     own = tmp_path / "own"
-    assert main([*base, f"output_dir={own}"]) == 0
-    assert main([*base, f"output_dir={own}", "overwrite=true"]) == 0
+    assert main([*base, f"run.output_dir={own}"]) == 0
+    assert main([*base, f"run.output_dir={own}", "run.overwrite=true"]) == 0
 
 
 def test_demo_refuses_a_folder_holding_a_users_file(tmp_path, capsys):
@@ -158,9 +159,9 @@ def test_an_evaluation_written_into_a_run_folder_is_part_of_it(tmp_path):
     assert main([*DISTILL, f"run.output_dir={out}", "run.steps=1"]) == 0
     checkpoint = out / "checkpoints" / "step_000001"
     base = ["eval", f"data=[{ROOT / 'configs/examples/arithmetic.jsonl'}]", "limit=2", "sampling.n=1",
-            "sampling.max_new_tokens=4", "device=cpu", f"model.name_or_path={checkpoint}"]
-    assert main([*base, f"output_dir={out / 'eval'}"]) == 0
-    assert main([*base, f"output_dir={checkpoint}"]) == 0  # into the checkpoint folder itself
+            "sampling.max_new_tokens=4", "run.device=cpu", f"model.name_or_path={checkpoint}"]
+    assert main([*base, f"run.output_dir={out / 'eval'}"]) == 0
+    assert main([*base, f"run.output_dir={checkpoint}"]) == 0  # into the checkpoint folder itself
     # samples.jsonl and the evaluations' responses.jsonl are opsd's own files too
     assert all((folder / name).is_file() for folder, name in
                [(out, "samples.jsonl"), (out / "eval", "responses.jsonl"), (checkpoint, "responses.jsonl")])

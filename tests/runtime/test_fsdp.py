@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from opsd.runtime.runs import latest_checkpoint
 from opsd.core.tiny import save_tiny
+from opsd.runtime.runs import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 # uneven shares: 3 problems over 2 processes, one sequence per micro-batch, so processes run out of
@@ -33,7 +33,8 @@ TOLERANCE = 1e-5  # float sums in another order (two processes' gradients reduce
 
 def opsd(args: list[str], out: Path, processes: int = 1, crash: str | None = None,
          crash_rank: int = 1) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(processes)] if processes > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("OPSD_CRASH_AT", None)
     if crash:  # that rank kills itself (SIGKILL) at that point (opsd/runtime/faults.py); torchrun ends the others
@@ -169,11 +170,13 @@ def test_the_memory_table_counts_qwen3_parameters_as_transformers_does():
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_the_memory_prediction_is_what_a_real_step_holds(processes):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(processes)] if processes > 1 else []
     result = subprocess.run([sys.executable, *launcher, str(ROOT / "benchmarks/fsdp_memory.py")], capture_output=True,
                             text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "bytes" not in line]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and "bytes" not in line]
     parts = {name.strip(): (int(measured.replace(",", "")), float(predicted.replace(",", "")))
              for name, measured, predicted, _ in rows}
     assert set(parts) == {"weights", "gradients", "optimizer", "teacher", "gathered"}
@@ -261,11 +264,11 @@ def test_a_run_written_before_run_parallel_existed_still_resumes(tmp_path):
 def test_a_sharded_checkpoint_before_any_update_leaves_the_optimizer_as_it_was(tmp_path):
     """torch builds an un-stepped optimizer's state for a state dict by a step with zero gradients;
     a checkpoint after steps that trained on nothing must not count that step (AdamW's bias correction)."""
-    from opsd.runtime.checkpoint import restore, save_run_checkpoint, start_model
     from opsd.core.models import ModelConfig
-    from opsd.runtime.runs import RunConfig
     from opsd.core.tiny import build_tiny
-    from opsd.runtime.training import new_progress
+    from opsd.runtime.checkpoint import restore, save_run_checkpoint, start_model
+    from opsd.runtime.runs import RunConfig
+    from opsd.runtime.training import Progress
 
     def fresh():
         model, tokenizer = build_tiny(seed=3)
@@ -275,11 +278,11 @@ def test_a_sharded_checkpoint_before_any_update_leaves_the_optimizer_as_it_was(t
     run = RunConfig(output_dir=str(tmp_path / "run"), parallel="fsdp")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     start = start_model(ModelConfig(), model)
-    folder = save_run_checkpoint(tmp_path / "run", model, tokenizer, optimizer, {**new_progress(), "step": 1},
+    folder = save_run_checkpoint(tmp_path / "run", model, tokenizer, optimizer, Progress(step=1),
                                  {"stage": "distill"}, run, start)
     assert not optimizer.state
     resumed_model, _, resumed = fresh()
-    assert restore(folder, resumed_model, resumed, start)["step"] == 1
+    assert restore(folder, resumed_model, resumed, start).step == 1
     assert not resumed.state
 
 

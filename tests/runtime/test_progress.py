@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from opsd.cli import main
-from opsd.stages.eval import decode
+from opsd.core.tiny import build_tiny
 from opsd.generation import SamplingConfig, make_engine
 from opsd.runtime.metrics import MetricsLog, progress_bar
-from opsd.core.tiny import build_tiny
+from opsd.stages.eval import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = {
@@ -49,7 +49,7 @@ def test_each_command_names_its_bar_and_counts_steps(tmp_path, capsys, command):
 def test_eval_has_a_bar_over_the_problems_of_each_file(tmp_path, capsys):
     data = ROOT / "configs/examples/arithmetic.jsonl"
     assert main(["eval", f"data=[{data}]", "limit=5", "sampling.n=2", "sampling.max_new_tokens=4",
-                 "sampling.batch_size=4", "greedy=true", "device=cpu", f"output_dir={tmp_path / 'eval'}"]) == 0
+                 "sampling.batch_size=4", "greedy=true", "run.device=cpu", f"run.output_dir={tmp_path / 'eval'}"]) == 0
     err = capsys.readouterr().err
     frames = [f for f in err.replace("\n", "\r").split("\r") if f.startswith("eval · arithmetic")]
     assert any("2/5" in f for f in frames) and "5/5" in frames[-1] and "problem" in frames[-1]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opsd.runtime.runs import latest_checkpoint
 from opsd.cli import main
 from opsd.core.tiny import build_tiny
+from opsd.runtime.runs import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 DISTILL = [str(ROOT / "configs/tiny.yaml"), "sampling.max_new_tokens=12", "sampling.n=2", "run.problems_per_step=2",
@@ -78,7 +78,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     if command == "distill":  # the EMA teacher's snapshot too
-        teacher = lambda o: load_file(str(latest_checkpoint(o) / "teacher.safetensors"))  # noqa: E731
+        teacher = lambda o: load_file(str(latest_checkpoint(o) / "teacher.safetensors"))
         assert all(torch.equal(teacher(reference)[k], v) for k, v in teacher(out).items())
     rows = metric_rows(out)
     assert [row["step"] for row in rows] == list(range(1, len(rows) + 1))
@@ -106,11 +106,11 @@ def test_killed_run_of_a_bf16_model_resumes_to_the_uninterrupted_result(tmp_path
     expected, got = final_weights(reference), final_weights(out)
     assert {t.dtype for t in got.values()} == {torch.bfloat16} and expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
-    state = lambda o: torch.load(latest_checkpoint(o) / "training_state.pt", weights_only=True)  # noqa: E731
+    state = lambda o: torch.load(latest_checkpoint(o) / "training_state.pt", weights_only=True)
     expected, got = state(reference), state(out)
     assert {t.dtype for t in got["master_weights"].values()} == {torch.float32}
     assert all(torch.equal(expected["master_weights"][k], v) for k, v in got["master_weights"].items())
-    moments = lambda s: [t for p in s["optimizer"]["state"].values() for t in (p["exp_avg"], p["exp_avg_sq"])]  # noqa: E731
+    moments = lambda s: [t for p in s["optimizer"]["state"].values() for t in (p["exp_avg"], p["exp_avg_sq"])]
     assert all(torch.equal(a, b) for a, b in zip(moments(expected), moments(got), strict=True))
     assert not (latest_checkpoint(out) / "teacher.safetensors").exists()
     assert metric_rows(out) == metric_rows(reference)
@@ -146,8 +146,8 @@ def test_resume_flag_without_a_run_is_refused(tmp_path, capsys):
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, monkeypatch, capsys):
-    import opsd.stages.distill
     import opsd.runtime.training
+    import opsd.stages.distill
 
     real = opsd.runtime.training.guarded_step
 
@@ -177,7 +177,7 @@ def test_killed_pipeline_resumes_at_the_stage_it_was_in(tmp_path):
             "{name: opsd, command: distill, config: configs/tiny.yaml, overrides: "
             "[run.steps=3, run.save_every=1, sampling.max_new_tokens=12, run.problems_per_step=2]}]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPSD_CRASH_AT": "step:5"}  # sft's 3 steps, then opsd's 2nd
-    run = lambda env: subprocess.run([sys.executable, "-m", "opsd.cli", "pipeline", *args],  # noqa: E731
+    run = lambda env: subprocess.run([sys.executable, "-m", "opsd.cli", "pipeline", *args],
                                      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     killed = run(env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

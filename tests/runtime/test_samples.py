@@ -10,8 +10,8 @@ import torch
 
 from opsd.cli import main
 from opsd.core.packing import pack, per_sequence_mean
+from opsd.generation.rollouts import pick
 from opsd.runtime.runs import trim_rows
-from opsd.runtime.samples import pick
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["sampling.max_new_tokens=12", "run.problems_per_step=4", "run.report_to=[]"]
@@ -65,7 +65,8 @@ def test_distill_samples_hold_grade_gate_teacher_prompt_and_divergence(tmp_path)
     first = samples[0]
     assert set(first) == {"step", "id", "prompt", "response", "extracted", "answer", "correct", "truncated",
                           "response_tokens", "kept", "teacher_prompt", "divergence"}
-    assert first["prompt"].startswith("<|im_start|>user\nCompute ") and first["prompt"].endswith("<|im_start|>assistant\n")
+    assert first["prompt"].startswith("<|im_start|>user\nCompute ")
+    assert first["prompt"].endswith("<|im_start|>assistant\n")
     assert "reference solution" in first["teacher_prompt"] and "reference solution" not in first["prompt"]
     assert first["kept"] and first["id"].startswith("arith_") and first["answer"]
 

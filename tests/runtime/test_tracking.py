@@ -94,10 +94,12 @@ def test_wandb_online_without_a_login_is_refused_up_front(tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    result = subprocess.run([sys.executable, "-m", "opsd.cli", *sft_args(tmp_path, out, "run.steps=1", "run.report_to=wandb")],
+    result = subprocess.run([sys.executable, "-m", "opsd.cli", *sft_args(tmp_path, out, "run.steps=1",
+                                                                         "run.report_to=wandb")],
                             capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL,
                             env={**env, "HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc")})
-    assert result.returncode == 2 and "wandb, which has no login here" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "wandb, which has no login here" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not out.exists()
 
 
@@ -116,7 +118,8 @@ def test_bad_trackers_are_refused_before_any_folder(tmp_path, capsys, monkeypatc
     import opsd.runtime.tracking
 
     monkeypatch.setattr(opsd.runtime.tracking.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(UserError, match=re.escape("run.report_to lists wandb, which is not installed: pip install 'opsd[wandb]'")):
+    with pytest.raises(UserError, match=re.escape("run.report_to lists wandb, which is not installed: pip install "
+                                                  "'opsd[wandb]'")):
         check_trackers(("wandb",))
     check_trackers(("tensorboard",))  # listed by default: skipped where missing, never refused
 

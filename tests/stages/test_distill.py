@@ -9,9 +9,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opsd.runtime.checkpoint import fingerprint
 from opsd.cli import main
 from opsd.core.tiny import build_tiny
+from opsd.runtime.checkpoint import fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["sampling.max_new_tokens=16", "sampling.n=2", "run.problems_per_step=4", "optim.micro_batch_size=3",
@@ -63,7 +63,8 @@ def test_frozen_teacher_stays_at_the_initial_weights(tmp_path):
         folder = out / "checkpoints" / f"step_{step:06d}"
         assert not (folder / "teacher.safetensors").exists()
         recorded = json.loads((folder / "opsd_checkpoint.json").read_text())["start_model"]
-        assert recorded == {"path": "builtin:tiny", "sha256": fingerprint({f"teacher/{n}": p for n, p in initial.items()})}
+        expected = fingerprint({f"teacher/{n}": p for n, p in initial.items()})
+        assert recorded == {"path": "builtin:tiny", "sha256": expected}
     student = model_weights(out / "checkpoints/step_000003")
     assert not torch.equal(student["model.embed_tokens.weight"], initial["model.embed_tokens.weight"].detach())
 
@@ -75,7 +76,8 @@ def test_refresh_teacher_copies_the_student_every_m_steps(tmp_path):
     student = {s: model_weights(out / "checkpoints" / f"step_{s:06d}") for s in range(1, 6)}
     teacher = {s: load_file(str(out / "checkpoints" / f"step_{s:06d}" / "teacher.safetensors")) for s in range(1, 6)}
     # teacher after step s: initial until step 2, student@2 during steps 3-4, student@4 at step 5
-    expected = {1: {k: v.detach() for k, v in initial.items()}, 2: student[2], 3: student[2], 4: student[4], 5: student[4]}
+    expected = {1: {k: v.detach() for k, v in initial.items()}, 2: student[2], 3: student[2], 4: student[4],
+                5: student[4]}
     for step in range(1, 6):
         for name, tensor in teacher[step].items():
             assert torch.equal(tensor, expected[step][name]), (step, name)
@@ -84,7 +86,8 @@ def test_refresh_teacher_copies_the_student_every_m_steps(tmp_path):
 
 
 def test_ema_teacher_moves_towards_the_student(tmp_path):
-    out = distill(tmp_path, "run.steps=2", "run.save_every=1", "teacher.weights.policy=ema", "teacher.weights.ema_decay=0.5")
+    out = distill(tmp_path, "run.steps=2", "run.save_every=1", "teacher.weights.policy=ema",
+                  "teacher.weights.ema_decay=0.5")
     initial = build_tiny()[0].state_dict()
     s1, s2 = (model_weights(out / f"checkpoints/step_{s:06d}") for s in (1, 2))
     t2 = load_file(str(out / "checkpoints/step_000002/teacher.safetensors"))
@@ -122,7 +125,8 @@ def test_lora_frozen_teacher_is_the_base_and_checkpoint_is_merged(tmp_path):
     weights = model_weights(final)
     assert not any("lora" in k for k in weights)
     initial = build_tiny()[0].state_dict()
-    assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], initial["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"],
+                           initial["model.layers.0.self_attn.q_proj.weight"])
     AutoModelForCausalLM.from_pretrained(final)
 
 

@@ -30,7 +30,8 @@ from opsd.stages.eval import (
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 ARITHMETIC = ROOT / "configs/examples/arithmetic.jsonl"
-ROW_KEYS = {"problems", "samples", "mean_at_k", "mean_at_k_stderr", "pass_at_k", "pass_k", "maj_at_k", "greedy_accuracy",
+ROW_KEYS = {"problems", "samples", "mean_at_k", "mean_at_k_stderr", "pass_at_k", "pass_k", "maj_at_k",
+            "greedy_accuracy",
             "response_tokens_mean", "response_tokens_median", "correct_response_tokens_mean",
             "correct_response_tokens_median", "truncation_rate", "markers_per_1k_tokens", "restated_answers"}
 COST_KEYS = {"latency_problems", "latency_p50_s", "latency_p95_s", "latency_tokens_per_s", "throughput_batch_size",
@@ -124,7 +125,7 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
         {**json.loads(line), "level": 1 + i % 2} for i, line in enumerate(ARITHMETIC.read_text().splitlines()[:4])])
     out = tmp_path / "eval"
     code = main(["eval", "model.name_or_path=builtin:tiny", f"data=[{ARITHMETIC},{data}]", "limit=4",
-                 "sampling.n=2", "sampling.max_new_tokens=8", "greedy=true", "device=cpu", f"output_dir={out}",
+                 "sampling.n=2", "sampling.max_new_tokens=8", "greedy=true", "run.device=cpu", f"run.output_dir={out}",
                  "instruction=Be concise."])
     assert code == 0
     printed = capsys.readouterr().out
@@ -132,13 +133,15 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     table = (out / "eval.md").read_text()
     assert table in printed and f"eval folder: {out}" in printed
     assert report["mode"] == "generate" and report["k"] == 2
-    assert report["config"]["sampling"] == {"engine": "hf", "temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 8,
+    assert report["config"]["sampling"] == {"engine": "hf", "temperature": 0.6, "top_p": 0.95, "top_k": 0,
+                                            "max_new_tokens": 8,
                                             "n": 2, "batch_size": 64, "gpu_memory_utilization": 0.3,
                                             "kv_cache_gib": 0.0, "max_model_len": 0, "sleep_mode": False}
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]
     for row in (first, second):
-        assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "generate_tokens_per_s", "grading", "levels", "tasks"}
+        assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "generate_tokens_per_s", "grading", "levels",
+                                                   "tasks"}
         assert row["grading"] == {"timeouts": 0, "crashes": 0, "restated": 0, "code_timeouts": 0, "sandbox_errors": 0,
                                   "code_unsupported": 0}
         assert row["problems"] == 4 and row["samples"] == 8
@@ -160,8 +163,8 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == 2 * 4 * 2  # every sample of both files; the greedy responses are not samples
     # a second run into the same folder is refused unless overwrite=true
-    assert main(["eval", f"data=[{ARITHMETIC}]", f"output_dir={out}"]) == 2
-    assert "overwrite=true" in capsys.readouterr().err
+    assert main(["eval", f"data=[{ARITHMETIC}]", f"run.output_dir={out}"]) == 2
+    assert "run.overwrite=true" in capsys.readouterr().err
 
 
 def test_eval_reads_a_config_file_then_overrides(tmp_path):
@@ -193,7 +196,7 @@ def score_responses(tmp_path, rows, *overrides, name="eval"):
     responses = write_jsonl(tmp_path / f"{name}.jsonl", rows)
     config = load_config(EvalConfig, None, [
         f"data=[{DATA / 'math500_test.jsonl'},{DATA / 'gsm8k_test.jsonl'}]", f"responses={responses}",
-        f"output_dir={tmp_path / name}", *overrides])
+        f"run.output_dir={tmp_path / name}", *overrides])
     return json.loads((run_eval(config) / "eval.json").read_text())
 
 
@@ -224,7 +227,7 @@ def test_responses_are_counted_with_the_named_tokenizer(tmp_path):
     responses = write_jsonl(tmp_path / "r.jsonl", [{"id": "arith_000", "response": "26 + 28 = 54.\nAnswer: 54"},
                                                    {"id": "arith_000", "response": "hmm, wait: 55", "truncated": True}])
     config = load_config(EvalConfig, None, [f"data=[{ARITHMETIC}]", "limit=1", f"responses={responses}",
-                                            f"model.name_or_path={model}", f"output_dir={tmp_path / 'out'}"])
+                                            f"model.name_or_path={model}", f"run.output_dir={tmp_path / 'out'}"])
     report = json.loads((run_eval(config) / "eval.json").read_text())
     row = report["benchmarks"][0]
     assert report["response_tokens_counted_by"] == f"tokenizer of {model}"
@@ -251,13 +254,13 @@ def test_user_mistakes_name_the_file_and_line(tmp_path, capsys):
         out = tmp_path / f"out-{name.replace(' ', '-')}"
         with pytest.raises(UserError) as caught:
             run_eval(load_config(EvalConfig, None, [f"data=[{ARITHMETIC}]", "limit=2", f"responses={responses}",
-                                                    f"output_dir={out}"]))
+                                                    f"run.output_dir={out}"]))
         for word in words:
             assert word in str(caught.value), (name, word, str(caught.value))
         assert not out.exists(), name
     for overrides, words in [(["data=[]"], ["data"]), ([f"data=[{ARITHMETIC}]", "greedy=true", "responses=x.jsonl"],
                                                        ["greedy"]), ([f"data={ARITHMETIC}"], ["data", "list"])]:
-        assert main(["eval", *overrides, f"output_dir={tmp_path / 'never'}"]) == 2
+        assert main(["eval", *overrides, f"run.output_dir={tmp_path / 'never'}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("opsd: error: ") and "\n" not in err and all(w in err for w in words), err
     assert not (tmp_path / "never").exists()
@@ -274,21 +277,22 @@ def test_responses_file_rescores_to_the_same_accuracy_table(tmp_path, capsys):
     from opsd.demo.demo import SHIPPED_SFT
 
     data = toyworld.write_jsonl(toyworld.problem_rows(toyworld.held_out(2)), tmp_path / "heldout.jsonl")
-    common = [f"model.name_or_path={SHIPPED_SFT}", f"data=[{data}]", "device=cpu"]
+    common = [f"model.name_or_path={SHIPPED_SFT}", f"data=[{data}]", "run.device=cpu"]
     assert main(["eval", *common, "sampling.n=3", "sampling.temperature=1.0", "sampling.max_new_tokens=60",
-                 "instruction=Be concise.", f"output_dir={tmp_path / 'generated'}"]) == 0
+                 "instruction=Be concise.", f"run.output_dir={tmp_path / 'generated'}"]) == 0
     saved = [json.loads(line) for line in (tmp_path / "generated" / "responses.jsonl").read_text().splitlines()]
     assert len(saved) == 8 * 3 and {"id", "response", "truncated", "correct", "extracted"} <= set(saved[0])
     assert 0 < sum(r["correct"] for r in saved) < len(saved)
     assert main(["eval", *common, "--responses", str(tmp_path / "generated" / "responses.jsonl"),
-                 f"output_dir={tmp_path / 'rescored'}"]) == 0
+                 f"run.output_dir={tmp_path / 'rescored'}"]) == 0
     capsys.readouterr()
     first, again = (json.loads((tmp_path / name / "eval.json").read_text())["benchmarks"][0]
                     for name in ("generated", "rescored"))
     assert {k: first[k] for k in ACCURACY} == {k: again[k] for k in ACCURACY}
-    assert [{k: lv[k] for k in ACCURACY} for lv in first["levels"]] == [{k: lv[k] for k in ACCURACY} for lv in again["levels"]]
+    levels = lambda report: [{k: level[k] for k in ACCURACY} for level in report["levels"]]
+    assert levels(first) == levels(again)
     rescored = [json.loads(line) for line in (tmp_path / "rescored" / "responses.jsonl").read_text().splitlines()]
-    keep = lambda rows: [(r["id"], r["response"], r["truncated"], r["correct"], r["extracted"]) for r in rows]  # noqa: E731
+    keep = lambda rows: [(r["id"], r["response"], r["truncated"], r["correct"], r["extracted"]) for r in rows]
     assert keep(rescored) == keep(saved)
 
 

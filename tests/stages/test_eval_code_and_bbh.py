@@ -55,20 +55,26 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 CODE_ROWS = [
-    {"id": "add", "problem": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "answer": None, "verifier": "code", "entry_point": "add",
+    {"id": "add", "problem": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "answer": None, "verifier": "code",
+     "entry_point": "add",
      "tests": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "task": "arithmetic"},
-    {"id": "neg", "problem": "def neg(a):\n    \"\"\"Minus a.\"\"\"\n", "answer": None, "verifier": "code", "entry_point": "neg",
+    {"id": "neg", "problem": "def neg(a):\n    \"\"\"Minus a.\"\"\"\n", "answer": None, "verifier": "code",
+     "entry_point": "neg",
      "tests": "def check(candidate):\n    assert candidate(2) == -2\n", "task": "arithmetic"},
 ]
 BBH_ROWS = [
-    {"id": "b1", "problem": "True and False is", "answer": "False", "verifier": "exact_match", "task": "boolean_expressions"},
-    {"id": "b2", "problem": "Pick.\nOptions:\n(A) x\n(B) y", "answer": "(B)", "verifier": "exact_match", "task": "choices"},
-    {"id": "b3", "problem": "Pick.\nOptions:\n(A) x\n(B) y", "answer": "(A)", "verifier": "exact_match", "task": "choices"},
+    {"id": "b1", "problem": "True and False is", "answer": "False", "verifier": "exact_match",
+     "task": "boolean_expressions"},
+    {"id": "b2", "problem": "Pick.\nOptions:\n(A) x\n(B) y", "answer": "(B)", "verifier": "exact_match",
+     "task": "choices"},
+    {"id": "b3", "problem": "Pick.\nOptions:\n(A) x\n(B) y", "answer": "(A)", "verifier": "exact_match",
+     "task": "choices"},
 ]
 RESPONSES = [
     ("add", "```python\ndef add(a, b):\n    return a + b\n```"), ("add", "    return a - b\n"),
     ("neg", "    return a\n"), ("neg", "```python\ndef neg(a):\n    while True: pass\n```"),
-    ("b1", "Let's think step by step. True and False is False. So the answer is False."), ("b1", "So the answer is True."),
+    ("b1", "Let's think step by step. True and False is False. So the answer is False."), ("b1", "So the answer is "
+                                                                                                 "True."),
     ("b2", "So the answer is (B)."), ("b2", "Answer: y"),
     ("b3", "So the answer is (B)."), ("b3", "So the answer is (A)."),
 ]
@@ -79,7 +85,7 @@ def test_eval_prints_per_task_accuracy_and_pass_at_k(tmp_path, capsys):
     bbh = write_rows(tmp_path / "bbh.jsonl", BBH_ROWS)
     responses = write_rows(tmp_path / "responses.jsonl", [{"id": i, "response": r} for i, r in RESPONSES])
     out = tmp_path / "eval"
-    assert main(["eval", f"data=[{code},{bbh}]", "--responses", str(responses), f"output_dir={out}",
+    assert main(["eval", f"data=[{code},{bbh}]", "--responses", str(responses), f"run.output_dir={out}",
                  "verifier.allow_code_execution=true", "verifier.code_timeout_s=2"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "eval.json").read_text())
@@ -108,12 +114,13 @@ def test_eval_on_shared_humaneval_and_bbh_rows(tmp_path, capsys):
     bbh_rows = [row for rows in list(by_task.values())[:3] for row in rows]
     responses = [{"id": r["id"], "response": f"```python\n{r['problem']}{r['solution']}```"} for r in code_rows]
     responses += [{"id": r["id"], "response": "    return None\n"} for r in code_rows]
-    responses += [{"id": r["id"], "response": f"Let's think step by step.\nSo the answer is {r['answer']}."} for r in bbh_rows]
+    responses += [{"id": r["id"],
+                   "response": f"Let's think step by step.\nSo the answer is {r['answer']}."} for r in bbh_rows]
     responses += [{"id": r["id"], "response": "So the answer is (Z)."} for r in bbh_rows]
     files = [write_rows(tmp_path / "humaneval.jsonl", code_rows), write_rows(tmp_path / "bbh.jsonl", bbh_rows)]
     out = tmp_path / "eval"
     assert main(["eval", f"data=[{files[0]},{files[1]}]", f"responses={write_rows(tmp_path / 'r.jsonl', responses)}",
-                 f"output_dir={out}", "verifier.allow_code_execution=true"]) == 0
+                 f"run.output_dir={out}", "verifier.allow_code_execution=true"]) == 0
     printed = capsys.readouterr().out
     code_row, bbh_row = json.loads((out / "eval.json").read_text())["benchmarks"]
     assert code_row["mean_at_k"] == pytest.approx(0.5) and code_row["pass_at_k"] == pytest.approx(1.0)

@@ -19,7 +19,8 @@ def test_tiny_pipeline_writes_a_summary_with_every_field(tmp_path, capsys):
     assert [r["start"] for r in summary["rows"]] == ["", "start", "sft", "rlvr"]
     for row in summary["rows"]:
         bench = row["benchmarks"][0]
-        for key in ("mean_at_k", "mean_at_k_stderr", "maj_at_k", "response_tokens_mean", "compression", "truncation_rate"):
+        for key in ("mean_at_k", "mean_at_k_stderr", "maj_at_k", "response_tokens_mean", "compression",
+                    "truncation_rate"):
             assert key in bench
         assert bench["parameters"] > 0 and bench["latency_p50_s"] > 0 and bench["throughput_tokens_per_s"] > 0
     # each stage started from the previous stage's final checkpoint
@@ -33,7 +34,8 @@ def test_tiny_pipeline_writes_a_summary_with_every_field(tmp_path, capsys):
 def test_a_mistake_in_a_later_stage_stops_the_pipeline_before_it_starts(tmp_path, capsys):
     out = tmp_path / "pipe"
     code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}",
-                 "stages=[{command: sft, config: configs/sft-tiny.yaml, overrides: [data.path=configs/examples/arithmetic-pairs.jsonl]},"
+                 "stages=[{command: sft, config: configs/sft-tiny.yaml, overrides: "
+                 "[data.path=configs/examples/arithmetic-pairs.jsonl]},"
                  " {command: distill, overrides: [loss.kindd=1]}]"])
     assert code == 2 and "loss.kindd" in capsys.readouterr().err
     assert not out.exists()
@@ -78,9 +80,12 @@ def test_the_pipeline_shares_the_stages_run_contract(tmp_path, capsys):
 def test_each_stage_opens_with_a_header_and_its_name_is_on_the_bars(tmp_path, capsys):
     out = tmp_path / "pipe"
     code = main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.limit=2",
-                 "evaluate_start=false", "stages=[{name: warmup, command: sft, config: configs/sft-tiny.yaml, overrides: "
-                 "[data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=1]}, {name: compress, command: distill, "
-                 "config: configs/tiny.yaml, overrides: [run.steps=2, sampling.max_new_tokens=8, run.problems_per_step=2]}]"])
+                 "evaluate_start=false", "stages=[{name: warmup, command: sft, config: configs/sft-tiny.yaml, "
+                                         "overrides: "
+                 "[data.path=configs/examples/arithmetic-pairs.jsonl, run.steps=1]}, {name: compress, command: "
+                 "distill, "
+                 "config: configs/tiny.yaml, overrides: [run.steps=2, sampling.max_new_tokens=8, "
+                 "run.problems_per_step=2]}]"])
     assert code == 0
     err = capsys.readouterr().err
     headers = [line for line in err.splitlines() if line.startswith("opsd pipeline: stage")]
@@ -122,12 +127,15 @@ def test_eval_every_follows_accuracy_and_length_along_each_stage(tmp_path, capsy
 def test_stage_names_and_eval_every_are_checked_before_anything_runs(tmp_path, capsys):
     out = tmp_path / "pipe"
     for stages, words in [("[{name: opsd@2, command: sft}]", ["'opsd@2'"]), ("[{name: a/b, command: sft}]", ["'a/b'"]),
-                          ("[{name: report, command: sft}]", ["'report'"]), ("[{name: eval, command: sft}]", ["'eval'"])]:
-        assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", f"stages={stages}"]) == 2
+                          ("[{name: report, command: sft}]", ["'report'"]), ("[{name: eval, command: sft}]",
+                                                                             ["'eval'"])]:
+        assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}",
+                     f"stages={stages}"]) == 2
         err = capsys.readouterr().err
         assert all(word in err for word in words) and "stage name" in err, err
     for stages in ("[{name: summary.json, command: sft}]", "[{name: config.yaml, command: sft}]"):
-        assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", f"stages={stages}"]) == 2
+        assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}",
+                     f"stages={stages}"]) == 2
         assert "the pipeline's own files" in capsys.readouterr().err
     assert main(["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}", "eval.every=-1"]) == 2
     assert "eval.every" in capsys.readouterr().err
@@ -147,7 +155,8 @@ def test_a_smaller_student_learns_from_an_earlier_stage_as_its_external_teacher(
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["stage"]: r for r in summary["rows"]}
     assert [r["stage"] for r in summary["rows"]] == ["start", "small", "rlvr", "student"]
-    assert rows["student"]["start"] == "small" and rows["rlvr"]["start"] == "start"  # a model is not "the previous stage"
+    # a model is not "the previous stage"
+    assert rows["student"]["start"] == "small" and rows["rlvr"]["start"] == "start"
     params = {name: row["benchmarks"][0]["parameters"] for name, row in rows.items()}
     assert params["student"] == params["small"] < params["rlvr"] // 4
     config = (out / "student" / "config.yaml").read_text()
@@ -161,12 +170,14 @@ def test_models_and_teachers_are_checked_before_anything_runs(tmp_path, capsys):
     base = ["pipeline", str(ROOT / "configs/pipeline-tiny.yaml"), f"run.output_dir={out}"]
     for extra, words in [
         (["stages=[{name: a, command: sft, teacher: start}]"], ["only a distill stage has a teacher"]),
-        (["stages=[{name: a, command: distill, teacher: b}, {name: b, command: sft}]"], ["teacher 'b' is not an earlier"]),
+        (["stages=[{name: a, command: distill, teacher: b}, {name: b, command: sft}]"], ["teacher 'b' is not an "
+                                                                                         "earlier"]),
         (["stages=[{name: a, command: distill, teacher: start, overrides: [teacher.weights.policy=ema]}]"],
          ["pipeline stage 'a'", "external teacher"]),  # the stage's own checks, before anything runs
         (["stages=[{name: a, command: distill}, {name: b, command: distill, overrides: ['run.report_to=[mlflow]']}]"],
          ["pipeline stage 'b'", "unknown tracker 'mlflow'"]),
-        (["stages=[{name: a, command: distill, sweep: {key: model.name_or_path, values: [x, y]}}]"], ["set by the pipeline"]),
+        (["stages=[{name: a, command: distill, sweep: {key: model.name_or_path, values: [x, y]}}]"],
+         ["set by the pipeline"]),
         (["stages=[{name: a, command: distill, sweep: {key: optim.lr, values: [0.1, 0.1]}}]"], ["repeats a value"]),
         (["models=[{name: m}]", "stages=[{name: a, command: sft}]"], ["model 'm' names no checkpoint"]),
         (["models=[{name: a, name_or_path: x}]", "stages=[{name: a, command: sft}]"], ["named 'a'"]),
@@ -188,8 +199,10 @@ def test_a_sweep_runs_one_stage_per_value_from_the_same_start(tmp_path, capsys):
                  "eval.cost.latency_problems=0", stages]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["stage"], r["start"]) for r in summary["rows"]] == [
-        ("start", ""), ("sft", "start"), ("opsd-1", "sft"), ("opsd-2", "sft"), ("concise-1", "sft"), ("concise-2", "sft")]
-    assert summary["checkpoints"]["opsd-1"].endswith("step_000001") and summary["checkpoints"]["opsd-2"].endswith("step_000002")
+        ("start", ""), ("sft", "start"), ("opsd-1", "sft"), ("opsd-2", "sft"), ("concise-1", "sft"), ("concise-2",
+                                                                                                      "sft")]
+    assert summary["checkpoints"]["opsd-1"].endswith("step_000001")
+    assert summary["checkpoints"]["opsd-2"].endswith("step_000002")
     import yaml
 
     instruction = [yaml.safe_load((out / f"concise-{n}" / "config.yaml").read_text())["teacher"]["concise_instruction"]

@@ -10,7 +10,12 @@ import subprocess
 import pytest
 
 from opsd.cli import main
-from opsd.stages.report import level_compression, markdown_table_html, pareto_front, write_report
+from opsd.stages.report import (
+    level_compression,
+    markdown_table_html,
+    pareto_front,
+    write_report,
+)
 
 
 @pytest.mark.parametrize("points, front", [
@@ -44,7 +49,8 @@ def test_markdown_table_becomes_html():
 def test_a_run_folder_gets_its_curves_and_a_foreign_report_folder_is_kept(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss/divergence": 1.0 / s, "optim/grad_norm": 0.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss/divergence": 1.0 / s,
+                                                           "optim/grad_norm": 0.5})
                                                + "\n" for s in (1, 2, 3)) + '{"step": 4, "loss/di')  # cut by a crash
     assert main(["report", str(run)]) == 0
     page = run / "report" / "report.html"
@@ -70,7 +76,8 @@ def synthetic_pipeline(folder):
              "response_tokens_mean": tokens, "markers_per_1k_tokens": 5.0 if tokens > 100 else 0.0, "levels": levels}]})
         (folder / "eval" / stage).mkdir(parents=True)
         (folder / "eval" / stage / "responses.jsonl").write_text("".join(
-            json.dumps({"id": "L1:1+1", "response": f"{stage} says 2", "correct": j % 2 == 0}) + "\n" for j in range(4)))
+            json.dumps({"id": "L1:1+1", "response": f"{stage} says 2",
+                        "correct": j % 2 == 0}) + "\n" for j in range(4)))
         if start:
             (folder / stage).mkdir()
             (folder / stage / "metrics.jsonl").write_text("".join(json.dumps(

@@ -8,8 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from opsd.cli import main
-from opsd.objectives.policy_loss import clipped_policy_loss, group_advantages, informative_groups, kl_k3, overlong_penalty
 from opsd.core.tiny import build_tiny
+from opsd.objectives.policy_loss import (
+    clipped_policy_loss,
+    group_advantages,
+    informative_groups,
+    kl_k3,
+    overlong_penalty,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +79,8 @@ def test_rlvr_end_to_end(tmp_path):
     trained = [r for r in rows if r["rollout/kept"] > 0]
     assert all(r["optim/grad_norm"] > 0 for r in trained)
     # one update per batch of rollouts: the old log-probs are the current ones, every ratio is 1
-    assert all(r["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and r["policy/clipped_ratio"] == 0 for r in trained)
+    assert all(r["policy/ratio_mean"] == pytest.approx(1.0,
+                                                       abs=1e-5) and r["policy/clipped_ratio"] == 0 for r in trained)
     weights = load_file(str(out / "checkpoints/step_000003/model.safetensors"))
     initial = build_tiny()[0].state_dict()
     assert not torch.equal(weights["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])

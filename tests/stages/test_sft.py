@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opsd.cli import main
-from opsd.stages.sft import tokenize_pairs
 from opsd.core.tiny import char_tokenizer
+from opsd.stages.sft import tokenize_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,8 @@ def pairs_file(tmp_path: Path) -> Path:
 def test_targets_are_the_response_and_eos_only():
     tok = char_tokenizer()
     (prompt, target), = tokenize_pairs([("Compute 1 + 2.", "3")], tok, max_length=512)[0]
-    assert tok.decode(prompt).endswith("assistant\n") and target == tok("3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(prompt).endswith("assistant\n")
+    assert target == tok("3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     examples, cut = tokenize_pairs([("Compute 1 + 2.", "x" * 100)], tok, max_length=len(prompt) + 10)
     assert cut == 1 and len(examples[0][0]) + len(examples[0][1]) == len(prompt) + 10
 
@@ -43,6 +44,7 @@ def test_sft_learns_the_responses(tmp_path):
 def test_sft_refuses_rows_without_a_response(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"problem": "x", "response": "y"}) + "\n" + json.dumps({"problem": "x"}) + "\n")
-    assert main(["sft", str(ROOT / "configs/sft-tiny.yaml"), f"data.path={bad}", f"run.output_dir={tmp_path / 'o'}"]) == 2
+    assert main(["sft", str(ROOT / "configs/sft-tiny.yaml"), f"data.path={bad}",
+                 f"run.output_dir={tmp_path / 'o'}"]) == 2
     assert "bad.jsonl line 2 has no 'response'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

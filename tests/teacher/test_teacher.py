@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from opsd.runtime.checkpoint import save_checkpoint
 from opsd.core.models import Backbone, ModelConfig, add_lora
-from opsd.teacher.target import TeacherWeightsConfig, TeacherWeightsState
 from opsd.core.tiny import build_tiny
+from opsd.runtime.checkpoint import save_checkpoint
+from opsd.teacher.weights import TeacherWeightsConfig, TeacherWeightsState
 
 IDS = torch.tensor([[5, 17, 30, 41, 8, 9]])
 

@@ -8,10 +8,18 @@ import torch
 
 from opsd.cli import main
 from opsd.core.data import Problem
-from opsd.objectives.divergence import chunked_divergence, chunked_divergence_to
-from opsd.teacher.memo import memo_prompt, memo_teacher_message, strip_thinking
-from opsd.objectives.purified import PurifiedTarget, gap_diagnostics, purified_target_logprobs
 from opsd.core.tiny import char_tokenizer, save_tiny
+from opsd.objectives.divergence import (
+    DivergenceSpec,
+    chunked_divergence,
+    chunked_divergence_to,
+)
+from opsd.objectives.purified import (
+    PurifiedTarget,
+    gap_diagnostics,
+    purified_target_logprobs,
+)
+from opsd.teacher.memo import memo_prompt, memo_teacher_message, strip_thinking
 
 ROOT = Path(__file__).resolve().parents[2]
 V = 23
@@ -71,11 +79,11 @@ def test_chunked_purified_equals_the_naive_target():
     student = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
     weight, targets = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
     fused = chunked_divergence_to(student, head, PurifiedTarget(*views, head, 10.0, 1.0), weight, targets,
-                                  chunk_size=4, kind="jsd", beta=0.5)
+                                  spec=DivergenceSpec(chunk_size=4, kind="jsd", beta=0.5))
     naive_target = purified_target_logprobs(*(torch.log_softmax(v @ head.T, -1) for v in views))
     reference = student.detach().clone().requires_grad_()
     naive = chunked_divergence_to(reference, head, lambda part: naive_target[part], weight, targets,
-                                  chunk_size=1000, kind="jsd", beta=0.5)
+                                  spec=DivergenceSpec(chunk_size=1000, kind="jsd", beta=0.5))
     fused.loss.backward()
     naive.loss.backward()
     torch.testing.assert_close(fused.loss, naive.loss)
@@ -159,8 +167,8 @@ def test_chunked_divergence_to_a_linear_teacher_is_the_plain_one():
     hs, ht = torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
     head = torch.randn(V, 4, generator=g)
     w, y = torch.full((7,), 1 / 7), torch.zeros(7, dtype=torch.long)
-    a = chunked_divergence(hs, head, ht, head, w, y, chunk_size=3)
-    b = chunked_divergence_to(hs, head, lambda part: ht[part] @ head.T, w, y, chunk_size=3)
+    a = chunked_divergence(hs, head, ht, head, w, y, spec=DivergenceSpec(chunk_size=3))
+    b = chunked_divergence_to(hs, head, lambda part: ht[part] @ head.T, w, y, spec=DivergenceSpec(chunk_size=3))
     torch.testing.assert_close(a.loss, b.loss)
 
 

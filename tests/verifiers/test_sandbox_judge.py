@@ -184,7 +184,8 @@ def test_wrong_programs_cannot_forge_a_pass(name, tmp_path):
     code = FORGERIES[name].replace("DATA_PATTERNS", repr(patterns)).replace("SQUARE_PROMPT", repr(SQUARE_PROMPT))
     tests = SQUARE_TESTS
     if "map" in name:
-        tests = "def check(candidate):\n    assert all(map(candidate, [1, 2, 3])) or True\n    assert list(map(candidate, [3])) == [9]\n"
+        tests = ("def check(candidate):\n    assert all(map(candidate, [1, 2, 3])) or True\n"
+                 "    assert list(map(candidate, [3])) == [9]\n")
     verdict, counters = grade(code, tests)
     assert verdict.correct is False and verdict.reward == 0.0
     assert counters["sandbox_errors"] == 0
@@ -232,8 +233,10 @@ def test_unsupported_results_are_counted_and_generators_cross_as_iterators():
 def test_exceptions_cross_as_builtins_and_tests_may_expect_them():
     tests = ("def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError as err:\n"
              "        assert 'negative' in str(err)\n    else:\n        assert False\n    assert candidate(3) == 9\n")
-    assert grade("def square(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x * x\n", tests)[0].correct
-    assert not grade("def square(x):\n    if x < 0:\n        raise KeyError('negative')\n    return x * x\n", tests)[0].correct
+    assert grade("def square(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x * x\n",
+                 tests)[0].correct
+    assert not grade("def square(x):\n    if x < 0:\n        raise KeyError('negative')\n    return x * x\n",
+                     tests)[0].correct
 
 
 def test_tests_that_call_the_entry_point_by_name_and_the_prompts_helpers():
@@ -292,7 +295,8 @@ def test_objects_that_are_not_plain_data_are_refused_by_the_encoder():
 
 
 def test_exceptions_are_rebuilt_only_as_builtin_non_flow_exceptions():
-    assert type(rebuilt("ValueError", "m", "ValueError")) is ValueError and str(rebuilt("ValueError", "m", "ValueError")) == "m"
+    assert type(rebuilt("ValueError", "m", "ValueError")) is ValueError and str(rebuilt("ValueError", "m",
+                                                                                        "ValueError")) == "m"
     assert type(rebuilt("ValueError", "m", "Exception")) is Exception  # a program's own class named ValueError
     assert type(rebuilt("MyError", "m", "KeyError")) is KeyError  # a subclass: its nearest builtin base
     for base in ("StopIteration", "StopAsyncIteration", "GeneratorExit", "SystemExit", "KeyboardInterrupt",
@@ -317,7 +321,8 @@ SAME_PROCESS = {
                          "def check(candidate):\n    assert candidate.__doc__\n"),
     "mutates a dict and a set it is given": (
         "def clean(d, s):\n    d.clear()\n    s.add(9)\n    return len(d)\n", "clean",
-        "def check(candidate):\n    d, s = {1: 2}, {1}\n    assert candidate(d, s) == 0\n    assert d == {1: 2} and s == {1}\n"),
+        "def check(candidate):\n    d, s = {1: 2}, {1}\n    assert candidate(d, s) == 0\n    assert d == {1: 2} and s "
+        "== {1}\n"),
 }
 
 
@@ -329,7 +334,8 @@ def test_what_one_process_would_see_of_arguments_exceptions_and_docstrings(name)
 
 def test_mutated_and_returned_arguments_and_docstrings_are_the_functions_own():
     """The same tests pass for the right programs: in-place updates, the argument itself, a real docstring."""
-    tests = ("def check(candidate):\n    xs = [3, 1, 2]\n    ys = candidate(xs)\n    assert ys is xs and xs == [1, 2, 3]\n"
+    tests = ("def check(candidate):\n    xs = [3, 1, 2]\n    ys = candidate(xs)\n    assert ys is xs and xs == [1, 2, "
+             "3]\n"
              "    assert candidate.__doc__ == 'Sorts in place.' and candidate.__name__ == 'sort_in_place'\n")
     program = "def sort_in_place(xs):\n    'Sorts in place.'\n    xs.sort()\n    return xs\n"
     assert run_tests(program, tests, "sort_in_place").passed

@@ -31,7 +31,8 @@ RUNNER_MARK = b"launcher.py"  # in the command line of every sandbox launcher
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every uid: what a uid of its own needs without the view
 ADD_PROMPT = 'def add(a: int, b: int) -> int:\n    """Sum."""\n'
 ADD = Problem("add", ADD_PROMPT, None, "    return a + b\n",
-              {"verifier": "code", "entry_point": "add", "tests": "def check(candidate):\n    assert candidate(2, 3) == 5\n"})
+              {"verifier": "code", "entry_point": "add", "tests": "def check(candidate):\n    assert candidate(2, 3) "
+                                                                  "== 5\n"})
 
 
 def processes_with(mark: bytes) -> list[int]:
@@ -368,7 +369,8 @@ class Host:
             listener.setblocking(False)
         self.mark, self.secret = f"OPSD-DETACHED-{uuid.uuid4().hex}", f"OPSD-SECRET-{uuid.uuid4().hex}"
         self.victim = self.start_victim()
-        self.outside = [str(tmp_path / "escaped.txt"), f"/tmp/opsd-escaped-{uuid.uuid4().hex}", f"/dev/shm/opsd-{self.mark}"]
+        self.outside = [str(tmp_path / "escaped.txt"), f"/tmp/opsd-escaped-{uuid.uuid4().hex}",
+                        f"/dev/shm/opsd-{self.mark}"]
         self.target = tmp_path / "host-file.txt"
         self.target.write_text("host")
         self.target.chmod(0o644)
@@ -380,7 +382,8 @@ class Host:
     def start_victim(self) -> subprocess.Popen:
         """Another process of the trainer's user, with the secret in its environment; as root, without
         capabilities, so that only the sandbox's walls (not the program's own lack of them) protect it."""
-        drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 and shutil.which("setpriv") else []
+        drop = ["setpriv", "--bounding-set=-all",
+                "--inh-caps=-all"] if os.geteuid() == 0 and shutil.which("setpriv") else []
         return subprocess.Popen([*drop, "sleep", "60"], env={**os.environ, "OPSD_TEST_SECRET": self.secret})
 
     def readable(self) -> list[str]:
@@ -454,8 +457,10 @@ TABLE = [
     ("UDP", "send a UDP datagram", ("namespaces", "seccomp")),
     ("unix sockets on the host", "send to a unix socket on the host", ("namespaces", "seccomp")),
     ("signals to other processes", "kill the parent process", ("namespaces", "landlock", "seccomp", "uid")),
-    ("signals through F_SETOWN", "signal another process through F_SETOWN", ("namespaces", "landlock", "seccomp", "uid")),
-    ("ptrace and others' memory", "ptrace or read the memory of another process", ("namespaces", "landlock", "seccomp", "uid")),
+    ("signals through F_SETOWN", "signal another process through F_SETOWN", ("namespaces", "landlock", "seccomp",
+                                                                             "uid")),
+    ("ptrace and others' memory", "ptrace or read the memory of another process", ("namespaces", "landlock", "seccomp",
+                                                                                   "uid")),
     ("the trainer's environment", "read a secret from the parent's environment", ("namespaces", "landlock", "uid")),
     ("memory outside the address space", "hold memory outside the address space (shared memory, memfd)",
      ("cgroup", "seccomp")),
@@ -596,8 +601,8 @@ tests = "def check(candidate):\\n    assert candidate(2, 3) == 5\\n"
 right = sandbox.run_tests("def add(a, b):\\n    return a + b\\n", tests, "add")
 wrong = sandbox.run_tests("def add(a, b):\\n    return a - b\\n", tests, "add")
 bomb = sandbox.run_program("import os\\nn = 0\\nwhile n < 100:\\n    try:\\n        if os.fork() == 0:\\n"
-                           "            import time; time.sleep(5)\\n        n += 1\\n    except OSError:\\n        break\\n"
-                           "assert n > 20, n\\n")
+                           "            import time; time.sleep(5)\\n        n += 1\\n"
+                           "    except OSError:\\n        break\\nassert n > 20, n\\n")
 read = sandbox.run_program(f"open({sys.argv[2]!r}).read()")
 write = sandbox.run_program(f"open({sys.argv[2]!r}, 'w').write('x')")
 print(json.dumps({"right": right.status, "wrong": wrong.status, "bomb": bomb.status, "read": read.status,
@@ -618,9 +623,11 @@ print(json.dumps({"right": right.status, "wrong": wrong.status, "bomb": bomb.sta
 
 SNIPPETS = ["while True: pass", "import time; time.sleep(30)", "x = [0] * 10**10", "def r(): return r()\nr()",
             "import os\ntry:\n    os.fork()\nexcept OSError: pass", "print('y' * 10**7)", "raise SystemExit(0)",
-            "import os; os._exit(3)", "input()", "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()",
+            "import os; os._exit(3)", "input()", "import threading, time\nthreading.Thread(target=time.sleep, "
+                                                 "args=(60,)).start()",
             "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)", "import ctypes; ctypes.string_at(0)",
-            "import os; os.close(1); os.close(2)", "open('big', 'wb').write(b'0' * (64 << 20))", "import os; os.setsid()",
+            "import os; os.close(1); os.close(2)", "open('big', 'wb').write(b'0' * (64 << 20))",
+            "import os; os.setsid()",
             "a = []\nwhile True: a.append(' ' * 10**6)", "exec('(' * 10**6)", "import os; os.kill(os.getpid(), 9)",
             "return", "\x00", "import sys; sys.stdin.read()", "import gc; gc.collect()", "1/0", "pass",
             "import resource; resource.setrlimit(resource.RLIMIT_CPU, (10**6, 10**6))",
@@ -634,7 +641,8 @@ def test_fuzzed_programs_never_hang_the_caller():
     config = VerifierConfig(allow_code_execution=True, code_timeout_s=1.0, code_workers=2)
     started = time.monotonic()
     with Verifiers(config) as verifiers:
-        verdicts = verifiers.verify([f"```python\ndef add(a, b):\n    return a + b\n{r}\n```" for r in responses], problems)
+        verdicts = verifiers.verify([f"```python\ndef add(a, b):\n    return a + b\n{r}\n```" for r in responses],
+                                    problems)
         assert verifiers.counters()["sandbox_errors"] == 0
     # 24 programs, at most 1 s each plus start-up, two at a time; generous for a busy machine
     assert time.monotonic() - started < 45
@@ -667,18 +675,23 @@ def test_the_seccomp_filter_refuses_and_allows_what_it_says():
     new_user, thread, sigchld = 0x10000000, 0x00010000 | 0x00000100 | 0x00000800, 17
     for tasks in ("any", "none"):
         program = seccomp_program("x86_64", tasks)
-        verdict = lambda number, *args: bpf_verdict(program, arch, number, *args)  # noqa: E731
+        verdict = lambda number, *args: bpf_verdict(program, arch, number, *args)
         assert verdict(0) == allow and verdict(1) == allow  # read, write
         assert verdict(numbers["socket"], 1) == eperm and verdict(numbers["socket"], 2) == eperm
         assert verdict(numbers["clone"], new_user | sigchld) == eperm  # a user namespace: never
         assert verdict(435) == enosys  # clone3: the C library falls back to clone
-        assert verdict(numbers["fcntl"], 3, 8) == eperm and verdict(numbers["fcntl"], 3, 3) == allow  # F_SETOWN, F_GETFL
-        assert verdict(numbers["ioctl"], 3, 0x5412) == eperm and verdict(numbers["ioctl"], 3, 0x541B) == allow  # TIOCSTI, FIONREAD
-        assert verdict(numbers["fcntl"], 3, 6) == eperm and verdict(numbers["fcntl"], 3, 37) == eperm  # F_SETLK, F_OFD_SETLK
-        for name in ("kill", "ptrace", "shmget", "memfd_create", "unshare", "mount", "bpf", "userfaultfd", "inotify_init1",
+        # F_SETOWN, F_GETFL
+        assert verdict(numbers["fcntl"], 3, 8) == eperm and verdict(numbers["fcntl"], 3, 3) == allow
+        # TIOCSTI, FIONREAD
+        assert verdict(numbers["ioctl"], 3, 0x5412) == eperm and verdict(numbers["ioctl"], 3, 0x541B) == allow
+        # F_SETLK, F_OFD_SETLK
+        assert verdict(numbers["fcntl"], 3, 6) == eperm and verdict(numbers["fcntl"], 3, 37) == eperm
+        for name in ("kill", "ptrace", "shmget", "memfd_create", "unshare", "mount", "bpf", "userfaultfd",
+                     "inotify_init1",
                      "flock", "fadvise64"):
             assert verdict(numbers[name]) == eperm, name
         assert verdict(0x40000000 + 1) == eperm  # the x32 ABI
         assert bpf_verdict(program, 0x40000003, 1) == kill  # another architecture's calls (i386)
         expected = {"any": (allow, allow, allow), "none": (eperm, eperm, eperm)}[tasks]
-        assert (verdict(numbers["clone"], sigchld), verdict(numbers["clone"], thread), verdict(numbers["fork"])) == expected
+        assert (verdict(numbers["clone"], sigchld), verdict(numbers["clone"], thread),
+                verdict(numbers["fork"])) == expected

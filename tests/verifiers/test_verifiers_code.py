@@ -15,15 +15,23 @@ from hypothesis import strategies as st
 
 from opsd.core.data import Problem, load_problems
 from opsd.core.errors import UserError
-from opsd.verifiers import VerifierConfig, Verifiers, check_problems
-from opsd.verifiers.code import checks_for, defines, extract_code, fenced_blocks, program_for
+from opsd.verifiers import ANSWER_FREE, VerifierConfig, Verifiers, check_problems
+from opsd.verifiers.code import (
+    checks_for,
+    defines,
+    extract_code,
+    fenced_blocks,
+    program_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HUMANEVAL = ROOT.parent / "shared" / "data" / "humaneval_test.jsonl"
 ALLOW = VerifierConfig(allow_code_execution=True, code_timeout_s=3.0)
-ADD_PROMPT = 'from typing import List\n\n\ndef helper(x):\n    return x\n\n\ndef add(a: int, b: int) -> int:\n    """Sum."""\n'
+ADD_PROMPT = ('from typing import List\n\n\ndef helper(x):\n    return x\n\n\n'
+              'def add(a: int, b: int) -> int:\n    """Sum."""\n')
 ADD = Problem("add", ADD_PROMPT, None, "    return a + b\n",
-              {"verifier": "code", "entry_point": "add", "tests": "def check(candidate):\n    assert candidate(2, 3) == 5\n"})
+              {"verifier": "code", "entry_point": "add", "tests": "def check(candidate):\n    assert candidate(2, 3) "
+                                                                  "== 5\n"})
 
 
 # --- extraction and the program -------------------------------------------------------------------
@@ -85,7 +93,7 @@ def test_code_verdicts(response, correct):
 def humaneval() -> list[Problem]:
     if not HUMANEVAL.is_file():
         pytest.skip(f"{HUMANEVAL} not present")
-    problems = load_problems(HUMANEVAL)
+    problems = load_problems(HUMANEVAL, answer_free=ANSWER_FREE)
     assert len(problems) == 164 and all(p.answer is None for p in problems)
     return problems
 
@@ -129,14 +137,14 @@ def code_row(**extra) -> dict:
 
 def test_code_rows_load_without_answers_math_rows_do_not(tmp_path):
     path = write_rows(tmp_path / "mixed.jsonl", [code_row(), {"id": "m", "problem": "1+1?", "answer": "2"}])
-    assert [p.answer for p in load_problems(path)] == [None, "2"]
+    assert [p.answer for p in load_problems(path, answer_free=ANSWER_FREE)] == [None, "2"]
     missing = write_rows(tmp_path / "missing.jsonl", [code_row(), {"id": "m", "problem": "1+1?", "answer": None}])
     with pytest.raises(UserError, match="missing.jsonl line 2 has no 'answer'"):
-        load_problems(missing)
+        load_problems(missing, answer_free=ANSWER_FREE)
     no_field = write_rows(tmp_path / "nofield.jsonl", [{k: v for k, v in code_row().items() if k != "verifier"}])
     with pytest.raises(UserError, match="line 1 has no 'answer'"):
-        load_problems(no_field)
-    assert load_problems(no_field, default_verifier="code")[0].answer is None
+        load_problems(no_field, answer_free=ANSWER_FREE)
+    assert load_problems(no_field, default_verifier="code", answer_free=ANSWER_FREE)[0].answer is None
 
 
 @pytest.mark.parametrize("command", ["eval", "rlvr", "distill", "pipeline-eval", "pipeline-stage"])
@@ -147,7 +155,7 @@ def test_every_command_refuses_code_rows_without_the_opt_in(command, tmp_path, c
     out = tmp_path / "out"
     if command == "eval":
         responses = write_rows(tmp_path / "r.jsonl", [{"id": "add", "response": "    return a + b\n"}])
-        argv, option = ["eval", f"data=[{data}]", f"responses={responses}", f"output_dir={out}"], "verifier"
+        argv, option = ["eval", f"data=[{data}]", f"responses={responses}", f"run.output_dir={out}"], "verifier"
     elif command in ("rlvr", "distill"):
         config = ROOT / "configs" / ("rlvr-tiny.yaml" if command == "rlvr" else "tiny.yaml")
         argv, option = [command, str(config), f"data.path={data}", f"run.output_dir={out}"], "verifier"
@@ -158,7 +166,8 @@ def test_every_command_refuses_code_rows_without_the_opt_in(command, tmp_path, c
         stages = [{"name": "rl", "command": "rlvr", "config": str(ROOT / "configs/rlvr-tiny.yaml"),
                    "overrides": [f"data.path={data}"]}]
         config = tmp_path / "pipeline.yaml"
-        config.write_text(json.dumps({"stages": stages, "eval": {"data": [str(ROOT / "configs/examples/arithmetic.jsonl")]},
+        config.write_text(json.dumps({"stages": stages,
+                                      "eval": {"data": [str(ROOT / "configs/examples/arithmetic.jsonl")]},
                                       "run": {"output_dir": str(out)}}))
         argv, option = ["pipeline", str(config)], "verifier"
     assert main(argv) == 2

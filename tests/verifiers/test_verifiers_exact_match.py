@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from opsd.core.data import Problem, load_problems
 from opsd.verifiers import VerifierConfig, Verifiers, check_problems
-from opsd.verifiers.exact_match import answers_match, extract_final_answer, normalize, option_letter, options_of
+from opsd.verifiers.exact_match import (
+    answers_match,
+    extract_final_answer,
+    normalize,
+    option_letter,
+    options_of,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 BBH = SHARED / "bbh_test.jsonl"
@@ -86,7 +92,8 @@ def test_a_hedged_or_multi_option_answer_names_no_option(answer, letter):
 def test_listing_every_option_scores_nothing_on_bbh():
     """A policy that names every option would otherwise score 100% on multiple choice."""
     problems = [p for p in bbh_problems() if p.answer.startswith("(") and len(options_of(p.problem)) > 1]
-    responses = [f"So the answer is {' or '.join(f'({letter})' for letter in options_of(p.problem))}." for p in problems]
+    every = lambda p: " or ".join(f"({letter})" for letter in options_of(p.problem))
+    responses = [f"So the answer is {every(p)}." for p in problems]
     with Verifiers(VerifierConfig()) as verifiers:
         verdicts = verifiers.verify(responses, problems)
     assert len(problems) > 3000 and not any(v.correct for v in verdicts)
@@ -105,7 +112,8 @@ def test_dispatch_by_row_needs_no_opt_in_and_grades():
     problems = [bbh_row("(B)"), bbh_row("(B)"), bbh_row("True")]
     check_problems(problems, "bbh.jsonl", VerifierConfig())  # exact match runs no code: no opt-in
     with Verifiers(VerifierConfig()) as verifiers:
-        verdicts = verifiers.verify(["So the answer is (B).", "So the answer is (A).", "so the answer is true"], problems)
+        verdicts = verifiers.verify(["So the answer is (B).", "So the answer is (A).", "so the answer is true"],
+                                    problems)
     assert [v.correct for v in verdicts] == [True, False, True]
     assert [v.reward for v in verdicts] == [1.0, 0.0, 1.0] and verdicts[0].extracted == "(B)"
 

@@ -9,9 +9,9 @@ import struct
 import sys
 
 try:  # imported as opsd.verifiers.sandbox.filters (tests), or beside launcher.py in the sandbox
-    from .walls import CLONE_THREAD, NEW_NAMESPACES, PR_SET_SECCOMP, check, libc
+    from .walls import NEW_NAMESPACES, PR_SET_SECCOMP, check, libc
 except ImportError:
-    from walls import CLONE_THREAD, NEW_NAMESPACES, PR_SET_SECCOMP, check, libc
+    from walls import NEW_NAMESPACES, PR_SET_SECCOMP, check, libc
 
 SYS_LANDLOCK_CREATE, SYS_LANDLOCK_ADD, SYS_LANDLOCK_RESTRICT = 444, 445, 446
 

@@ -162,7 +162,7 @@ def _said(err: BaseException) -> list[object]:
     """[its class's name, its message, the name of the nearest builtin exception class it derives from]."""
     try:
         message = str(err)[:2000]
-    except Exception:  # noqa: BLE001 - the program's own __str__
+    except Exception:  # the program's own __str__
         message = ""
     base = next((k.__name__ for k in type(err).__mro__ if getattr(builtins, k.__name__, None) is k), "BaseException")
     return [type(err).__name__, message, base]
@@ -180,7 +180,7 @@ def serve(requests: int, replies: int) -> None:
         exec(compile(first["program"], "program.py", "exec"), namespace)
         sys.stdout.flush()
         sys.stderr.flush()
-    except BaseException as err:  # noqa: BLE001 - SystemExit too: the program did not run to its end
+    except BaseException as err:  # SystemExit too: the program did not run to its end
         if not isinstance(err, SystemExit):
             traceback.print_exc()
         send(replies, {"loaded": False, "raised": _said(err)})
@@ -201,14 +201,14 @@ def _answer(function: object, call: dict) -> dict:
     try:
         args, kwargs = decode(call["args"]), decode(call["kwargs"])
         result = function(*args, **kwargs)
-    except BaseException as err:  # noqa: BLE001 - it goes back to the judge as data
+    except BaseException as err:  # it goes back to the judge as data
         return {"raised": _said(err)}
     reply: dict = {}
     try:
         same = [i for i, arg in enumerate(args) if arg is result and isinstance(arg, _MUTABLE)]
         reply["returned"] = {"argument": same[0]} if same else {"value": encode(result)}
         reply["arguments"] = [[i, encode(arg)] for i, arg in enumerate(args) if isinstance(arg, _MUTABLE)]
-    except BaseException as err:  # noqa: BLE001 - NotPlain, or the program's own failure
+    except BaseException as err:  # NotPlain, or the program's own failure
         return {"unsupported": _said(err)[1] or type(err).__name__}
     return reply
 
@@ -299,7 +299,7 @@ def rebuilt(name: str, message: str, base: str) -> Exception:
     if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, _FLOW):
         try:
             return kind(message)
-        except Exception:  # noqa: BLE001 - exceptions whose constructor takes other arguments
+        except Exception:  # exceptions whose constructor takes other arguments
             pass
     return RuntimeError(f"{name}: {message}")
 
@@ -328,7 +328,7 @@ def judge(job: dict, requests: int, replies: int) -> Verdict:
         exec(compile(job["tests"], "tests.py", "exec"), namespace)
         namespace[entry] = candidate  # HumanEval's tests may call the entry point by its own name
         namespace["check"](candidate)
-    except BaseException as err:  # noqa: BLE001 - any failure of the tests is a failed program
+    except BaseException as err:  # any failure of the tests is a failed program
         if candidate.broken:
             return Verdict(False, candidate.kind, candidate.broken)
         return Verdict(False, "tests", f"the tests failed: {type(err).__name__}")

@@ -7,8 +7,8 @@ library only (walls.py, filters.py and inside.py beside it).
   launcher (this process, trusted): dies with the trainer, adopts orphans, enters new pid/net/IPC/UTS
       namespaces (inside a user namespace when not root), makes the program's cgroup (root), starts
       the judge, waits at most `timeout_s`, kills everything and removes the cgroup.
-  judge (pid 1 of the new pid namespace; in the cgroup, with the candidate): builds the view (a mount namespace showing only what a
-      Python program needs), starts the candidate in a pid namespace of its own, confines itself
+  judge (pid 1 of the new pid namespace; in the cgroup, with the candidate): builds the view (a mount namespace
+      showing only what a Python program needs), starts the candidate in a pid namespace of its own, confines itself
       (its own uid, no writes, no new processes), then reads the job from stdin, sends the program
       to the candidate and runs the tests against it (inside.judge); only it writes the verdict.
   candidate (pid 1 of a nested pid namespace, forked before the judge has read the job, so the tests
@@ -45,7 +45,7 @@ def main() -> None:
         plan = prepare(spec)
         launcher = os.getpid()
         judge_pid = os.fork()
-    except BaseException as err:  # noqa: BLE001 - reported to the parent, which grades 0
+    except BaseException as err:  # reported to the parent, which grades 0
         os.write(status, f"error {type(err).__name__}: {err}\n".encode())
         os._exit(70)
     if judge_pid == 0:
@@ -118,9 +118,10 @@ def judge_process(spec: dict, plan: dict, launcher: int) -> None:
         job = json.loads(_read_all(0))
         os.close(0)
         verdict = inside.judge(job, requests_w, replies_r)
-        os.write(result, f"{'pass' if verdict.passed else 'fail'} {job['nonce']} {verdict.kind}\n{verdict.reason}".encode())
+        os.write(result, f"{'pass' if verdict.passed else 'fail'} {job['nonce']} "
+                         f"{verdict.kind}\n{verdict.reason}".encode())
         os._exit(0)
-    except BaseException as err:  # noqa: BLE001 - report anything, never grade without the walls
+    except BaseException as err:  # report anything, never grade without the walls
         try:
             os.write(status, f"error {type(err).__name__}: {err}\n".encode())
         finally:
@@ -164,7 +165,7 @@ def candidate_process(spec: dict, plan: dict, view: bool, judge: int, requests: 
                               else filters.landlock(read, spec["tmp"], plan["paths"]["devices"]))
         layers["seccomp"] = "skipped" if "seccomp" in spec["skip"] else filters.seccomp(tasks)
         inside.send(replies, {"layers": layers})
-    except BaseException as err:  # noqa: BLE001 - never run the program without its walls
+    except BaseException as err:  # never run the program without its walls
         try:
             inside.send(replies, {"error": f"{type(err).__name__}: {err}"})
         finally:
