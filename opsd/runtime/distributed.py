@@ -226,12 +226,15 @@ def _reduce(value: int, op) -> int:
 
 @contextlib.contextmanager
 def no_sync_unless(module: nn.Module, last: bool):
-    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last micro-batch of a step."""
+    """DDP: skip the gradient all-reduce on all but the last micro-batch of a step (its whole gradients
+    are held anyway). FSDP: reduce-scatter every micro-batch's gradients into the sharded gradient at
+    once: skipping it would hold the *unsharded* float32 gradients of the whole model on every process
+    until the last micro-batch (4 bytes per parameter whatever the number of processes: ~33 GB at 8B)."""
     if isinstance(module, nn.parallel.DistributedDataParallel) and not last:
         with module.no_sync():
             yield
     elif is_sharded(module):
-        module.set_requires_gradient_sync(last)
+        module.set_requires_gradient_sync(True)
         yield
     else:
         yield

@@ -153,6 +153,54 @@ def test_two_launchers_of_one_job_end_like_one_launcher(tmp_path, runs):
     assert_same(weights(runs("ema", 2)), weights(tmp_path / "nodes"), 0.0)
 
 
+ACCUMULATION = """
+import json, os, torch
+from opsd.core.models import Backbone, output_head
+from opsd.core.tiny import build_tiny
+from opsd.runtime import distributed
+torch.set_num_threads(1)
+device = torch.device("cpu")
+rank = distributed.setup(device)
+model, _ = build_tiny(hidden_size=64, num_layers=2, seed=0)
+params = sum(p.numel() for p in model.parameters())
+backbone = distributed.wrap(Backbone(model), device, "fsdp")
+ids = torch.randint(3, 90, (1, 16), generator=torch.Generator().manual_seed(rank))
+held = []
+for index in range(2):  # two micro-batches of one step: what is held between them
+    with distributed.no_sync_unless(backbone, last=index == 1):
+        hidden = backbone(ids, torch.ones_like(ids))
+        (hidden @ output_head(model).T).logsumexp(-1).mean().backward()
+    states = [m._get_fsdp_state() for m in backbone.modules() if distributed.is_sharded(m)]
+    params_ = [fp for s in states for g in [s._fsdp_param_group] if g for fp in g.fsdp_params]
+    def whole(fp):  # FSDP2 keeps a put-off gradient unsharded: on the unsharded parameter, or accumulated apart
+        kept = [getattr(fp, "unsharded_accumulated_grad", None), getattr(fp, "_unsharded_param", None)]
+        kept[1] = kept[1].grad if kept[1] is not None else None
+        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+    unsharded = sum(whole(fp) for fp in params_)
+    sharded = sum(distributed.local(p.grad).numel() * 4 for p in model.parameters() if p.grad is not None)
+    held.append({"unsharded": unsharded, "sharded": sharded})
+if rank == 0:
+    print(json.dumps({"params": params, "held": held}))
+del backbone
+distributed.teardown()
+"""
+
+
+def test_gradient_accumulation_under_fsdp_holds_only_sharded_gradients(tmp_path):
+    """Between the micro-batches of a step each process holds its shard of the float32 gradients, not the
+    whole model's (which FSDP keeps unsharded while the reduce-scatter is put off to the last micro-batch)."""
+    script = tmp_path / "accumulation.py"
+    script.write_text(ACCUMULATION)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    first, last = report["held"]
+    assert first["unsharded"] == 0 and last["unsharded"] == 0
+    assert first["sharded"] == last["sharded"] == pytest.approx(4 * report["params"] / 2, rel=0.02)
+
+
 def test_the_memory_table_counts_qwen3_parameters_as_transformers_does():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
