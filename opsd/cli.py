@@ -117,12 +117,16 @@ def _add_configured(commands, name: str, summary: str, example: str) -> None:
     its --help ends with every config key (`_Parser.format_help`)."""
     flag = "[--responses FILE]" if name == "eval" else "[--resume]"
     sub = commands.add_parser(name, help=summary, description=f"opsd {name}: {summary}.",
-                              usage=f"opsd {name} [-h] [--print-config] {flag} [CONFIG] [key=value ...]",
+                              usage=f"opsd {name} [-h] [--print-config] [--check] {flag} [CONFIG] [key=value ...]",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.config_of = name
     sub.add_argument("arguments", nargs="*", metavar="CONFIG key=value",
                      help="optional YAML config file (the first argument, unless it is a key=value override), "
                           f"then key=value overrides, e.g. {example}")
+    sub.add_argument("--check", action="store_true",
+                     help="run every check that needs no weights (config, data, templates, lengths against the "
+                          "model's config.json, engine options) and exit 0, or 2 with the sentence that would stop "
+                          "the run")
     sub.add_argument("--print-config", action="store_true",
                      help="print the resolved config as YAML (loadable as CONFIG) and exit without running")
     if name == "eval":
@@ -154,6 +158,10 @@ def _configured(args: argparse.Namespace) -> int:
     config = load_config(cls, path, overrides)
     if args.print_config:
         print(dump_config(config), end="")
+        return 0
+    if args.check:
+        run(config, check_only=True)
+        print(f"opsd {args.command}: every check that needs no weights passed (nothing was written)")
         return 0
     out = run(config)
     if args.command == "eval":

@@ -15,8 +15,10 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -165,9 +167,24 @@ class Backbone(nn.Module):
                        use_cache=False).last_hidden_state
 
 
-def check_fits(model: nn.Module, positions: int, what: str) -> None:
-    """Refuse work whose sequences would run past the model's context (position embeddings)."""
-    context = getattr(causal_lm(model).config, "max_position_embeddings", None)
+def model_config(config: ModelConfig) -> PretrainedConfig:
+    """The model's architecture and context (its config.json), read without its weights."""
+    if config.name_or_path == BUILTIN_TINY:
+        from opsd.core.tiny import char_tokenizer, tiny_config
+
+        return tiny_config(len(char_tokenizer()))
+    _check_model_path(config.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
+    except Exception as err:  # transformers raises OSError/ValueError/… depending on what is missing
+        raise UserError(f"could not read the model config of {config.name_or_path} ({first_line(err)})") from None
+
+
+def check_fits(model: nn.Module | PretrainedConfig, positions: int, what: str) -> None:
+    """Refuse work whose sequences would run past the model's context (position embeddings); `model`
+    the loaded model or only its config (`model_config`)."""
+    config = model if isinstance(model, PretrainedConfig) else causal_lm(model).config
+    context = getattr(config, "max_position_embeddings", None)
     if context is not None and positions > context:
         raise UserError(f"{what} needs {positions} positions, more than the model's context of {context}")
 

@@ -46,7 +46,13 @@ def tiny_model(
     vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, intermediate_size: int = 0
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama with tied embeddings (intermediate size 2×hidden unless given)."""
-    config = LlamaConfig(
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(vocab_size, hidden_size, num_layers, intermediate_size))
+
+
+def tiny_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 0) -> LlamaConfig:
+    """The tiny model's architecture (its config.json)."""
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
@@ -59,8 +65,6 @@ def tiny_model(
         eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def build_tiny(hidden_size: int = 64, num_layers: int = 2, seed: int = 0, alphabet: str = string.printable,

@@ -38,7 +38,7 @@ import torch
 
 from opsd.core.data import Fields, Problem, load_problems
 from opsd.core.errors import UserError, require
-from opsd.core.models import ModelConfig, output_head
+from opsd.core.models import ModelConfig, model_config, output_head
 from opsd.core.packing import pack, per_sequence_mean, response_hidden
 from opsd.generation import SamplingConfig, check_sampling, request_seed
 from opsd.generation.rollouts import (
@@ -68,12 +68,13 @@ from opsd.runtime.training import (
     guarded_step,
     step_items,
 )
-from opsd.stages.session import Needs, Session, StepResult, begin, session
+from opsd.stages.session import Needs, Session, StepResult, begin, check, session
 from opsd.teacher.contexts import CONCISE_INSTRUCTION, CONTEXTS, TeacherContext, Wording
 from opsd.teacher.memo import MEMO_INSTRUCTION, memo_positions
 from opsd.teacher.target import (
     Teacher,
     TeacherPrompts,
+    check_teacher_tokenizer,
     load_external_teacher,
     render_teacher_prompts,
 )
@@ -177,15 +178,21 @@ def needs_answers(config: DistillConfig) -> bool:
     return config.gating != "all" or config.loss.kind == "branched" or CONTEXTS[config.teacher.context].needs_answer
 
 
-def run_distill(config: DistillConfig, name: str = "distill") -> Path | None:
+def run_distill(config: DistillConfig, name: str = "distill", check_only: bool = False) -> Path | None:
     """Train; return the run folder (None on ranks other than 0). Everything a user can get wrong is
-    checked before the folder is created. `name` labels the progress bar (a pipeline: the stage's)."""
+    checked before the folder is created. `name` labels the progress bar (a pipeline: the stage's);
+    `check_only` (`--check`): every check that needs no weights, then return None."""
     begun = begin(config, check_options)
     problems = load_problems(config.data.path, config.data.fields, require_answer=needs_answers(config),
                              default_verifier=config.verifier.default, answer_free=ANSWER_FREE)
     check_problems(problems, config.data.path, config.verifier)
     teacher, context, tokenizer = config.teacher, CONTEXTS[config.teacher.context], begun.tokenizer
     prompts = render_teacher_prompts(tokenizer, problems, context, wording(config))
+    if check_only:
+        if teacher.model:
+            check_teacher_tokenizer(teacher.model, tokenizer)
+        external_config = model_config(teacher.model) if teacher.model else None
+        return check(config, needs(config, problems, prompts, None, tokenizer), external_config)
     external = load_external_teacher(teacher.model, teacher.device, tokenizer, begun.device, distributed.device) \
         if teacher.model else None
     with session(config, name, "distill", begun, needs(config, problems, prompts, external, tokenizer)) as s:

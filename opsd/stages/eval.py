@@ -58,7 +58,7 @@ import torch
 from opsd.core.config import to_dict
 from opsd.core.data import Fields, Problem, load_problems, read_rows
 from opsd.core.errors import UserError, require
-from opsd.core.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer
+from opsd.core.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer, model_config
 from opsd.core.prompts import render_prompt
 from opsd.generation import (
     Engine,
@@ -280,10 +280,11 @@ def check_options(config: EvalConfig) -> None:
     check_verifier(config.verifier)
 
 
-def run_eval(config: EvalConfig, name: str = "eval") -> Path:
+def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -> Path | None:
     """Evaluate and write eval.json / eval.md / responses.jsonl; return the output folder. User
     mistakes are found (data, responses, model) before the folder is touched. `name` labels the
-    progress bars (a pipeline: the stage evaluated)."""
+    progress bars (a pipeline: the stage evaluated); `check_only` (`--check`): every check that needs
+    no weights (the model's config.json for its context), then return None."""
     check_options(config)
     use_threads(config.run.threads)
     benchmarks = [(path, load_problems(path, config.fields, default_verifier=config.verifier.default,
@@ -296,15 +297,18 @@ def run_eval(config: EvalConfig, name: str = "eval") -> Path:
     counts_with_tokenizer = responses is None or config.model.name_or_path != BUILTIN_TINY
     tokenizer = load_tokenizer(config.model) if counts_with_tokenizer else None
     device = distributed.device(config.run.device)
-    model = load_model(config.model, device).eval() if responses is None else None
-    engine = contextlib.nullcontext()
-    if model is not None:  # before the output folder: vLLM refuses a model it cannot serve here
+    if responses is None:
         longest = max((len(eval_prompt(tokenizer, p, config.instruction)) for problems in selected for p in problems),
                       default=0)
         positions = longest + config.sampling.max_new_tokens
-        check_engine_fits(config.sampling, "sampling", positions, f"the longest prompt ({longest} tokens) plus "
-                                                                  "sampling.max_new_tokens "
-                                                                  f"({config.sampling.max_new_tokens})")
+        what = f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})"
+        check_engine_fits(config.sampling, "sampling", positions, what)
+    if check_only:
+        model_config(config.model)  # the model folder holds a config transformers reads
+        return None
+    model = load_model(config.model, device).eval() if responses is None else None
+    engine = contextlib.nullcontext()
+    if model is not None:  # before the output folder: vLLM refuses a model it cannot serve here
         engine = make_engine(model, tokenizer, config.sampling, device, positions=positions)
     out = prepare_output_dir(Path(config.run.output_dir), config.run.overwrite)
 

@@ -247,10 +247,36 @@ def check_data(config: PipelineConfig, stages: list[tuple[StageSpec, str, Any]])
             raise UserError(f"pipeline stage '{stage.name}': {err}") from None
 
 
-def run_pipeline(config: PipelineConfig) -> Path | None:
-    """Run (or resume) the pipeline; its folder (None on ranks other than 0 under torchrun)."""
+def run_pipeline(config: PipelineConfig, name: str = "pipeline", check_only: bool = False) -> Path | None:
+    """Run (or resume) the pipeline; its folder (None on ranks other than 0 under torchrun).
+    `check_only` (`--check`): every check that needs no weights, each stage's included (on the model
+    its chain starts from: a stage's checkpoint has its start's architecture and tokenizer), then None."""
+    if check_only:
+        return check_pipeline(config)
     with distributed.one_group():  # under torchrun: one process group for all stages
         return _run_pipeline(config)
+
+
+def check_pipeline(config: PipelineConfig) -> None:
+    check_run_section(config.run)
+    check_sampling(config.eval.sampling, "eval.sampling", config.run.device)
+    stages = plan(config, Path(config.run.output_dir))
+    for path in config.eval.data:
+        if not Path(path).is_file():
+            raise UserError(f"evaluation file {path} does not exist")
+    check_data(config, stages)
+    roots = {config.start_name: config.model.name_or_path, **{m.name: m.name_or_path for m in config.models}}
+    for stage, start, stage_config in stages:
+        roots[stage.name] = roots[start]
+        stage_config = _with_model(stage_config, roots[start])
+        if stage.teacher:
+            teacher = dataclasses.replace(stage_config.teacher.model, name_or_path=roots[stage.teacher])
+            stage_config = dataclasses.replace(stage_config, teacher=dataclasses.replace(stage_config.teacher,
+                                                                                          model=teacher))
+        try:
+            COMMANDS[stage.command]().run(stage_config, name=stage.name, check_only=True)
+        except UserError as err:
+            raise UserError(f"pipeline stage '{stage.name}': {err}") from None
 
 
 def _run_pipeline(config: PipelineConfig) -> Path | None:

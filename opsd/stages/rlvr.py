@@ -60,7 +60,7 @@ from opsd.runtime.training import (
     guarded_step,
     step_items,
 )
-from opsd.stages.session import Needs, Session, StepResult, begin, session
+from opsd.stages.session import Needs, Session, StepResult, begin, check, session
 from opsd.teacher.weights import TeacherWeightsConfig
 from opsd.verifiers import ANSWER_FREE, VerifierConfig, check_problems, check_verifier
 
@@ -115,8 +115,9 @@ def check_options(config: RLVRConfig, world: int = 1) -> None:
     )
 
 
-def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
-    """Train; return the run folder (None on ranks other than 0). `name` labels the progress bar."""
+def run_rlvr(config: RLVRConfig, name: str = "rlvr", check_only: bool = False) -> Path | None:
+    """Train; return the run folder (None on ranks other than 0). `name` labels the progress bar;
+    `check_only` (`--check`): every check that needs no weights, then return None."""
     begun = begin(config, check_options)
     problems = load_problems(config.data.path, config.data.fields, require_answer=True,
                              default_verifier=config.verifier.default, answer_free=ANSWER_FREE)
@@ -129,6 +130,8 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr") -> Path | None:
     reference = TeacherWeightsConfig("frozen") if config.grpo.kl_coef > 0 else None  # the k3 KL's initial policy
     needs = Needs(fits=((positions, what),), shadow=reference, sampling=config.sampling, engine_positions=positions,
                   engine_what=what, verifier=config.verifier, samples_per_step=config.samples_per_step)
+    if check_only:
+        return check(config, needs)
     with session(config, name, "rlvr", begun, needs) as s:
         for step in s.steps():
             order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)

@@ -40,7 +40,7 @@ import torch
 
 from opsd.core.config import to_dict
 from opsd.core.errors import UserError
-from opsd.core.models import check_fits, load_tokenizer
+from opsd.core.models import check_fits, load_tokenizer, model_config
 from opsd.generation import (
     Engine,
     SamplingConfig,
@@ -197,6 +197,18 @@ class Session:
             save_run_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.progress,
                                 {"stage": self.stage}, run, self.start, teacher)
         distributed.barrier_long()
+
+
+def check(config: Any, needs: Needs, external: Any = None) -> None:
+    """Every check of `session` that needs no weights, on the model's config.json instead (`--check`):
+    the engine's lengths, the lengths the policy must hold, the external teacher's vocabulary
+    (`external`: its config)."""
+    if needs.sampling is not None:
+        check_engine_fits(needs.sampling, "sampling", needs.engine_positions, needs.engine_what)
+    student = model_config(config.model)
+    for positions, what in needs.fits:
+        check_fits(student, positions, what)
+    check_same_vocabulary(student, external)
 
 
 @contextlib.contextmanager

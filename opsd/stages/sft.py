@@ -32,7 +32,7 @@ from opsd.runtime.training import (
     guarded_step,
     step_items,
 )
-from opsd.stages.session import Needs, StepResult, begin, session
+from opsd.stages.session import Needs, StepResult, begin, check, session
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,17 @@ def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> 
     return examples, cut
 
 
-def run_sft(config: SFTConfig, name: str = "sft") -> Path | None:
-    """Train; return the run folder (None on ranks other than 0). `name` labels the progress bar."""
+def run_sft(config: SFTConfig, name: str = "sft", check_only: bool = False) -> Path | None:
+    """Train; return the run folder (None on ranks other than 0). `name` labels the progress bar;
+    `check_only` (`--check`): every check that needs no weights, then return None."""
     begun = begin(config, check_options)
     pairs = load_pairs(config.data.path, config.data.problem_field, config.data.response_field)
     examples, cut = tokenize_pairs(pairs, begun.tokenizer, config.data.max_length)
     longest = max(len(p) + len(t) for p, t in examples)
     needs = Needs(fits=((longest, "the longest problem and response (after "
                                   f"data.max_length={config.data.max_length})"),))
+    if check_only:
+        return check(config, needs)
     with session(config, name, "sft", begun, needs) as s:
         s.model.train()
         for step in s.steps():

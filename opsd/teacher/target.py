@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from opsd.core.data import Problem
 from opsd.core.errors import UserError
@@ -141,18 +142,26 @@ def load_external_teacher(model_config, device_name: str, student_tokenizer, stu
                           resolve_device) -> ExternalTeacher:
     """The external teacher on its device (`device_name`, "" = the student's), after checking it
     shares the student's tokenizer."""
-    teacher_tokenizer = load_tokenizer(model_config)
-    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
-        raise UserError(f"the teacher's vocabulary ({len(teacher_tokenizer)} tokens) differs from the student's "
-                        f"({len(student_tokenizer)} tokens): on-policy distillation needs the same tokenizer")
+    check_teacher_tokenizer(model_config, student_tokenizer)
     teacher_device = resolve_device(device_name) if device_name else student_device
     return ExternalTeacher(load_model(model_config, teacher_device), student_device)
 
 
-def check_same_vocabulary(student, external: ExternalTeacher | None) -> None:
+def check_teacher_tokenizer(model_config, student_tokenizer) -> None:
+    teacher_tokenizer = load_tokenizer(model_config)
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UserError(f"the teacher's vocabulary ({len(teacher_tokenizer)} tokens) differs from the student's "
+                        f"({len(student_tokenizer)} tokens): on-policy distillation needs the same tokenizer")
+
+
+def check_same_vocabulary(student, external: ExternalTeacher | PretrainedConfig | None) -> None:
+    """The teacher's output layer has the student's rows; `student` the model or its config, `external`
+    the loaded teacher or its config (`--check`, no weights)."""
     if external is None:
         return
-    rows_s, rows_t = output_head(student).shape[0], external.head().shape[0]
+    rows = lambda m: m.vocab_size if isinstance(m, PretrainedConfig) else output_head(m).shape[0]
+    rows_s = rows(student)
+    rows_t = external.vocab_size if isinstance(external, PretrainedConfig) else external.head().shape[0]
     if rows_s != rows_t:
         raise UserError(f"the teacher's output layer has {rows_t} rows and the student's {rows_s}: "
                         "the vocabularies differ")

@@ -94,7 +94,10 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_two_sharded_processes_distill_like_one(runs, policy):
     one, two = runs(policy, 1), runs(policy, 2)
-    assert_same(weights(one), weights(two))
+    # LoRA: each micro-batch's gradients are reduce-scattered as they come (distributed.no_sync_unless), so the
+    # sums run in another order, and AdamW's normalisation of LoRA's zero-initialised B lifts that float noise
+    # (5e-5 after 3 steps at lr 1e-2; a wrong gradient would move the weights by ~lr)
+    assert_same(weights(one), weights(two), tolerance=2e-4 if policy == "lora" else TOLERANCE)
     first = load_file(str(one / "checkpoints/step_000001/model.safetensors"))
     assert moved(weights(one), first) > 1e-3  # steps 2-3 changed the weights: the comparison means something
     state = two / "checkpoints/step_000003"
