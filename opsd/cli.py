@@ -117,7 +117,8 @@ def _add_configured(commands, name: str, summary: str, example: str) -> None:
     its --help ends with every config key (`_Parser.format_help`)."""
     flag = "[--responses FILE]" if name == "eval" else "[--resume]"
     sub = commands.add_parser(name, help=summary, description=f"opsd {name}: {summary}.",
-                              usage=f"opsd {name} [-h] [--print-config] [--check] {flag} [CONFIG] [key=value ...]",
+                              usage=f"opsd {name} [-h] [--print-config] [--check] [--plan] [--gpus N] [--gpu-gib G] "
+                                    f"{flag} [CONFIG] [key=value ...]",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.config_of = name
     sub.add_argument("arguments", nargs="*", metavar="CONFIG key=value",
@@ -127,6 +128,13 @@ def _add_configured(commands, name: str, summary: str, example: str) -> None:
                      help="run every check that needs no weights (config, data, templates, lengths against the "
                           "model's config.json, engine options) and exit 0, or 2 with the sentence that would stop "
                           "the run")
+    sub.add_argument("--plan", action="store_true",
+                     help="print the memory plan (GiB per process in each phase) and run the checks of --check")
+    sub.add_argument("--gpus", type=int, metavar="N",
+                     help="with --check/--plan: the processes (GPUs) the run will have (default: this launch's)")
+    sub.add_argument("--gpu-gib", type=float, metavar="G",
+                     help="with --check/--plan: one GPU's memory in GiB (default: this machine's GPU; none: no "
+                          "verdict)")
     sub.add_argument("--print-config", action="store_true",
                      help="print the resolved config as YAML (loadable as CONFIG) and exit without running")
     if name == "eval":
@@ -159,8 +167,10 @@ def _configured(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    if args.check:
-        run(config, check_only=True)
+    if args.check or args.plan:
+        from opsd.runtime.plan import Checks
+
+        run(config, check_only=Checks(args.plan, args.gpus, args.gpu_gib))
         print(f"opsd {args.command}: every check that needs no weights passed (nothing was written)")
         return 0
     out = run(config)

@@ -192,7 +192,7 @@ def run_distill(config: DistillConfig, name: str = "distill", check_only: bool =
         if teacher.model:
             check_teacher_tokenizer(teacher.model, tokenizer)
         external_config = model_config(teacher.model) if teacher.model else None
-        return check(config, needs(config, problems, prompts, None, tokenizer), external_config)
+        return check(config, needs(config, problems, prompts, None, tokenizer), external_config, check_only)
     external = load_external_teacher(teacher.model, teacher.device, tokenizer, begun.device, distributed.device) \
         if teacher.model else None
     with session(config, name, "distill", begun, needs(config, problems, prompts, external, tokenizer)) as s:

@@ -252,12 +252,12 @@ def run_pipeline(config: PipelineConfig, name: str = "pipeline", check_only: boo
     `check_only` (`--check`): every check that needs no weights, each stage's included (on the model
     its chain starts from: a stage's checkpoint has its start's architecture and tokenizer), then None."""
     if check_only:
-        return check_pipeline(config)
+        return check_pipeline(config, check_only)
     with distributed.one_group():  # under torchrun: one process group for all stages
         return _run_pipeline(config)
 
 
-def check_pipeline(config: PipelineConfig) -> None:
+def check_pipeline(config: PipelineConfig, checks=True) -> None:
     check_run_section(config.run)
     check_sampling(config.eval.sampling, "eval.sampling", config.run.device)
     stages = plan(config, Path(config.run.output_dir))
@@ -274,7 +274,9 @@ def check_pipeline(config: PipelineConfig) -> None:
             stage_config = dataclasses.replace(stage_config, teacher=dataclasses.replace(stage_config.teacher,
                                                                                           model=teacher))
         try:
-            COMMANDS[stage.command]().run(stage_config, name=stage.name, check_only=True)
+            if getattr(checks, "show_plan", False):
+                print(f"opsd pipeline: stage '{stage.name}':")
+            COMMANDS[stage.command]().run(stage_config, name=stage.name, check_only=checks)
         except UserError as err:
             raise UserError(f"pipeline stage '{stage.name}': {err}") from None
 

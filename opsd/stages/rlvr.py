@@ -131,7 +131,7 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr", check_only: bool = False) -
     needs = Needs(fits=((positions, what),), shadow=reference, sampling=config.sampling, engine_positions=positions,
                   engine_what=what, verifier=config.verifier, samples_per_step=config.samples_per_step)
     if check_only:
-        return check(config, needs)
+        return check(config, needs, checks=check_only)
     with session(config, name, "rlvr", begun, needs) as s:
         for step in s.steps():
             order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)

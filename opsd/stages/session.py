@@ -58,6 +58,7 @@ from opsd.runtime.checkpoint import (
 )
 from opsd.runtime.faults import crash_point
 from opsd.runtime.metrics import MetricsLog
+from opsd.runtime.plan import GIB, HEADROOM, Checks, architecture, plan, what_would_fit
 from opsd.runtime.runs import open_run_dir, resume_point, use_threads
 from opsd.runtime.samples import SamplesLog
 from opsd.runtime.training import (
@@ -199,16 +200,37 @@ class Session:
         distributed.barrier_long()
 
 
-def check(config: Any, needs: Needs, external: Any = None) -> None:
+def check(config: Any, needs: Needs, external: Any = None, checks: Any = True) -> None:
     """Every check of `session` that needs no weights, on the model's config.json instead (`--check`):
     the engine's lengths, the lengths the policy must hold, the external teacher's vocabulary
-    (`external`: its config)."""
+    (`external`: its config), and the memory plan (runtime/plan.py; `checks`: a plan.Checks, or True)."""
     if needs.sampling is not None:
         check_engine_fits(needs.sampling, "sampling", needs.engine_positions, needs.engine_what)
     student = model_config(config.model)
     for positions, what in needs.fits:
         check_fits(student, positions, what)
     check_same_vocabulary(student, external)
+    check_memory(config, student, max(p for p, _ in needs.fits), external,
+                 checks if isinstance(checks, Checks) else Checks())
+
+
+def check_memory(config: Any, student: Any, positions: int, external: Any, checks: Checks) -> None:
+    """The memory plan of the run: printed when asked, and refused with the change that would make it fit
+    when one GPU's memory is known (this machine's, or `--gpu-gib`) and a phase needs more."""
+    processes = checks.gpus or distributed.world_size()
+    gpu = checks.gpu_gib * GIB if checks.gpu_gib else (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    arch = architecture(student)
+    teacher = architecture(external) if external is not None else None
+    memory = plan(config, arch, positions, processes, gpu, teacher, on_gpu=gpu is not None)
+    if checks.show_plan:
+        print(memory.table())
+    if not memory.fits():
+        phase, need = memory.peak()
+        knob = what_would_fit(config, arch, positions, processes, gpu, teacher)
+        raise UserError(f"the memory plan does not fit: {phase} needs {need / GIB:.1f} GiB per process, more than "
+                        f"{HEADROOM:.0%} of a {gpu / GIB:.0f} GiB GPU on {processes} process(es); "
+                        + (f"{knob} would make it fit" if knob else "more GPUs, LoRA or shorter sequences would"))
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def run_sft(config: SFTConfig, name: str = "sft", check_only: bool = False) -> P
     needs = Needs(fits=((longest, "the longest problem and response (after "
                                   f"data.max_length={config.data.max_length})"),))
     if check_only:
-        return check(config, needs)
+        return check(config, needs, checks=check_only)
     with session(config, name, "sft", begun, needs) as s:
         s.model.train()
         for step in s.steps():
