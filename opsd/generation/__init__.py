@@ -47,6 +47,8 @@ class SamplingConfig:
     kv_cache_gib: float = 0.0  # KV cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU), 1 GiB (CPU)
     max_model_len: int = 0  # longest prompt + response the engine plans for; 0 = what the run needs (≤ context)
     sleep_mode: bool = False  # GPU: free the engine's KV cache and weights while training runs
+    enforce_eager: bool = False  # no CUDA graphs: less GPU memory, slower decoding (always on a CPU)
+    max_num_batched_tokens: int = 0  # tokens one engine step schedules (0: vLLM's default); lower caps prefill memory
 
 
 def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") -> None:
@@ -65,6 +67,7 @@ def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") ->
         (f"{prefix}.gpu_memory_utilization", 0.0 < config.gpu_memory_utilization <= 1.0, "in (0, 1]"),
         (f"{prefix}.kv_cache_gib", config.kv_cache_gib >= 0, "non-negative (0 = automatic)"),
         (f"{prefix}.max_model_len", config.max_model_len >= 0, "non-negative (0 = what the run needs)"),
+        (f"{prefix}.max_num_batched_tokens", config.max_num_batched_tokens >= 0, "non-negative (0 = vLLM's default)"),
     )
     if config.engine != "vllm":
         defaults = SamplingConfig()
@@ -88,7 +91,8 @@ def require_vllm(what: str) -> None:
 
 
 VLLM_LOWEST_TEMPERATURE = 0.01
-VLLM_ONLY = ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "sleep_mode")
+VLLM_ONLY = ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "sleep_mode", "enforce_eager",
+             "max_num_batched_tokens")
 
 
 def check_engine_fits(config: SamplingConfig, prefix: str, positions: int, what: str) -> None:

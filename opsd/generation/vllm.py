@@ -90,11 +90,12 @@ class VLLMEngine:
             model=self._folder.name, load_format="dummy", dtype=str(dtype).removeprefix("torch."), seed=0,
             max_num_seqs=sampling.batch_size, logprobs_mode="processed_logprobs", generation_config="vllm",
             gpu_memory_utilization=sampling.gpu_memory_utilization, enable_prefix_caching=True,
-            enforce_eager=cpu,  # CPU: no compilation (minutes on a small machine); GPU: CUDA graphs
+            enforce_eager=cpu or sampling.enforce_eager,  # CPU: no compilation (minutes on a small machine)
             # CPU: a prompt's prefill split over steps rewinds its seeded generator, which CPU generators cannot
             enable_chunked_prefill=not cpu,
             enable_sleep_mode=sampling.sleep_mode,
             **({"max_model_len": length} if length else {}),
+            **({"max_num_batched_tokens": sampling.max_num_batched_tokens} if sampling.max_num_batched_tokens else {}),
             **({"kv_cache_memory_bytes": int(kv_gib * 2**30)} if kv_gib else {}),
             **({"distributed_executor_backend": "external_launcher"} if distributed.world_size() > 1 else {}),
         )

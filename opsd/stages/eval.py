@@ -309,7 +309,9 @@ def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -
     model = load_model(config.model, device).eval() if responses is None else None
     engine = contextlib.nullcontext()
     if model is not None:  # before the output folder: vLLM refuses a model it cannot serve here
-        engine = make_engine(model, tokenizer, config.sampling, device, positions=positions)
+        # on GPU the engine computes in bf16, as training's generation does (a float32 model loads in float32)
+        compute = torch.bfloat16 if device.type == "cuda" else None
+        engine = make_engine(model, tokenizer, config.sampling, device, compute, positions=positions)
     out = prepare_output_dir(Path(config.run.output_dir), config.run.overwrite)
 
     torch.manual_seed(config.run.seed)

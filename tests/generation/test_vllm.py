@@ -75,6 +75,19 @@ def test_greedy_tokens_equal_the_hf_engine_on_the_demo_model(demo):
     assert all(g.response_ids[-1] == tokenizer.eos_token_id for g in ours if not g.truncated)
 
 
+def test_the_scheduling_options_reach_the_engine(demo):
+    """sampling.max_num_batched_tokens and sampling.enforce_eager are vLLM's own, and greedy tokens do not move."""
+    model, tokenizer, prompts = demo
+    seeds = list(range(len(prompts)))
+    options = SamplingConfig(engine="vllm", max_num_batched_tokens=4096, enforce_eager=True)
+    with make_engine(model, tokenizer, options) as vllm:
+        config = vllm.llm.llm_engine.vllm_config
+        assert config.scheduler_config.max_num_batched_tokens == 4096 and config.model_config.enforce_eager
+        ours = vllm.generate(prompts, GREEDY, seeds)
+    hf = make_engine(model, tokenizer, SamplingConfig()).generate(prompts, GREEDY, seeds)
+    assert [g.response_ids for g in ours] == [g.response_ids for g in hf]
+
+
 def test_sampled_log_probs_equal_the_trainers_recomputation(demo):
     model, tokenizer, prompts = demo
     with make_engine(model, tokenizer, SamplingConfig(engine="vllm")) as vllm:

@@ -136,7 +136,8 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     assert report["config"]["sampling"] == {"engine": "hf", "temperature": 0.6, "top_p": 0.95, "top_k": 0,
                                             "max_new_tokens": 8,
                                             "n": 2, "batch_size": 64, "gpu_memory_utilization": 0.3,
-                                            "kv_cache_gib": 0.0, "max_model_len": 0, "sleep_mode": False}
+                                            "kv_cache_gib": 0.0, "max_model_len": 0, "sleep_mode": False,
+                                            "enforce_eager": False, "max_num_batched_tokens": 0}
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]
     for row in (first, second):
