@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -591,6 +592,12 @@ def test_an_ordinary_user_gets_a_user_namespace_and_the_same_verdicts(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     secret.chmod(0o644)
+    # the sandbox's files where uid 1000 can read them, whatever the checkout's folder allows (a mode-700 clone)
+    readable = Path(tempfile.mkdtemp(prefix="opsd-sandbox-code-"))
+    readable.chmod(0o755)
+    for source in SANDBOX.parent.glob("*.py"):
+        shutil.copy(source, readable / source.name)
+        (readable / source.name).chmod(0o644)
     script = """
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("opsd_sandbox", sys.argv[1])
@@ -609,7 +616,9 @@ print(json.dumps({"right": right.status, "wrong": wrong.status, "bomb": bomb.sta
                   "write": write.status, "layers": right.layers}))
 """
     done = subprocess.run([setpriv, "--reuid=1000", "--regid=1000", "--clear-groups", SYSTEM_PYTHON, "-I", "-c", script,
-                           str(SANDBOX), str(secret)], capture_output=True, text=True, timeout=120, cwd="/tmp")
+                           str(readable / SANDBOX.name), str(secret)], capture_output=True, text=True, timeout=120,
+                          cwd="/tmp")
+    shutil.rmtree(readable)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     if "user" not in result["layers"].get("namespaces", []):
