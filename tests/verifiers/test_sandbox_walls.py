@@ -345,6 +345,15 @@ def f():
 }
 
 
+def shm_segments() -> set[str]:
+    """The ids of the host's SysV shared memory segments."""
+    try:
+        lines = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    return {line.split()[1] for line in lines if line.strip()}
+
+
 class Host:
     """What the hostile programs aim at, set up by the test: listeners, a victim process, files."""
 
@@ -379,6 +388,7 @@ class Host:
         self.secret_file.write_text(self.secret)
         self.secret_file.chmod(0o644)
         self.hostname = socket.gethostname()
+        self.segments = shm_segments()
 
     def start_victim(self) -> subprocess.Popen:
         """Another process of the trainer's user, with the secret in its environment; as root, without
@@ -412,6 +422,10 @@ class Host:
         assert socket.gethostname() == self.hostname
 
     def close(self) -> None:
+        # a wall tested alone without the IPC namespace (cgroup, seccomp) lets shmget run in the host's: the
+        # OOM-killed program's segments outlive it there, so the test removes what it made
+        for segment in shm_segments() - self.segments:
+            subprocess.run(["ipcrm", "-m", segment], capture_output=True)
         self.victim.kill()
         self.victim.wait()
         for listener in (self.tcp, self.udp, self.unix, self.abstract):
