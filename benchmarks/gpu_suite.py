@@ -29,8 +29,21 @@ run regardless), results written after every figure of a part and after every pa
               by the exact_match verifier, so the run needs no math-verify (the GPU machine lacks it; the
               math verifier would only start its worker for an answer that is not a plain string match).
 
-Default time limits sum to 470 s; the whole command stays under 8 minutes. `--cpu-smoke` runs every
-part at toy sizes on the CPU (under a minute); tests/test_benchmarks.py runs it. The script puts the
+  load        the sharded load path (opsd/runtime/distributed.py `fill_from_rank0`, what every process of
+              a run.parallel=fsdp run does) in a process group of one over NCCL, on a random float32
+              Qwen3-0.6B: peak GPU memory against the whole model plus its largest tensor (not twice the
+              model), the allocator's reserved memory after, and the weights against the file.
+
+  handoff     the vLLM hand-off (opsd/generation/vllm.py) on the 1.7B shape with LoRA (rank 16), bf16: the
+              peak memory of sending the weights as they stream (`plain_weights`, what the engine sends)
+              against the merged model built whole; what releasing the trainer's cached blocks gives
+              back; and where vLLM imports, the device's free memory with the engine awake, asleep
+              (sampling.sleep_mode) and woken again after the trainer's cache was filled, and whether
+              the woken engine decodes what it decoded before. GPU only: a plain `--cpu-smoke` leaves it
+              out, `--cpu-smoke --only handoff` runs its code at toy sizes. Alone: `--only handoff`.
+
+Default time limits sum to 500 s; the whole command stays under 9 minutes (`--only` splits it). `--cpu-smoke`
+runs every other part at toy sizes on the CPU (under a minute); tests/test_benchmarks.py runs it. The script puts the
 repository on sys.path itself, so it runs from a copy of the repository with nothing installed but
 torch, transformers and peft.
 
@@ -59,8 +72,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the GPU machine runs the repository as it is: opsd is not installed there
 
-PARTS = ("step", "divergence", "generation", "lora")
-TIME_LIMITS_S = {"step": 75, "divergence": 45, "generation": 215, "lora": 135}  # on the GPU; 470 s in all
+PARTS = ("step", "divergence", "generation", "lora", "load", "handoff")
+TIME_LIMITS_S = {"step": 70, "divergence": 40, "generation": 150, "lora": 120, "load": 45,
+                 "handoff": 75}  # on the GPU; 500 s in all, so that the device's 10-minute command holds the start-up
+GPU_ONLY = ("handoff",)  # left out of a plain --cpu-smoke run (it measures GPU memory); --only names it
 SMOKE_TIME_LIMIT_S = 150  # per part, on a busy 2-core CPU
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -75,6 +90,9 @@ GPU_SIZES = {
     "generation": dict(shape="qwen3_1_7b", batch=64, prompt_tokens=256, calibration_tokens=128, new_tokens=4096),
     "lora": dict(shape="qwen3_0_6b", dtype="bfloat16", steps=20, problems_per_step=4, samples=2, max_new_tokens=32,
                  lora_rank=16),
+    "load": dict(shape="qwen3_0_6b"),
+    "handoff": dict(shape="qwen3_1_7b", lora_rank=16, trainer_cache_gib=4.0, batch=8, prompt_tokens=64, new_tokens=32,
+                    gpu_memory_utilization=0.3),
 }
 SMOKE_SIZES = {
     "step": dict(shape="toy", micro_batches=2, per_micro=1, prompt_tokens=16, context_tokens=16, response_tokens=48,
@@ -82,6 +100,9 @@ SMOKE_SIZES = {
     "divergence": dict(positions=96, hidden=32, vocab=1000, chunk=32),
     "generation": dict(shape="toy", batch=4, prompt_tokens=8, calibration_tokens=4, new_tokens=16),
     "lora": dict(shape="toy", dtype="bfloat16", steps=4, problems_per_step=2, samples=2, max_new_tokens=8, lora_rank=4),
+    "load": dict(shape="toy"),
+    "handoff": dict(shape="toy", lora_rank=4, trainer_cache_gib=0.0, batch=2, prompt_tokens=8, new_tokens=4,
+                    gpu_memory_utilization=0.3),
 }
 
 
@@ -92,7 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder: gpu_suite.json, gpu_suite.md, logs/")
     parser.add_argument("--cpu-smoke", action="store_true", help="every part at toy sizes on the CPU")
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run these parts only")
+    parser.add_argument("--only", nargs="+", choices=PARTS, help="run these parts only")
     parser.add_argument("--time-limit", action="append", default=[], metavar="PART=SECONDS",
                         help="another time limit for a part (repeatable)")
     parser.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse, if any)")
@@ -108,16 +129,18 @@ def main() -> int:
     if not args.cpu_smoke and not cuda_available():
         print("gpu_suite: no CUDA device here; run with --cpu-smoke for the toy sizes on the CPU", file=sys.stderr)
         return 2
+    listed = [p for p in PARTS if not (args.cpu_smoke and p in GPU_ONLY) or p in (args.only or [])]
+    args.only = args.only or listed
     out = Path(args.out).resolve()  # the parts run from the repository root
     (out / "logs").mkdir(parents=True, exist_ok=True)
     suite = {"suite": "benchmarks/gpu_suite.py", "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
              "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": args.commit or git_commit(),
              "command": " ".join(sys.argv), "environment": {}, "time_limits_s": limits,
              "sizes": SMOKE_SIZES if args.cpu_smoke else GPU_SIZES,
-             "parts": {name: {"status": "pending" if name in args.only else "not run"} for name in PARTS}}
+             "parts": {name: {"status": "pending" if name in args.only else "not run"} for name in listed}}
     write_outputs(out, suite)
     started = time.perf_counter()
-    for name in (p for p in PARTS if p in args.only):
+    for name in (p for p in listed if p in args.only):
         suite["parts"][name] = run_child(name, args, out, limits[name])
         suite["environment"] = suite["environment"] or suite["parts"][name].pop("environment", {})
         suite["parts"][name].pop("environment", None)
@@ -472,6 +495,155 @@ def part_lora(sizes: dict, record: Record, device, deadline: float) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def part_load(sizes: dict, record: Record, device, deadline: float) -> None:
+    """The sharded load path (distributed.fill_from_rank0) on this device, in a process group of one
+    (NCCL on a GPU): the policy built empty, sharded and filled from a whole copy in CPU memory. Its peak
+    device memory should be the float32 model (one process's shard is all of it) plus one whole tensor
+    (the one being sent), not twice the model; the weights must be the file's."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from opsd.core.models import Backbone, ModelConfig
+    from opsd.runtime.distributed import decoder_layers, fill_from_rank0, full
+    from opsd.runtime.training import OptimConfig, load_policy
+
+    work = Path(tempfile.mkdtemp(prefix="opsd-gpu-suite-"))
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29_500 + os.getpid() % 1000)})
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        config = ModelConfig(name_or_path=str(save_random_model(work / "model", shape_of(sizes["shape"]), "float32",
+                                                                 torch.device("cpu"))))
+        source = Backbone(load_policy(config, OptimConfig(), torch.device("cpu")))
+        whole = sum(p.numel() * 4 for p in source.parameters())
+        largest = max(p.numel() * 4 for p in source.parameters())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        started = time.perf_counter()
+        backbone = Backbone(load_policy(config, OptimConfig(), device, empty=True))
+        mesh = init_device_mesh(device.type, (1,))
+        for layer in decoder_layers(backbone):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(backbone, mesh=mesh)
+        fill_from_rank0(backbone, source, device)
+        seconds = time.perf_counter() - started
+        gib = 2.0**30
+        peak = (torch.cuda.max_memory_allocated(device) - before) if device.type == "cuda" else float("nan")
+        reserved = torch.cuda.memory_reserved(device) if device.type == "cuda" else float("nan")
+        theirs = source.state_dict()
+        equal = all(torch.equal(full(value).cpu(), theirs[key]) for key, value in backbone.state_dict().items())
+        record.update({"params": whole // 4, "whole_float32_gib": whole / gib, "largest_tensor_gib": largest / gib,
+                       "peak_gib": peak / gib, "reserved_gib": reserved / gib,
+                       "peak_over_whole_plus_largest": peak / (whole + largest), "load_s": seconds,
+                       "weights_equal_file": equal})
+    finally:
+        dist.destroy_process_group()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def part_handoff(sizes: dict, record: Record, device, deadline: float) -> None:
+    """The vLLM hand-off's memory (opsd/generation/vllm.py): sending the weights as they stream against
+    building them whole; the trainer's cached blocks released; where vLLM imports, sleep and wake."""
+    import torch
+
+    from benchmarks.gpu_step import build_model
+    from opsd.core.models import ModelConfig, add_lora, causal_lm, merged_weights
+    from opsd.generation.vllm import plain_weights, release_cached_blocks
+
+    cuda, gib = device.type == "cuda", 2.0**30
+    model = build_model(shape_of(sizes["shape"]), device).to(torch.bfloat16)
+    model = add_lora(model, ModelConfig(lora_rank=sizes["lora_rank"])).eval()
+    plain = [p for name, p in causal_lm(model).named_parameters() if "lora_" not in name]
+
+    def peak_above(work) -> float:  # GiB allocated at the peak of `work` above what was allocated before it
+        if not cuda:
+            work()
+            return float("nan")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        work()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / gib
+
+    with torch.no_grad():
+        streamed = peak_above(lambda: [None for _ in plain_weights(model, torch.bfloat16)])
+        named = dict(causal_lm(model).named_parameters(remove_duplicate=False))
+        whole = peak_above(lambda: merged_weights(model, named))
+    record.update({"model_bf16_gib": sum(p.numel() * 2 for p in plain) / gib,
+                   "largest_tensor_gib": max(p.numel() * 2 for p in plain) / gib,
+                   "send_streamed_peak_gib": streamed, "send_merged_whole_peak_gib": whole})
+    record.update(handoff_release(sizes["trainer_cache_gib"], device, release_cached_blocks))
+    status = vllm_status()
+    if status is not None or not cuda:
+        record["sleep_wake"] = status or "not measured: vLLM's sleep mode needs a GPU"
+        return
+    record.update(handoff_sleep_wake(model, sizes, device))
+
+
+def handoff_release(cache_gib: float, device, release) -> dict:
+    """A trainer's transient (`cache_gib` allocated and freed: PyTorch keeps it cached) and what
+    `release` (vllm.release_cached_blocks) gives back to the device."""
+    import torch
+
+    if device.type != "cuda":
+        release(device)
+        return {"trainer_cache_released_gib": None}
+    gib = 2.0**30
+    block = torch.empty(int(cache_gib * gib), dtype=torch.uint8, device=device)
+    del block
+    reserved, free = torch.cuda.memory_reserved() / gib, torch.cuda.mem_get_info()[0] / gib
+    release(device)
+    return {"trainer_cache_reserved_before_gib": reserved, "trainer_cache_reserved_after_gib":
+            torch.cuda.memory_reserved() / gib, "device_free_before_release_gib": free,
+            "device_free_after_release_gib": torch.cuda.mem_get_info()[0] / gib}
+
+
+def handoff_sleep_wake(model, sizes: dict, device) -> dict:
+    """sampling.sleep_mode on a real engine: the device's free memory awake, asleep, and woken after the
+    trainer filled its cache with all but half of what the sleep gave back (vLLM's wake-up then fits only
+    if the engine releases that cache first); the woken engine's greedy tokens against the first ones."""
+    import torch
+
+    from benchmarks.generation import random_prompts, stopless_tokenizer
+    from opsd.generation import SamplingConfig, make_engine
+
+    gib = 2.0**30
+    free = lambda: torch.cuda.mem_get_info()[0] / gib
+    prompts = random_prompts(sizes["batch"], sizes["prompt_tokens"], model.config.vocab_size)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=sizes["new_tokens"])
+    options = SamplingConfig(engine="vllm", sleep_mode=True, enforce_eager=True, batch_size=sizes["batch"],
+                             max_model_len=sizes["prompt_tokens"] + sizes["new_tokens"] + 16,
+                             gpu_memory_utilization=sizes["gpu_memory_utilization"])
+    seeds = list(range(len(prompts)))
+    with make_engine(model, stopless_tokenizer(), options, device=device, dtype=torch.bfloat16) as engine:
+        first = [g.response_ids for g in engine.generate(prompts, greedy, seeds)]
+        awake = free()
+        started = time.perf_counter()
+        engine.idle()
+        asleep, sleep_s = free(), time.perf_counter() - started
+        cache = max(asleep - (asleep - awake) / 2, 0.0)  # the trainer's transient, left in PyTorch's cache
+        block = torch.empty(int(cache * gib), dtype=torch.uint8, device=device)
+        del block
+        before_wake = free()
+        engine.update_weights()
+        started = time.perf_counter()
+        try:
+            engine.ready()
+            woke = "ok"
+        except Exception as err:  # an out-of-memory here is the finding
+            woke = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        wake_s = time.perf_counter() - started
+        woken = free()
+        again = [g.response_ids for g in engine.generate(prompts, greedy, seeds)] if woke == "ok" else None
+    return {"device_free_awake_gib": awake, "device_free_asleep_gib": asleep, "sleep_gave_back_gib": asleep - awake,
+            "trainer_cache_filled_gib": cache, "device_free_before_wake_gib": before_wake,
+            "wake_after_trainer_cache": woke, "device_free_woken_gib": woken, "sleep_s": sleep_s,
+            "wake_and_send_s": wake_s, "woken_tokens_equal_first": again == first}
+
+
 def save_random_model(folder: Path, shape: dict, dtype: str, device) -> Path:
     """A random Qwen3 of `shape` in `dtype` with opsd's character tokenizer (ids past it decode to nothing)."""
     import torch
@@ -550,7 +722,8 @@ def compare_runs(full: Path, resumed: Path, model_dir: Path, resumed_at: int) ->
             "trained_weight_change_max": max_diff(merged[0], start)}
 
 
-PART_FUNCTIONS = {"step": part_step, "divergence": part_divergence, "generation": part_generation, "lora": part_lora}
+PART_FUNCTIONS = {"step": part_step, "divergence": part_divergence, "generation": part_generation, "lora": part_lora,
+                  "load": part_load, "handoff": part_handoff}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             print(save_tiny(args.out_dir, args.hidden_size, args.layers, args.seed))
             return 0
     except UserError as err:
-        print(f"opsd: error: {err}", file=sys.stderr)
-        return 2
+        preempted = getattr(err, "exit_code", None)  # stopped on a cluster's signal (runtime/preemption.py)
+        print(f"opsd: {'stopped' if preempted else 'error'}: {err}", file=sys.stderr)
+        return preempted or 2
     except KeyboardInterrupt:
         print("opsd: interrupted", file=sys.stderr)
         return 130
@@ -174,7 +175,7 @@ def _configured(args: argparse.Namespace) -> int:
         print(f"opsd {args.command}: every check that needs no weights passed (nothing was written)")
         return 0
     out = run(config)
-    if args.command == "eval":
+    if args.command == "eval" and out is not None:
         print((out / "eval.md").read_text(encoding="utf-8"), end="")
         print(f"eval folder: {out}")
     elif args.command == "pipeline" and out is not None:

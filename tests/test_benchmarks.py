@@ -41,7 +41,7 @@ def test_gpu_benchmark_runs_on_cpu_and_marks_gpu_figures_unmeasured():
     assert float(result["cpu_small_generate_tokens_per_s"]) > 0
 
 
-SUITE_PARTS = ("step", "divergence", "generation", "lora")
+SUITE_PARTS = ("step", "divergence", "generation", "lora", "load")
 
 
 def run_suite(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, str]:
@@ -64,7 +64,7 @@ def test_gpu_suite_runs_every_part_at_toy_sizes_on_cpu(tmp_path):
     assert suite["mode"] == "cpu-smoke"
     assert {name: part["status"] for name, part in suite["parts"].items()} == dict.fromkeys(SUITE_PARTS, "ok"), \
         {name: part.get("error") for name, part in suite["parts"].items()}
-    step, divergence, generation, lora = (suite["parts"][name]["results"] for name in SUITE_PARTS)
+    step, divergence, generation, lora, load = (suite["parts"][name]["results"] for name in SUITE_PARTS)
     assert step["matmul_bf16_tflops"] > 0 and 0 < step["mfu_vs_measured_matmul"]
     assert step["teacher_s"] > 0 and step["student_s"] > 0 and step["divergence_s"] > 0
     assert step["peak_gib_ours"] is None  # no GPU memory on the CPU: null, never a made-up figure
@@ -78,6 +78,8 @@ def test_gpu_suite_runs_every_part_at_toy_sizes_on_cpu(tmp_path):
     assert lora["trained_weight_change_max"] > 0
     assert lora["resume_adapters_max_abs_diff"] == 0.0  # one CPU thread: the resumed run is the same run
     assert lora["math_verify_imported"] is False
+    assert load["weights_equal_file"] and load["whole_float32_gib"] > load["largest_tensor_gib"] > 0
+    assert load["peak_gib"] is None  # measured on a GPU only
     for name in SUITE_PARTS:
         assert f"| {name} | ok" in table
 
@@ -126,3 +128,12 @@ def test_generation_benchmark_prints_both_engines_or_says_vllm_is_missing():
         assert result["vllm"] == "no" and result["ratio_16"] == "not_measured" and "not installed" in out
     else:
         assert result["vllm"] == "yes" and float(result["ratio_16"]) > 0
+
+
+def test_micro_batch_tokens_benchmark_computes_the_padded_step_with_fewer_tokens():
+    result = result_line(run("micro_batch_tokens.py", "--quick"))
+    assert float(result["max_grad_rel_diff"]) < 1e-5  # the same gradients, padded or packed by a token budget
+    for case in ("demo_rlvr", "demo_opsd", "qwen3_layer", "qwen3_full"):
+        assert 0 < float(result[f"{case}_tokens_ratio"]) < 1 and 0 < float(result[f"{case}_gflops_dense_ratio"]) < 1
+    for case in ("demo_rlvr", "demo_opsd", "qwen3_layer"):
+        assert 0 < float(result[f"{case}_saved_mib_ratio"]) < 1 and float(result[f"{case}_seconds_ratio"]) > 0

@@ -7,6 +7,7 @@ user sets `trust_remote_code` / `allow_pickle`. `builtin:tiny` builds the local 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,9 @@ BUILTIN_TINY = "builtin:tiny"
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = BUILTIN_TINY  # HF folder or hub name; builtin:tiny = the local tiny model
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto = float32 (bf16 comes from
-    #   autocast)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto = float32 for a trained
+    #   model (bf16 comes from autocast), the compute dtype for a frozen one (an external teacher, an evaluated
+    #   checkpoint): bf16 on GPU
     trust_remote_code: bool = False  # run Python code shipped in the model folder (off: never by default)
     allow_pickle: bool = False  # allow .bin (pickle) weights; off: safetensors only
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (when installed)
@@ -45,6 +47,14 @@ def resolve_dtype(name: str) -> torch.dtype:
     """Trained weights stay float32 (the optimizer's master copy); compute runs under bf16 autocast
     on GPU. bfloat16/float16 weights are meant for LoRA, where the base weights never change."""
     return torch.float32 if name == "auto" else getattr(torch, name)
+
+
+def frozen_dtype(config: ModelConfig, device: torch.device, bf16: bool = True) -> ModelConfig:
+    """`config` with `dtype: auto` resolved for a model that is never trained (an external teacher, an
+    evaluated checkpoint): the compute dtype, bf16 on a GPU (with `bf16`), float32 elsewhere."""
+    if config.dtype == "auto" and device.type == "cuda" and bf16:
+        return dataclasses.replace(config, dtype="bfloat16")
+    return config
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -84,11 +94,25 @@ def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
             )
         except Exception as err:
             raise UserError(f"could not load a model from {config.name_or_path} ({first_line(err)})") from None
-    for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(model.config, option, None) not in (None, 1, 1.0):
-            raise UserError(f"{config.name_or_path} transforms its logits ({option}), which the chunked divergence "
-                            "does not model")
+    _check_logits(model.config, config.name_or_path)
     return model.to(device)
+
+
+def empty_model(config: ModelConfig) -> PreTrainedModel:
+    """The model's architecture on the meta device, without a byte of weights: what each process of a
+    sharded run builds, shards, and then receives its shards into (`distributed.fill_from_rank0`)."""
+    architecture = model_config(config)
+    _check_logits(architecture, config.name_or_path)
+    options = {} if config.name_or_path == BUILTIN_TINY else {"attn_implementation": config.attn_implementation}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(architecture, dtype=resolve_dtype(config.dtype),
+                                                trust_remote_code=config.trust_remote_code, **options)
+
+
+def _check_logits(architecture: PretrainedConfig, name: str) -> None:
+    for option in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(architecture, option, None) not in (None, 1, 1.0):
+            raise UserError(f"{name} transforms its logits ({option}), which the chunked divergence does not model")
 
 
 def add_lora(model: PreTrainedModel, config: ModelConfig) -> nn.Module:

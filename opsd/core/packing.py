@@ -68,6 +68,23 @@ def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     return hidden_B_L_H.reshape(-1, hidden_B_L_H.shape[-1]).index_select(0, packed.predict_index_N)
 
 
+def micro_batch_bounds(lengths: list[int], size: int, tokens: int = 0) -> list[slice]:
+    """Where a step's sequences (their positions, prompt + response, in order) are cut into micro-batches:
+    `size` sequences each when `tokens` is 0, else runs of consecutive sequences holding at most `tokens`
+    positions in all (`optim.micro_batch_tokens`), a longer sequence alone: never dropped, never split.
+    The order is kept, so that each micro-batch's results line up with the rollouts without a permutation;
+    in the flat layout sorting would only change how many micro-batches there are, not the padding (none)."""
+    if tokens <= 0:
+        return [slice(start, start + size) for start in range(0, len(lengths), size)]
+    bounds, start, held = [], 0, 0
+    for index, length in enumerate(lengths):
+        if index > start and held + length > tokens:
+            bounds.append(slice(start, index))
+            start, held = index, 0
+        held += length
+    if start < len(lengths):
+        bounds.append(slice(start, len(lengths)))
+    return bounds
 
 
 def per_sequence_mean(value_N: torch.Tensor, row_N: torch.Tensor, sequences: int) -> torch.Tensor:

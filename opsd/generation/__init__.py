@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -49,6 +50,7 @@ class SamplingConfig:
     sleep_mode: bool = False  # GPU: free the engine's KV cache and weights while training runs
     enforce_eager: bool = False  # no CUDA graphs: less GPU memory, slower decoding (always on a CPU)
     max_num_batched_tokens: int = 0  # tokens one engine step schedules (0: vLLM's default); lower caps prefill memory
+    tensor_parallel_size: int = 1  # torchrun processes (of one node) that share one engine, each holding 1/N of it
 
 
 def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") -> None:
@@ -68,6 +70,7 @@ def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") ->
         (f"{prefix}.kv_cache_gib", config.kv_cache_gib >= 0, "non-negative (0 = automatic)"),
         (f"{prefix}.max_model_len", config.max_model_len >= 0, "non-negative (0 = what the run needs)"),
         (f"{prefix}.max_num_batched_tokens", config.max_num_batched_tokens >= 0, "non-negative (0 = vLLM's default)"),
+        (f"{prefix}.tensor_parallel_size", config.tensor_parallel_size >= 1, "at least 1"),
     )
     if config.engine != "vllm":
         defaults = SamplingConfig()
@@ -81,7 +84,25 @@ def check_sampling(config: SamplingConfig, prefix: str, device: str = "auto") ->
     if config.sleep_mode and resolve(device).type != "cuda":
         raise UserError(f"{prefix}.sleep_mode needs a GPU (vLLM's sleep mode frees GPU memory; the device is "
                         f"{resolve(device).type})")
+    check_tensor_parallel(config.tensor_parallel_size, prefix)
     require_vllm(f"{prefix}.engine=vllm")
+
+
+def check_tensor_parallel(size: int, prefix: str) -> None:
+    """vLLM's tensor parallelism runs over torchrun's processes (external_launcher): groups of `size`
+    consecutive ranks on one node, so `size` must divide both the processes and those of a node."""
+    from opsd.runtime.distributed import world_size
+
+    world, per_node = world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))  # (torchrun sets both)
+    option = f"{prefix}.tensor_parallel_size={size}"
+    if size > 1 and world == 1:
+        raise UserError(f"{option} splits the engine over torchrun's processes and this run has one: launch it with "
+                        f"torchrun --nproc_per_node {size} (or more, a multiple of {size})")
+    if world % size:
+        raise UserError(f"{option} must divide the number of processes ({world})")
+    if per_node and per_node % size:
+        raise UserError(f"{option} must divide the processes of a node ({per_node}): an engine's processes share "
+                        f"one node")
 
 
 def require_vllm(what: str) -> None:
@@ -92,7 +113,7 @@ def require_vllm(what: str) -> None:
 
 VLLM_LOWEST_TEMPERATURE = 0.01
 VLLM_ONLY = ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "sleep_mode", "enforce_eager",
-             "max_num_batched_tokens")
+             "max_num_batched_tokens", "tensor_parallel_size")
 
 
 def check_engine_fits(config: SamplingConfig, prefix: str, positions: int, what: str) -> None:
@@ -115,7 +136,9 @@ class Engine(Protocol):
 
     def decoding(self) -> contextlib.AbstractContextManager:
         """The block around a step's `generate` calls: hf decodes with the trainer's own module, which
-        FSDP gathers whole for it; vllm decodes from its own copy, so nothing is gathered."""
+        FSDP gathers whole for it; vllm decodes from its own copy, so nothing is gathered (with
+        sampling.tensor_parallel_size > 1 the processes of an engine decode together until all have
+        left the block, so nothing else collective may run inside it)."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
         """One generation per prompt; `seeds[i]` alone decides the random draws of request i."""
@@ -136,13 +159,12 @@ class Engine(Protocol):
 
 def make_engine(model: nn.Module, tokenizer, sampling: SamplingConfig, device: torch.device | None = None,
                 dtype: torch.dtype | None = None, gather=None, positions: int = 0) -> Engine:
-    """The engine named by `sampling.engine` for `model` (under any PEFT/DDP/FSDP wrapper). For vllm:
-    `device` the run's (None: the weights'), `dtype` what it computes in (None: the weights' dtype),
-    `gather` a context manager factory that makes the weights whole (FSDP) while hf decodes and while
-    vllm is sent them,
-    `positions` the longest prompt + response the run needs (its max_model_len unless
-    sampling.max_model_len says otherwise). vLLM refuses a model it cannot serve here, so build the
-    engine before the run folder."""
+    """The engine named by `sampling.engine` for `model` (under any PEFT/DDP/FSDP wrapper). `gather`
+    (hf) a context manager factory that makes the weights whole (FSDP) while hf decodes. For vllm
+    (which streams the weights in a layer at a time instead): `device` the run's (None: the weights'),
+    `dtype` what it computes in (None: the weights' dtype), `positions` the longest prompt + response
+    the run needs (its max_model_len unless sampling.max_model_len says otherwise). vLLM refuses a
+    model it cannot serve here, so build the engine before the run folder."""
     if sampling.engine == "hf":
         from opsd.generation.hf import HFEngine
 
@@ -150,7 +172,7 @@ def make_engine(model: nn.Module, tokenizer, sampling: SamplingConfig, device: t
     if sampling.engine == "vllm":
         from opsd.generation.vllm import VLLMEngine
 
-        return VLLMEngine(model, tokenizer, sampling, device, dtype, gather, positions)
+        return VLLMEngine(model, tokenizer, sampling, device, dtype, positions)
     raise ValueError(f"unknown sampling engine {sampling.engine!r}")
 
 

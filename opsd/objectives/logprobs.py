@@ -118,9 +118,13 @@ def logprob_gap(hidden_N_H: torch.Tensor, head_V_H: torch.Tensor, targets_N: tor
     return float(total), int(outside)
 
 
-def gap_metrics(gap_sum: float, outside: int, tokens: int, sampled: bool) -> dict[str, float]:
-    """rollout/logprob_gap (mean over the tokens both sides can draw) and rollout/logprob_gap_outside
-    (the share of tokens the trainer's filter leaves out); NaN when greedy or nothing was compared."""
-    compared = tokens - outside
-    return {"rollout/logprob_gap": gap_sum / compared if sampled and compared else float("nan"),
-            "rollout/logprob_gap_outside": outside / tokens if sampled and tokens else float("nan")}
+def gap_tally(tally, gap_sum: float, outside: int, tokens: int, sampled: bool) -> None:
+    """rollout/logprob_gap (the mean over the tokens both sides can draw) and rollout/logprob_gap_outside
+    (the share of tokens the trainer's filter leaves out), NaN when greedy or nothing was compared: this
+    process's part of the step, into a `runtime.metrics.Tally` that reduces it over the processes."""
+    if sampled:
+        tally.mean("rollout/logprob_gap", gap_sum, tokens - outside)
+        tally.mean("rollout/logprob_gap_outside", outside, tokens)
+    else:
+        tally.same("rollout/logprob_gap", float("nan"))
+        tally.same("rollout/logprob_gap_outside", float("nan"))

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
+import sys
+import threading
 from typing import Literal
 
 import torch
@@ -33,6 +36,10 @@ from opsd.core.errors import UserError
 from opsd.core.models import causal_lm, output_head
 
 Parallel = Literal["ddp", "fsdp"]
+
+
+DEFAULT_TIMEOUT_MIN = 60.0  # run.collective_timeout_min's default
+HEARTBEAT_S = float(os.environ.get("OPSD_HEARTBEAT_S", "300"))  # a waiting process says so this often
 
 
 def world_size() -> int:
@@ -50,16 +57,17 @@ def active() -> bool:
     return world_size() > 1 and dist.is_initialized()
 
 
-def setup(device: torch.device, cpu_collectives: bool = False) -> int:
+def setup(device: torch.device, cpu_collectives: bool = False, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> int:
     """This process's rank, initialising the process group when launched with several processes.
-    `cpu_collectives` (run.fsdp_offload on GPU): gloo next to NCCL, for gradients kept in CPU memory."""
+    `cpu_collectives` (run.fsdp_offload on GPU): gloo next to NCCL, for gradients kept in CPU memory.
+    `timeout_min` (run.collective_timeout_min): how long a collective waits for the slowest process."""
     if world_size() == 1:
         return 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "gloo" if device.type != "cuda" else "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
     return dist.get_rank()
 
 
@@ -100,12 +108,26 @@ def barrier_long() -> None:
     checkpoint or evaluating): in a gloo group of its own whose timeout is 7 days, where NCCL's
     default would end the job after 10 minutes. Every process calls it at the same points (the
     first call creates the group). A no-op in one process."""
-    global _waiting
+    if active():
+        dist.barrier(group=_long_group())
+
+
+def gather_long(value) -> list:
+    """Every process's `value` (any picklable object), in rank order, on every process, however long
+    some of them work first (the gloo group of `barrier_long`); [value] in one process."""
     if not active():
-        return
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_long_group())
+    return values
+
+
+def _long_group():
+    """The gloo group whose timeout is 7 days (created by the first call, which every process makes)."""
+    global _waiting
     if _waiting is None:
         _waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-    dist.barrier(group=_waiting)
+    return _waiting
 
 
 def device(name: str) -> torch.device:
@@ -125,11 +147,12 @@ def device(name: str) -> torch.device:
 
 
 def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", bf16: bool = False,
-         offload: bool = False) -> nn.Module:
+         offload: bool = False, source: nn.Module | None = None) -> nn.Module:
     """The student's `Backbone` as `run.parallel` says (unchanged in one process). With `fsdp` the
     model's parameters become sharded DTensors: build the optimizer and the teacher's snapshot after.
     `bf16` (GPU): bf16 all-gathers and compute, float32 gradient reduction and master weights.
-    `offload` (GPU): the sharded weights, gradients and optimizer state live in CPU memory."""
+    `offload` (GPU): the sharded weights, gradients and optimizer state live in CPU memory.
+    A backbone on the meta device is sharded empty and then filled from `source` (`fill_from_rank0`)."""
     if not active():
         return backbone
     if parallel == "ddp":
@@ -155,6 +178,8 @@ def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", 
     for layer in layers:
         fully_shard(layer, **options)
     fully_shard(backbone, **options)
+    if any(param.is_meta for param in backbone.parameters()):
+        fill_from_rank0(backbone, source, torch.device("cpu") if offload else device)
     # Backward prefetch named explicitly: FSDP's default guesses the next layer from the order of
     # the last forwards, which here include `gathered` ones (the teacher's) that only some processes
     # ran, and processes that guess differently all-gather different layers and hang.
@@ -168,6 +193,24 @@ def wrap(backbone: nn.Module, device: torch.device, parallel: Parallel = "ddp", 
         backbone(ids, torch.ones_like(ids))
     backbone.reshard()
     return backbone
+
+
+def fill_from_rank0(backbone: nn.Module, source: nn.Module | None, device: torch.device) -> None:
+    """Each process's shards of `source` (rank 0's whole model in CPU memory; None on the others) into
+    `backbone`, sharded on the meta device: rank 0 broadcasts one tensor at a time and every process
+    keeps its slice, so that no process ever holds more than its shards and one whole tensor on its
+    device. The buffers too (rotary frequencies: no state dict holds them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    backbone.to_empty(device=device)
+    whole = source.state_dict() if source is not None else {}
+    set_model_state_dict(backbone, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    theirs = dict(source.named_buffers()) if source is not None else {}
+    with torch.no_grad():
+        for name, buffer in backbone.named_buffers():
+            if source is not None:
+                buffer.copy_(theirs[name])
+            dist.broadcast(buffer, src=0)
 
 
 def decoder_layers(backbone: nn.Module) -> list[nn.Module]:
@@ -209,6 +252,15 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
+def from_rank0(value):
+    """Rank 0's `value` (any picklable object) on every process; `value` as it is in one process."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_over_ranks(value: int) -> int:
     return _reduce(value, dist.ReduceOp.SUM) if active() else value
 
@@ -217,11 +269,82 @@ def max_over_ranks(value: int) -> int:
     return _reduce(value, dist.ReduceOp.MAX) if active() else value
 
 
+def sum_floats(values: list[float]) -> list[float]:
+    """Each of `values` summed over the processes (float64, one all-reduce); as they are in one process.
+    NaN where any process has NaN."""
+    return _reduce_floats(values, dist.ReduceOp.SUM) if active() else list(values)
+
+
+def max_floats(values: list[float]) -> list[float]:
+    """Each of `values` maximised over the processes (one all-reduce); as they are in one process. A NaN
+    (a process with nothing to measure) counts as absent."""
+    if not active():
+        return list(values)
+    highest = _reduce_floats([-math.inf if math.isnan(v) else v for v in values], dist.ReduceOp.MAX)
+    return [math.nan if v == -math.inf else v for v in highest]
+
+
+def _reduce_floats(values: list[float], op) -> list[float]:
+    if not values:
+        return []
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+_reductions = 0  # the reductions so far: the same sequence on every process
+
+
 def _reduce(value: int, op) -> int:
+    """These small reductions are the collectives processes reach after generating, which takes each
+    its own time: a process waiting in one for long says so, and for which processes (`_heartbeat`)."""
+    global _reductions
+    _reductions += 1
     on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     tensor = torch.tensor([value], dtype=torch.long, device=on)
-    dist.all_reduce(tensor, op=op)
-    return int(tensor.item())
+    with _heartbeat(_reductions):
+        dist.all_reduce(tensor, op=op)
+        result = int(tensor.item())
+    return result
+
+
+@contextlib.contextmanager
+def _heartbeat(number: int):
+    """While this process waits in reduction `number`, a line on stderr every HEARTBEAT_S seconds naming
+    the processes that have not reached it (from check-ins in the process group's store)."""
+    store, me, world = _store(), dist.get_rank(), dist.get_world_size()
+    key = lambda n, r: f"opsd/reached/{n}/{r}"
+    if store is not None:
+        store.set(key(number, me), "1")
+        if number > 2:  # every process has passed reduction number - 1, so number - 2's check-ins are done with
+            store.delete_key(key(number - 2, me))
+    done = threading.Event()
+
+    def watch() -> None:
+        waited = 0.0
+        while not done.wait(HEARTBEAT_S):
+            waited += HEARTBEAT_S
+            missing = [r for r in range(world) if not store.check([key(number, r)])] if store is not None else []
+            others = f"process(es) {', '.join(map(str, missing))}" if missing else "the other processes"
+            print(f"opsd: process {me} has waited {waited / 60:.1f} min for {others} (still generating? "
+                  f"run.collective_timeout_min ends the job past its limit)", file=sys.stderr, flush=True)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _store():
+    """The process group's key-value store (torchrun's TCPStore), or None where torch hides it."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a private function: absent or changed in another torch
+        return None
 
 
 @contextlib.contextmanager
@@ -259,3 +382,18 @@ def idle_backward(backbone: nn.Module, model: nn.Module, pad_id: int, device: to
     ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
     hidden = backbone(ids, torch.ones_like(ids))
     ((hidden.sum() + output_head(model).sum()) * 0.0).backward()  # the head read after the forward: whole under FSDP
+
+
+@contextlib.contextmanager
+def unsharded(module: nn.Module):
+    """Under FSDP, one sharded module's own weights (a decoder layer's) whole for the block, sharded
+    again after it: an all-gather that every process enters together, in the same order. Elsewhere a
+    no-op. (`gathered` makes the whole model whole at once.)"""
+    if not is_sharded(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()

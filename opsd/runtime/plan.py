@@ -6,6 +6,8 @@ From the command's config and the model's config.json (its parameters counted on
 for any architecture) and the longest sequence the run will feed it (the stage's own length checks), per
 process (GPU):
 
+  load        the weights as they arrive: under FSDP this process's shards and one whole tensor
+              broadcast by rank 0 (no process holds the whole model on its GPU), else the whole model
   state       weights (float32 master copy; LoRA: the frozen base in its dtype and float32 adapters),
               gradients and AdamW's two moments of what is trained, a second set of weights (the
               self-teacher's frozen/refresh/EMA snapshot, rlvr's KL reference) — divided by the number of
@@ -13,7 +15,8 @@ process (GPU):
               micro-batch); an external teacher, whole, in its dtype
   training    state + one micro-batch's activations (each layer's input with gradient checkpointing, one
               layer's working set; every layer's without) + the chunked divergence's buffers + (FSDP) the
-              layers gathered around the one computing
+              layers gathered around the one computing; a micro-batch is micro_batch_size sequences padded to
+              the longest, or (optim.micro_batch_tokens) that many positions, or one longer sequence
   generation  state + the engine: hf decodes with the trainer's weights (FSDP: gathered whole in the compute
               dtype) and a KV cache of sampling.batch_size sequences; vllm its own weights and KV cache
               (gpu_memory_utilization of the GPU, or kv_cache_gib past its weights)
@@ -59,6 +62,7 @@ class Architecture:
     layers: int
     vocab: int
     kv_bytes_per_token: int  # K and V of every layer in bf16
+    largest: int = 0  # elements of the largest tensor (the embeddings, as a rule)
 
 
 def architecture(model_config: Any) -> Architecture:
@@ -72,7 +76,8 @@ def architecture(model_config: Any) -> Architecture:
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     layers = model_config.num_hidden_layers
     return Architecture(sum(p.numel() for p in model.parameters()), linear, model_config.hidden_size, layers,
-                        model_config.vocab_size, layers * 2 * heads * head_dim * 2)
+                        model_config.vocab_size, layers * 2 * heads * head_dim * 2,
+                        max(p.numel() for p in model.parameters()))
 
 
 def dtype_bytes(name: str) -> int:
@@ -119,16 +124,21 @@ def plan(config: Any, arch: Architecture, positions: int, processes: int, gpu_by
         state["teacher/reference weights"] = 4 * trained / shards
     teacher_config = getattr(getattr(config, "teacher", None), "model", None)
     if external is not None and teacher_config is not None:
-        state["external teacher"] = dtype_bytes(teacher_config.dtype) * external.params
+        frozen = compute if teacher_config.dtype == "auto" else dtype_bytes(teacher_config.dtype)  # frozen_dtype
+        state["external teacher"] = frozen * external.params
     sampling = getattr(config, "sampling", None)
     held = sampling is not None and sampling.engine == "vllm" and not sampling.sleep_mode
     resident = {"vllm (held)": _vllm_bytes(sampling, arch, gpu_bytes, positions)} if held else {}
-    phases = {"training": {**state, **_training(config, arch, positions, shards, compute), **resident}}
+    # loading: under FSDP each process receives its shards from rank 0 one whole tensor at a time
+    # (distributed.fill_from_rank0); otherwise each loads the whole model on its device
+    load = {"weights": state["weights"], "one whole tensor (sent by rank 0)": 4.0 * arch.largest} if shards > 1 \
+        else {"weights": base + (4 * trained if lora else 0)}
+    phases = {"load": load, "training": {**state, **_training(config, arch, positions, shards, compute), **resident}}
     if sampling is not None:
         phases["generation"] = {**state, **_generation(sampling, arch, positions, shards, compute, gpu_bytes)}
     if hasattr(config, "teacher") or shadow:  # the teacher's forward (distill) or the KL reference's (rlvr)
         gathered = compute * arch.params if shards > 1 and external is None else 0.0
-        hidden = _views(config) * optim.micro_batch_size * positions * arch.hidden * 4
+        hidden = _views(config) * micro_batch_positions(optim, positions) * arch.hidden * 4
         phases["teacher"] = {**state, "gathered weights": gathered, "teacher hidden states": float(hidden),
                              **resident}
     return Plan(phases, processes, gpu_bytes)
@@ -153,8 +163,16 @@ def _views(config: Any) -> int:
     return 3 if teacher is not None and teacher.context == "purified" else 1
 
 
+def micro_batch_positions(optim: Any, positions: int) -> int:
+    """The positions one micro-batch holds at most, padding included: `micro_batch_size` sequences padded to
+    the longest (`positions`), or with `micro_batch_tokens` its budget, or one longer sequence alone."""
+    if optim.micro_batch_tokens > 0:
+        return max(optim.micro_batch_tokens, positions)
+    return optim.micro_batch_size * positions
+
+
 def _training(config: Any, arch: Architecture, positions: int, shards: int, compute: int) -> dict[str, float]:
-    tokens = config.optim.micro_batch_size * positions
+    tokens = micro_batch_positions(config.optim, positions)
     per_layer = tokens * arch.hidden * compute
     if config.optim.gradient_checkpointing:
         activations = arch.layers * per_layer + tokens * arch.hidden * LAYER_WORKING_BYTES

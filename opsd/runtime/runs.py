@@ -35,7 +35,7 @@ TRAINING_STATE = "training_state.pt"
 # (run.tensorboard: the older spelling of run.report_to, in the config.yaml of runs begun before it)
 CHANGEABLE_ON_RESUME = ("run.steps", "run.save_every", "run.keep_last", "run.keep_weights", "run.report_to",
                         "run.tensorboard", "run.threads",
-                        "run.resume", "run.overwrite", "verifier.timeout_s")
+                        "run.resume", "run.overwrite", "run.collective_timeout_min", "verifier.timeout_s")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class RunConfig:
     #   gradients and optimizer state sharded (FSDP2) (a pipeline: every stage)
     fsdp_offload: bool = False  # run.parallel=fsdp on GPU: keep the shards (weights, gradients, optimizer state) in
     #   CPU memory (a pipeline: every stage)
+    collective_timeout_min: float = 60.0  # several processes: how long one waits for the others in a collective
+    #   before the job fails (NCCL's 10 is shorter than long rollouts take to differ); a heartbeat line every 5 min
+    #   names the processes waited for (a pipeline: every stage)
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # run.report_to=wandb reads as [wandb]; none as []
@@ -76,6 +79,7 @@ def check_run(run: RunConfig, world: int, per_step: str = "run.problems_per_step
         ("run.keep_last", run.keep_last >= 0, "non-negative"),
         ("run.max_empty_steps_in_a_row", run.max_empty_steps_in_a_row >= 1, "at least 1"),
         ("run.fsdp_offload", not run.fsdp_offload or run.parallel == "fsdp", "false unless run.parallel=fsdp"),
+        ("run.collective_timeout_min", run.collective_timeout_min > 0, "positive"),
     )
 
 

@@ -24,6 +24,7 @@ from opsd.core.models import (
     Backbone,
     ModelConfig,
     add_lora,
+    empty_model,
     load_model,
     lora_not_linear,
 )
@@ -39,6 +40,10 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup
     max_grad_norm: float = 1.0  # gradient-norm clip
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a step)
+    micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many positions (prompts + responses; distill:
+    #   with the longest teacher view) instead of micro_batch_size sequences, back to back in one row without
+    #   padding, a longer sequence alone. Pays with flash_attention_2 (varlen); sdpa and eager attend densely
+    #   over the whole row: keep it near the longest sequence there (benchmarks/micro_batch_tokens.py)
     chunk_size: int = 1024  # positions per chunk of the vocabulary projection (memory: chunk × vocabulary floats)
     gradient_checkpointing: bool = False  # recompute activations in the backward
     bf16: bool = True  # bf16 autocast (GPU only)
@@ -53,14 +58,16 @@ def check_optim(optim: OptimConfig) -> None:
         ("optim.warmup_steps", optim.warmup_steps >= 0, "non-negative"),
         ("optim.max_grad_norm", optim.max_grad_norm > 0, "positive"),
         ("optim.micro_batch_size", optim.micro_batch_size >= 1, "at least 1"),
+        ("optim.micro_batch_tokens", optim.micro_batch_tokens >= 0, "non-negative (0: micro_batch_size sequences)"),
         ("optim.chunk_size", optim.chunk_size >= 1, "at least 1"),
         ("optim.max_skipped_in_a_row", optim.max_skipped_in_a_row >= 1, "at least 1"),
     )
 
 
-def load_policy(config: ModelConfig, optim: OptimConfig, device: torch.device) -> nn.Module:
-    """The model to train: loaded safely, with activation checkpointing and LoRA when asked."""
-    model = load_model(config, device)
+def load_policy(config: ModelConfig, optim: OptimConfig, device: torch.device, empty: bool = False) -> nn.Module:
+    """The model to train: loaded safely, with activation checkpointing and LoRA when asked. `empty`:
+    its architecture on the meta device, no weights (a sharded run's skeleton, filled after sharding)."""
+    model = empty_model(config) if empty else load_model(config, device)
     if optim.gradient_checkpointing:
         # transformers 5.24 renamed gradient_checkpointing_enable (the old name warns there)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -69,9 +76,11 @@ def load_policy(config: ModelConfig, optim: OptimConfig, device: torch.device) -
 
 
 def wrap_policy(model: nn.Module, device: torch.device, parallel: distributed.Parallel, fsdp_offload: bool,
-                optim: OptimConfig) -> nn.Module:
+                optim: OptimConfig, source: nn.Module | None = None) -> nn.Module:
     """The policy's `Backbone`, wrapped for several processes as run.parallel says (unchanged in one);
-    build the optimizer and any snapshot of its weights after this (FSDP replaces the parameters)."""
+    build the optimizer and any snapshot of its weights after this (FSDP replaces the parameters).
+    An empty `model` (`load_policy(empty=True)`) receives its shards from `source`, rank 0's whole
+    policy in CPU memory (None on the other processes)."""
     if fsdp_offload and device.type != "cuda":
         raise UserError("run.fsdp_offload=true keeps FSDP's shards in CPU memory between GPU steps; on a CPU "
                         "they are there already: set it to false")
@@ -80,7 +89,7 @@ def wrap_policy(model: nn.Module, device: torch.device, parallel: distributed.Pa
         raise UserError(f"run.parallel=fsdp saves LoRA merged from linear layers only, and {not_linear} is not "
                         "one; adapt linear layers only (model.lora_target_modules)")
     return distributed.wrap(Backbone(model), device, parallel, bf16=optim.bf16 and device.type == "cuda",
-                            offload=fsdp_offload)
+                            offload=fsdp_offload, source=Backbone(source) if source is not None else None)
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:

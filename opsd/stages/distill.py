@@ -56,9 +56,10 @@ from opsd.objectives.divergence import (
     chunked_divergence_to,
 )
 from opsd.objectives.gating import Gating, gate
-from opsd.objectives.logprobs import gap_metrics, logprob_gap
+from opsd.objectives.logprobs import gap_tally, logprob_gap
 from opsd.objectives.purified import PurifiedTarget
 from opsd.runtime import distributed
+from opsd.runtime.metrics import Tally
 from opsd.runtime.runs import RunConfig, check_run
 from opsd.runtime.training import (
     OptimConfig,
@@ -193,11 +194,12 @@ def run_distill(config: DistillConfig, name: str = "distill", check_only: bool =
             check_teacher_tokenizer(teacher.model, tokenizer)
         external_config = model_config(teacher.model) if teacher.model else None
         return check(config, needs(config, problems, prompts, None, tokenizer), external_config, check_only)
-    external = load_external_teacher(teacher.model, teacher.device, tokenizer, begun.device, distributed.device) \
-        if teacher.model else None
+    external = load_external_teacher(teacher.model, teacher.device, tokenizer, begun.device, distributed.device,
+                                     config.optim.bf16) if teacher.model else None
     with session(config, name, "distill", begun, needs(config, problems, prompts, external, tokenizer)) as s:
         target = Teacher(context, s.model, s.shadow, external, (teacher.purified_clip, teacher.purified_beta),
-                         tokenizer.pad_token_id, s.device, lambda: autocast(config.optim, s.device))
+                         tokenizer.pad_token_id, s.device, lambda: autocast(config.optim, s.device),
+                         flat=config.optim.micro_batch_tokens > 0)
         for step in s.steps():
             order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             mine = s.my_share(order)  # this process's places in the step
@@ -267,36 +269,38 @@ def train_step(config: DistillConfig, s: Session, teacher: Teacher, problems: li
     sums, divergence_K = distill_kept(config, s, teacher, kept, teacher_prompts, prompts, total_tokens, timer)
     grad_norm, skipped = guarded_step(s.model, s.optimizer, config.optim.max_grad_norm, has_gradient=total_tokens > 0)
     lengths = [len(r.response_ids) for r in rollouts]
-    per_token = lambda key: sums[key] / kept_tokens if kept_tokens else float("nan")
-    generate_s, student_s, teacher_s = timer.total("generate"), timer.total("student"), timer.total("teacher")
     rows = sample_rows(s.tokenizer, s.samples.per_step, rollouts, problems, verdicts, keep, teacher_prompts, memos,
                        divergence_K, prompts)
-    accuracy = sum(correct) / len(correct) if all(gradable(p, config.verifier.default) for p in problems) \
-        else float("nan")
-    metrics = {
-        "loss/divergence": per_token("divergence"),
-        "loss/clipped_ratio": per_token("clipped"),
-        "loss/student_entropy": per_token("entropy"),
-        **({"purified/gap_cosine": per_token("gap_cosine"), "purified/gap_norm_ratio": per_token("gap_norm_ratio")}
-           if teacher.context.purified else {}),
-        "rollout/accuracy": accuracy,
-        "rollout/count": len(rollouts),
-        "rollout/restated": sum(v.restated for v in verdicts),
-        "rollout/kept": len(kept),
-        "rollout/response_tokens_mean": sum(lengths) / len(lengths),
-        "rollout/response_tokens_max": max(lengths),
-        "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
-        **gap_metrics(sums["logprob_gap"], int(sums["logprob_gap_outside"]), kept_tokens,
-                      config.sampling.temperature > 0),
-        "optim/grad_norm": grad_norm,
-        "optim/lr": s.optimizer.param_groups[0]["lr"],
-        "optim/empty_step": total_tokens == 0,
-        "train/tokens": total_tokens,
-        **{f"time/{phase}_s": timer.total(phase) for phase in ("generate", "grade", "memo", "teacher", "student")},
-        "time/step_s": time.perf_counter() - started,
-        "throughput/generate_tokens_per_s": sum(lengths) / generate_s if generate_s else float("nan"),
-        "throughput/train_tokens_per_s": kept_tokens / (teacher_s + student_s) if kept_tokens else float("nan"),
-    }
+    # every process's part of the step, reduced over the processes (runtime/metrics.py Tally)
+    tally = Tally()
+    for name, key in (("loss/divergence", "divergence"), ("loss/clipped_ratio", "clipped"),
+                      ("loss/student_entropy", "entropy"),
+                      *((("purified/gap_cosine", "gap_cosine"), ("purified/gap_norm_ratio", "gap_norm_ratio"))
+                        if teacher.context.purified else ())):
+        tally.mean(name, sums[key], kept_tokens)
+    if all(gradable(p, config.verifier.default) for p in problems):
+        tally.mean("rollout/accuracy", sum(correct), len(correct))
+    else:
+        tally.same("rollout/accuracy", float("nan"))
+    tally.sum("rollout/count", len(rollouts))
+    tally.sum("rollout/restated", sum(v.restated for v in verdicts))
+    tally.sum("rollout/kept", len(kept))
+    tally.mean("rollout/response_tokens_mean", sum(lengths), len(lengths))
+    tally.max("rollout/response_tokens_max", max(lengths, default=float("nan")))
+    tally.mean("rollout/truncated_ratio", sum(r.truncated for r in rollouts), len(rollouts))
+    gap_tally(tally, sums["logprob_gap"], int(sums["logprob_gap_outside"]), kept_tokens,
+              config.sampling.temperature > 0)
+    tally.same("optim/grad_norm", grad_norm)
+    tally.same("optim/lr", s.optimizer.param_groups[0]["lr"])
+    tally.same("optim/empty_step", total_tokens == 0)
+    tally.same("train/tokens", total_tokens)
+    for phase in ("generate", "grade", "memo", "teacher", "student"):
+        tally.max(f"time/{phase}_s", timer.total(phase))
+    tally.max("time/step_s", time.perf_counter() - started)
+    tally.rate("throughput/generate_tokens_per_s", sum(lengths), timer.total("generate"))
+    tally.rate("throughput/train_tokens_per_s", kept_tokens, timer.total("teacher") + timer.total("student"))
+    metrics = tally.reduce()
+    accuracy = metrics["rollout/accuracy"]
     why_empty = f"gating={config.gating} kept none of the {len(rollouts)} rollouts; rollout accuracy {accuracy:.2f}"
     return StepResult(metrics, skipped, total_tokens, rows=rows, why_empty=why_empty,
                       postfix={"div": metrics["loss/divergence"], "acc": accuracy,
@@ -336,10 +340,11 @@ def distill_kept(config: DistillConfig, s: Session, teacher: Teacher, kept: list
     token_weight = s.world / max(total_tokens, 1)
     sums: dict[str, float] = collections.defaultdict(float)
     divergence_K: list[float] = []
-    loss, micro = config.loss, config.optim.micro_batch_size
+    loss, flat = config.loss, config.optim.micro_batch_tokens > 0
     spec = DivergenceSpec(loss.kind, loss.beta, loss.temperature, loss.clip_tau, loss.estimator, loss.top_k,
                           config.optim.chunk_size)
-    for index, batch in enumerate(s.micro_batches(kept, micro)):
+    for places in s.micro_batches(list(range(len(kept))), forward_positions(kept, teacher_prompts, prompts)):
+        batch = [kept[k] for k in places]
         # FSDP: the self-teacher's weights are gathered whole for its forward (an external one is not sharded)
         gathered = distributed.gathered(s.backbone) if teacher.external is None else contextlib.nullcontext()
         if not batch:  # this process has run out: zero-weight passes keep the collectives in step
@@ -349,11 +354,11 @@ def distill_kept(config: DistillConfig, s: Session, teacher: Teacher, kept: list
             s.idle_pass()
             continue
         with timer("teacher"):
-            target = teacher.target(batch, teacher_prompts[index * micro : (index + 1) * micro], prompts, gathered)
+            target = teacher.target(batch, [teacher_prompts[k] for k in places], prompts, gathered)
         with timer("student"):
             s.model.train()
             packed = pack([prompts.student[k.rollout.problem_index] for k in batch],
-                          [k.rollout.response_ids for k in batch], s.tokenizer.pad_token_id, s.device)
+                          [k.rollout.response_ids for k in batch], s.tokenizer.pad_token_id, s.device, flat)
             with autocast(config.optim, s.device):
                 hidden_N_H = response_hidden(s.backbone, packed)
             reverse_N = torch.tensor([k.correct for k in batch], device=s.device)[packed.row_N]
@@ -376,3 +381,17 @@ def distill_kept(config: DistillConfig, s: Session, teacher: Teacher, kept: list
             sums["gap_cosine"] += float(torch.cat(target.cosines).sum())
             sums["gap_norm_ratio"] += float(torch.cat(target.norm_ratios).sum())
     return sums, divergence_K
+
+
+def forward_positions(kept: list[Kept], teacher_prompts: list[list[int]], prompts: TeacherPrompts) -> list[int]:
+    """The positions each kept rollout takes in the longest forward it is part of: its response after
+    the longest of its prompts (the student's, the teacher's and, purified, πR's), so that with
+    `optim.micro_batch_tokens` no forward of a micro-batch, the student's or a teacher view's, holds more."""
+    positions = []
+    for k, teacher_prompt in zip(kept, teacher_prompts):
+        problem = k.rollout.problem_index
+        views = [prompts.student[problem], teacher_prompt]
+        if prompts.reference_only is not None:
+            views.append(prompts.reference_only[problem])
+        positions.append(len(k.rollout.response_ids) + max(len(view) for view in views))
+    return positions

@@ -58,7 +58,7 @@ import torch
 from opsd.core.config import to_dict
 from opsd.core.data import Fields, Problem, load_problems, read_rows
 from opsd.core.errors import UserError, require
-from opsd.core.models import BUILTIN_TINY, ModelConfig, load_model, load_tokenizer, model_config
+from opsd.core.models import BUILTIN_TINY, ModelConfig, frozen_dtype, load_model, load_tokenizer, model_config
 from opsd.core.prompts import render_prompt
 from opsd.generation import (
     Engine,
@@ -108,6 +108,37 @@ class EvalRunConfig:
 
 
 @dataclass(frozen=True)
+class FileSampling:
+    """Another sample count or response budget for one benchmark file (AIME wants n=16–64, MATH-500 n=4)."""
+
+    file: str = ""  # a file of `data`: its path as given, or its name without folder and extension
+    n: int = 0  # samples per problem for this file (0: sampling.n)
+    max_new_tokens: int = 0  # response budget for this file (0: sampling.max_new_tokens)
+
+
+def file_sampling(sampling: SamplingConfig, per_file: Sequence[FileSampling], path: str) -> SamplingConfig:
+    """`sampling` with the options `per_file` gives the benchmark file `path`."""
+    for options in per_file:
+        if options.file in (path, Path(path).stem):
+            return replace(sampling, n=options.n or sampling.n,
+                           max_new_tokens=options.max_new_tokens or sampling.max_new_tokens)
+    return sampling
+
+
+def check_per_file(per_file: Sequence[FileSampling], data: Sequence[str], option: str = "per_file") -> None:
+    names = {name for path in data for name in (path, Path(path).stem)}
+    for index, options in enumerate(per_file):
+        require((f"{option}[{index}].file", options.file in names, f"one of the files of data (got {options.file!r})"),
+                (f"{option}[{index}].n", options.n >= 0, "non-negative (0: sampling.n)"),
+                (f"{option}[{index}].max_new_tokens", options.max_new_tokens >= 0,
+                 "non-negative (0: sampling.max_new_tokens)"))
+
+
+TRUNCATION_WARNING = 0.05  # a benchmark whose responses hit the budget more often than this gets a warning
+LATENCY_WARNING_MIN = 10  # batch-1 latency timing expected to take longer than this is announced
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the policy: checkpoint folder, hub name, builtin:tiny
     data: tuple[str, ...] = ()  # benchmark files (JSONL/Parquet), e.g. [../shared/data/math500_test.jsonl]
@@ -116,6 +147,8 @@ class EvalConfig:
     task_field: str = "task"  # extra column naming a subtask (BIG-Bench Hard); per-task rows when present
     limit: int = 0  # the first N problems of each file; 0 = all
     sampling: SamplingConfig = field(default_factory=lambda: EVAL_SAMPLING)  # sampling.n = k samples per problem
+    per_file: tuple[FileSampling, ...] = ()  # another n / max_new_tokens for some files, e.g. [{file: aime24_test,
+    #   n: 16, max_new_tokens: 32768}]
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     greedy: bool = False  # also decode one greedy response per problem (greedy accuracy)
     instruction: str = ""  # text put before each problem in the user turn (blank line between)
@@ -277,6 +310,7 @@ def check_options(config: EvalConfig) -> None:
         ("cost.latency_problems", config.cost.latency_problems >= 0, "non-negative (0 = no latency measurement)"),
     )
     check_sampling(config.sampling, "sampling", config.run.device)
+    check_per_file(config.per_file, config.data)
     check_verifier(config.verifier)
 
 
@@ -300,29 +334,38 @@ def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -
     if responses is None:
         longest = max((len(eval_prompt(tokenizer, p, config.instruction)) for problems in selected for p in problems),
                       default=0)
-        positions = longest + config.sampling.max_new_tokens
-        what = f"the longest prompt ({longest} tokens) plus sampling.max_new_tokens ({config.sampling.max_new_tokens})"
+        budget = max(file_sampling(config.sampling, config.per_file, path).max_new_tokens for path in config.data)
+        positions = longest + budget
+        what = f"the longest prompt ({longest} tokens) plus the largest response budget ({budget} new tokens)"
         check_engine_fits(config.sampling, "sampling", positions, what)
     if check_only:
         model_config(config.model)  # the model folder holds a config transformers reads
         return None
-    model = load_model(config.model, device).eval() if responses is None else None
+    # under torchrun every process generates its share of each file's problems and rank 0 grades and writes
+    writer = distributed.setup(device) == 0 if responses is None else distributed.rank() == 0
+    # a frozen model: in the compute dtype (bf16 on GPU), in which the engine computes anyway
+    model = load_model(frozen_dtype(config.model, device), device).eval() if responses is None else None
     engine = contextlib.nullcontext()
     if model is not None:  # before the output folder: vLLM refuses a model it cannot serve here
-        # on GPU the engine computes in bf16, as training's generation does (a float32 model loads in float32)
         compute = torch.bfloat16 if device.type == "cuda" else None
         engine = make_engine(model, tokenizer, config.sampling, device, compute, positions=positions)
-    out = prepare_output_dir(Path(config.run.output_dir), config.run.overwrite)
+    if responses is not None and not writer:
+        return None  # scoring given responses is rank 0's alone
+    out = _output_folder(Path(config.run.output_dir), config.run.overwrite, writer)
 
     torch.manual_seed(config.run.seed)
     pattern = marker_pattern(config.reflective_markers)
     rows, graded = [], []
-    with engine, Verifiers(config.verifier) as verifiers:
+    with engine, Verifiers(config.verifier) if writer else contextlib.nullcontext() as verifiers:
         for index, ((path, _), problems) in enumerate(zip(benchmarks, selected)):
-            print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
+            sampling = file_sampling(config.sampling, config.per_file, path)
+            if writer:
+                print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
             if responses is None:
                 texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s, cost = generate(
-                    engine, tokenizer, problems, config, Path(path).stem, name, device)
+                    engine, tokenizer, problems, replace(config, sampling=sampling), Path(path).stem, name, device)
+                if not writer:
+                    continue
             else:
                 texts_P_K = [[text for text, _ in responses[index][p.id]] for p in problems]
                 truncated_P_K = [[cut for _, cut in responses[index][p.id]] for p in problems]
@@ -336,19 +379,41 @@ def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -
             levels = [{"level": level, **summarize(group)} for level, group in group_by_level(scored)]
             tasks = [{"task": task, **summarize(group)} for task, group in group_by_task(scored)]
             summary = summarize(scored)
+            if responses is None and summary["truncation_rate"] > TRUNCATION_WARNING:
+                print(f"opsd eval: warning: {path}: {summary['truncation_rate']:.0%} of the responses reached the "
+                      f"budget of {sampling.max_new_tokens} new tokens, and count as unanswered where cut; a thinking "
+                      "model needs more (sampling.max_new_tokens, or per_file)", file=sys.stderr)
             parameters = parameter_count(model) if model is not None else None
             solved = compute_per_solved(parameters, summary["response_tokens_mean"], summary["mean_at_k"]) \
                 if parameters else None
-            rows.append({"file": path, "name": Path(path).stem, **summary, "generate_tokens_per_s": tokens_per_s,
-                         **cost, "parameters": parameters, "compute_per_solved_flops": solved,
-                         "grading": grading, "levels": levels, "tasks": tasks})
+            rows.append({"file": path, "name": Path(path).stem, "k": None if responses else sampling.n,
+                         "max_new_tokens": None if responses else sampling.max_new_tokens, **summary,
+                         "generate_tokens_per_s": tokens_per_s, **cost, "parameters": parameters,
+                         "compute_per_solved_flops": solved, "grading": grading, "levels": levels, "tasks": tasks})
     counted = f"tokenizer of {config.model.name_or_path}" if tokenizer is not None else "whitespace split"
     report = {"mode": "generate" if responses is None else "responses", "response_tokens_counted_by": counted,
               "k": None if responses else config.sampling.n, "benchmarks": rows, "config": to_dict(config)}
     table = markdown_table(rows, report["mode"], counted)
-    _write_atomic(out / "responses.jsonl", "".join(json.dumps(row) + "\n" for row in graded))
-    _write_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
-    _write_atomic(out / "eval.md", table)
+    if writer:
+        _write_atomic(out / "responses.jsonl", "".join(json.dumps(row) + "\n" for row in graded))
+        _write_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
+        _write_atomic(out / "eval.md", table)
+    distributed.teardown()  # under torchrun: every process waits for rank 0's files (a pipeline keeps its group)
+    return out if writer else None
+
+
+def _output_folder(out: Path, overwrite: bool, writer: bool) -> Path:
+    """`prepare_output_dir` on rank 0; under torchrun its verdict reaches every process, so that a refused
+    folder stops them all with its sentence."""
+    refused = None
+    if writer:
+        try:
+            out = prepare_output_dir(out, overwrite)
+        except UserError as err:
+            refused = str(err)
+    refused = distributed.from_rank0(refused)
+    if refused:
+        raise UserError(refused)
     return out
 
 
@@ -360,29 +425,63 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
     own. A progress bar `name · file` counts the problems done."""
     prompts = [eval_prompt(tokenizer, p, config.instruction) for p in problems]
     k = config.sampling.n
-    repeated = [prompt for prompt in prompts for _ in range(k)]
-    seeds = [request_seed(config.run.seed, file, position, p.id, j)
-             for position, p in enumerate(problems) for j in range(k)]
+    seeds = [[request_seed(config.run.seed, file, position, p.id, j) for j in range(k)]
+             for position, p in enumerate(problems)]
+    writer = distributed.rank() == 0
+    mine = distributed.shard(list(range(len(problems))), distributed.rank(), distributed.world_size())
     engine.ready()  # vllm: the weights in before the clock starts
-    with peak_memory(device) as memory, progress_bar(f"{name} · {file}", len(problems), "problem") as bar:
-        ids, truncated, seconds = decode(engine, repeated, config.sampling, seeds, bar, k)
+    # each engine call inside a `decoding` block: the processes of a tensor-parallel vLLM group decode together
+    # (their numbers of calls may differ); collectives between processes outside them
+    with peak_memory(device) as memory, progress_bar(f"{name} · {file}", len(mine), "problem",
+                                                     disable=not writer) as bar, engine.decoding():
+        ids, truncated, seconds = decode(engine, [prompts[p] for p in mine for _ in range(k)], config.sampling,
+                                         [seed for p in mine for seed in seeds[p]], bar, k)
+    ids, truncated, seconds, peak = _from_every_process(mine, ids, truncated, seconds, memory.mib, len(problems), k)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     generated = sum(len(i) for i in ids)
-    timed = prompts[: config.cost.latency_problems]
-    cost = {**latency(engine, timed, config.sampling, [request_seed(config.run.seed, file, "latency", i)
-                                                        for i in range(len(timed))]),
+    timed = prompts[: config.cost.latency_problems] if writer else []  # rank 0's alone, one request at a time
+    if timed and ids and seconds > 0:  # at a thinking model's lengths this can take longer than the evaluation
+        at_once = min(config.sampling.batch_size, len(ids) // max(distributed.world_size(), 1) or 1)
+        minutes = len(timed) * (generated / len(ids)) / (generated / seconds / at_once) / 60
+        if minutes > LATENCY_WARNING_MIN:
+            print(f"opsd eval: {file}: timing batch-1 latency (cost.latency_problems={len(timed)}) decodes that many "
+                  f"problems one at a time, about {minutes:.0f} min at these lengths; cost.latency_problems=0 skips "
+                  "it", file=sys.stderr)
+    with engine.decoding():
+        timing = latency(engine, timed, config.sampling, [request_seed(config.run.seed, file, "latency", i)
+                                                          for i in range(len(timed))])
+    cost = {**timing,
             **throughput(len(ids), generated, seconds, config.sampling.batch_size),
-            "peak_memory_mib": memory.mib, "peak_memory_measured_as": memory.measured_as}
+            "peak_memory_mib": peak, "peak_memory_measured_as": memory.measured_as}
     greedy_texts = None
     if config.greedy:
         greedy = replace(config.sampling, temperature=0.0, n=1)
-        with progress_bar(f"{name} · {file} · greedy", len(problems), "problem") as bar:
-            greedy_ids, _, greedy_seconds = decode(engine, prompts, greedy, [0] * len(prompts), bar, 1)
+        with progress_bar(f"{name} · {file} · greedy", len(mine), "problem", disable=not writer) as bar, \
+                engine.decoding():
+            greedy_ids, _, greedy_seconds = decode(engine, [prompts[p] for p in mine], greedy, [0] * len(mine), bar, 1)
+        greedy_ids, _, greedy_seconds, _ = _from_every_process(mine, greedy_ids, [False] * len(mine), greedy_seconds,
+                                                               None, len(problems), 1)
         greedy_texts = tokenizer.batch_decode(greedy_ids, skip_special_tokens=True)
         generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
     per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]
     return (per_problem(texts), per_problem([len(i) for i in ids]), per_problem(truncated), greedy_texts,
             generated / seconds if seconds > 0 else None, cost)
+
+
+def _from_every_process(mine: list[int], ids: list[list[int]], truncated: list[bool], seconds: float,
+                        peak_mib: float | None, problems: int, k: int):
+    """The whole file's responses in problem order from every process's share (`mine`: this process's
+    problems, k responses each), the longest process's seconds and the largest peak memory. As they are in
+    one process."""
+    ids_P = [None] * problems
+    truncated_P = [None] * problems
+    shares = distributed.gather_long((mine, ids, truncated, seconds, peak_mib))
+    for places, their_ids, their_truncated, _, _ in shares:
+        for n, p in enumerate(places):
+            ids_P[p], truncated_P[p] = their_ids[n * k : (n + 1) * k], their_truncated[n * k : (n + 1) * k]
+    peaks = [share[4] for share in shares if share[4] is not None]
+    return ([i for part in ids_P for i in part], [t for part in truncated_P for t in part],
+            max(share[3] for share in shares), max(peaks) if peaks else peak_mib)
 
 
 def eval_prompt(tokenizer, problem: Problem, instruction: str) -> list[int]:

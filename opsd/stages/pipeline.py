@@ -13,8 +13,9 @@ evaluated with its stage's own model options (dtype, attention, trust_remote_cod
 with a header line on the terminal; its progress bar and its evaluation's carry the stage's name.
 
 Under torchrun every process runs every stage (`run.parallel` and `run.fsdp_offload` reach every
-stage) in one process group; rank 0 alone writes the pipeline's folder and evaluates, one process,
-while the others wait for it (`distributed.barrier_long`, however long the evaluation takes).
+stage) in one process group; every process evaluates its share of each benchmark's problems (on
+eval.sampling's engine, vllm included), and rank 0 alone grades, writes the pipeline's folder and its
+summary while the others wait for it (`distributed.barrier_long`, however long that takes).
 
     opsd pipeline configs/pipeline-tiny.yaml [--resume]
 """
@@ -48,7 +49,7 @@ from opsd.runtime.runs import (
 )
 from opsd.runtime.tracking import check_trackers
 from opsd.stages import COMMANDS, TRAINING
-from opsd.stages.eval import EVAL_SAMPLING, EvalConfig, EvalRunConfig, run_eval
+from opsd.stages.eval import EVAL_SAMPLING, EvalConfig, EvalRunConfig, FileSampling, check_per_file, run_eval
 from opsd.verifiers import VerifierConfig, check_problems
 
 Command = Literal[TRAINING]  # type: ignore[valid-type]
@@ -86,6 +87,7 @@ class PipelineEvalConfig:
     data: tuple[str, ...] = ("configs/examples/arithmetic.jsonl",)  # held-out benchmark files
     limit: int = 0  # first N problems of each file (0: all)
     sampling: SamplingConfig = field(default_factory=lambda: EVAL_SAMPLING)  # k = sampling.n
+    per_file: tuple[FileSampling, ...] = ()  # another n / max_new_tokens for some files (as opsd eval's per_file)
     instruction: str = ""  # text before each problem (empty: the bare problem)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     seed: int = 0  # seed of the evaluations' sampling requests
@@ -179,12 +181,12 @@ def stage_config_for(config: PipelineConfig, stage: StageSpec, out: Path):
     set_by_stage = {override.partition("=")[0].strip() for override in stage.overrides}
     stage_config = load_config(COMMANDS[stage.command]().config, stage.config or None, list(stage.overrides))
     run, given = stage_config.run, config.run
-    for key in ("device", "parallel", "fsdp_offload"):
+    for key in ("device", "parallel", "fsdp_offload", "collective_timeout_min"):
         if f"run.{key}" in set_by_stage and getattr(run, key) != getattr(given, key):
             raise UserError(f"pipeline stage '{stage.name}': run.{key} is the pipeline's (its run section), "
                             "the same for every stage; remove it from the stage's overrides")
     run = dataclasses.replace(run, device=given.device, parallel=given.parallel, fsdp_offload=given.fsdp_offload,
-                              output_dir=str(out / stage.name))
+                              collective_timeout_min=given.collective_timeout_min, output_dir=str(out / stage.name))
     if given.report_to != RunConfig().report_to and "run.report_to" not in set_by_stage:
         run = dataclasses.replace(run, report_to=given.report_to)
     if given.threads is not None and "run.threads" not in set_by_stage:
@@ -260,6 +262,7 @@ def run_pipeline(config: PipelineConfig, name: str = "pipeline", check_only: boo
 def check_pipeline(config: PipelineConfig, checks=True) -> None:
     check_run_section(config.run)
     check_sampling(config.eval.sampling, "eval.sampling", config.run.device)
+    check_per_file(config.eval.per_file, config.eval.data, "eval.per_file")
     stages = plan(config, Path(config.run.output_dir))
     for path in config.eval.data:
         if not Path(path).is_file():
@@ -285,15 +288,14 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
     device = distributed.device(config.run.device)
 
     def wait_for_rank0() -> None:  # under torchrun: the others wait while rank 0 works alone
-        distributed.setup(device, cpu_collectives=config.run.fsdp_offload)
+        distributed.setup(device, cpu_collectives=config.run.fsdp_offload,
+                          timeout_min=config.run.collective_timeout_min)
         distributed.barrier_long()
 
     out = Path(config.run.output_dir)
     check_run_section(config.run)
     check_sampling(config.eval.sampling, "eval.sampling", config.run.device)
-    if config.eval.sampling.engine == "vllm" and distributed.world_size() > 1:
-        raise UserError("eval.sampling.engine=vllm: under torchrun rank 0 evaluates alone, and vLLM's engine starts "
-                        "with every process; use eval.sampling.engine=hf there (stages may still sample with vllm)")
+    check_per_file(config.eval.per_file, config.eval.data, "eval.per_file")
     use_threads(config.run.threads)
     stages = plan(config, out)
     for path in config.eval.data:
@@ -314,7 +316,7 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
     checkpoints = {config.start_name: config.model.name_or_path, **{m.name: m.name_or_path for m in config.models}}
     curves: dict[str, list[dict]] = {}
     rows = []
-    if config.evaluate_start and writer:
+    if config.evaluate_start:
         for name, path in checkpoints.items():
             rows.append(evaluate(config, name, "", dataclasses.replace(config.model, name_or_path=path), out, 0.0))
     wait_for_rank0()
@@ -331,12 +333,11 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
         run(stage_config, name=stage.name)
         run_dir = Path(stage_config.run.output_dir)  # complete on every process: a stage ends with a barrier
         checkpoints[stage.name] = str(final_checkpoint(run_dir))
-        if writer:
-            # the stage's own model options (dtype, attention, remote code), its merged checkpoint
-            model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
-            rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
-            if config.eval.every:
-                curves[stage.name] = curve(config, stage.name, model, run_dir, out, rows, start)
+        # the stage's own model options (dtype, attention, remote code), its merged checkpoint
+        model = dataclasses.replace(stage_config.model, name_or_path=checkpoints[stage.name], lora_rank=0)
+        rows.append(evaluate(config, stage.name, start, model, out, time.perf_counter() - started))
+        if config.eval.every:
+            curves[stage.name] = curve(config, stage.name, model, run_dir, out, rows, start)
         wait_for_rank0()
     if not writer:
         return None
@@ -350,15 +351,20 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
 def curve(config: PipelineConfig, stage: str, model: ModelConfig, run_dir: Path, out: Path, rows: list[dict],
           start: str) -> list[dict]:
     """Accuracy and length along a stage: its start (step 0, when evaluated), every kept checkpoint
-    (eval/<stage>@<step>/) and the final one, first benchmark file."""
-    points = [{"step": 0, **_point(row)} for row in rows if row["stage"] == start]
+    (eval/<stage>@<step>/) and the final one, first benchmark file. Under torchrun every process takes
+    part in the evaluations and rank 0 alone has the points (the others get [])."""
+    writer = distributed.rank() == 0
+    points = [{"step": 0, **_point(row)} for row in rows if writer and row["stage"] == start]
     final = checkpoint_step(Path(model.name_or_path))
     for folder in sorted((run_dir / "checkpoints").iterdir()):
         step = checkpoint_step(folder)
         if step is None or step == final:
             continue
         row = evaluate(config, f"{stage}@{step}", start, dataclasses.replace(model, name_or_path=str(folder)), out, 0.0)
-        points.append({"step": step, **_point(row)})
+        if writer:
+            points.append({"step": step, **_point(row)})
+    if not writer:
+        return []
     points.append({"step": final, **_point(rows[-1])})
     return sorted(points, key=lambda point: point["step"])
 
@@ -400,14 +406,19 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
     """Evaluate one checkpoint; one summary row per benchmark file (kept in row.json: a resumed
     pipeline does not evaluate a checkpoint twice)."""
     eval_dir = out / "eval" / stage
-    if (eval_dir / "row.json").is_file():
-        return json.loads((eval_dir / "row.json").read_text())
-    remove_own(eval_dir, "resuming the pipeline (an unfinished evaluation is redone)")
+    done = json.loads((eval_dir / "row.json").read_text()) if (eval_dir / "row.json").is_file() else None
+    if distributed.from_rank0(done is not None):  # under torchrun every process evaluates its share
+        return done or {}
+    if distributed.rank() == 0:
+        remove_own(eval_dir, "resuming the pipeline (an unfinished evaluation is redone)")
     started = time.perf_counter()
     run = EvalRunConfig(output_dir=str(eval_dir), seed=config.eval.seed, device=config.run.device)
-    run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit, sampling=config.eval.sampling,
-                        instruction=config.eval.instruction, verifier=config.eval.verifier, cost=config.eval.cost,
-                        run=run), name=f"eval {stage}")
+    written = run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit,
+                                  sampling=config.eval.sampling, per_file=config.eval.per_file,
+                                  instruction=config.eval.instruction,
+                                  verifier=config.eval.verifier, cost=config.eval.cost, run=run), name=f"eval {stage}")
+    if written is None:  # not rank 0
+        return {}
     report = json.loads((eval_dir / "eval.json").read_text())
     benchmarks = [{key: b[key] for key in ("name", "problems", "mean_at_k", "mean_at_k_stderr", "maj_at_k",
                                            "response_tokens_mean", "correct_response_tokens_mean",

@@ -42,7 +42,7 @@ from opsd.generation.rollouts import (
     response_texts,
     rollout_rows,
 )
-from opsd.objectives.logprobs import chunked_token_logprobs, gap_metrics, logprob_gap
+from opsd.objectives.logprobs import chunked_token_logprobs, gap_tally, logprob_gap
 from opsd.objectives.policy_loss import (
     clipped_policy_loss,
     group_advantages,
@@ -51,6 +51,7 @@ from opsd.objectives.policy_loss import (
     overlong_penalty,
 )
 from opsd.runtime import distributed
+from opsd.runtime.metrics import Tally
 from opsd.runtime.runs import RunConfig, check_run
 from opsd.runtime.training import (
     OptimConfig,
@@ -175,8 +176,8 @@ def rlvr_step(config: RLVRConfig, s: Session, problems, prompts: list[list[int]]
     rows = sample_rows(s.tokenizer, s.samples.per_step, rollouts, problems, verdicts, rewards, advantages, keep)
     kept_tokens = sum(len(k.rollout.response_ids) for k in kept)
     total_tokens = distributed.sum_over_ranks(kept_tokens)
-    micro = config.optim.micro_batch_size
-    batches = [kept[i : i + micro] for i in range(0, len(kept), micro)]
+    positions = [len(k.rollout.prompt_ids) + len(k.rollout.response_ids) for k in kept]
+    batches = s.cut_micro_batches(kept, positions)  # the training passes' micro-batches, in the same order
     with timer("old_logprobs"), torch.no_grad():  # FSDP: the weights whole for these forwards, no collective inside
         with distributed.gathered(s.backbone):
             olds = [old_logprobs(config, s, b) for b in batches]
@@ -190,37 +191,40 @@ def rlvr_step(config: RLVRConfig, s: Session, problems, prompts: list[list[int]]
     s.model.train()
     for _ in range(grpo.updates_per_step):
         with timer("train"):
-            policy_gradient(config, s, kept, old, ref, s.world / max(total_tokens, 1), sums)
+            policy_gradient(config, s, kept, positions, old, ref, s.world / max(total_tokens, 1), sums)
         grad_norm, was_skipped = guarded_step(s.model, s.optimizer, config.optim.max_grad_norm,
                                               has_gradient=total_tokens > 0)
         skipped = skipped or was_skipped
 
-    updates = grpo.updates_per_step * max(kept_tokens, 1)
-    per_update = lambda key: sums[key] / updates if kept_tokens else float("nan")
-    generate_s = timer.total("generate")
-    accuracy = sum(v.correct for v in verdicts) / len(verdicts)
-    metrics = {
-        "reward/mean": float(rewards.mean()),
-        "rollout/accuracy": accuracy,
-        "rollout/count": len(rollouts),
-        "rollout/restated": sum(v.restated for v in verdicts),
-        "rollout/kept": len(kept),
-        "rollout/kept_groups": int(keep_P.sum()),
-        "rollout/response_tokens_mean": float(lengths.float().mean()),
-        "rollout/response_tokens_max": int(lengths.max()),
-        "rollout/truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts),
-        **gap_metrics(sum(g for g, _ in gaps), sum(o for _, o in gaps), kept_tokens, True),
-        "policy/clipped_ratio": per_update("clipped"),
-        "policy/ratio_mean": per_update("ratio"),
-        "policy/kl": per_update("kl") if s.shadow is not None else float("nan"),
-        "optim/grad_norm": grad_norm,
-        "optim/lr": s.optimizer.param_groups[0]["lr"],
-        "optim/empty_step": total_tokens == 0,
-        "train/tokens": total_tokens,
-        **{f"time/{phase}_s": timer.total(phase) for phase in ("generate", "grade", "old_logprobs", "train")},
-        "time/step_s": time.perf_counter() - started,
-        "throughput/generate_tokens_per_s": float(lengths.sum()) / generate_s if generate_s else float("nan"),
-    }
+    # every process's part of the step, reduced over the processes (runtime/metrics.py Tally)
+    tally = Tally()
+    tally.mean("reward/mean", float(rewards.sum()), len(rewards))
+    tally.mean("rollout/accuracy", sum(v.correct for v in verdicts), len(verdicts))
+    tally.sum("rollout/count", len(rollouts))
+    tally.sum("rollout/restated", sum(v.restated for v in verdicts))
+    tally.sum("rollout/kept", len(kept))
+    tally.sum("rollout/kept_groups", int(keep_P.sum()))
+    tally.mean("rollout/response_tokens_mean", int(lengths.sum()), len(lengths))
+    tally.max("rollout/response_tokens_max", int(lengths.max()))
+    tally.mean("rollout/truncated_ratio", sum(r.truncated for r in rollouts), len(rollouts))
+    gap_tally(tally, sum(g for g, _ in gaps), sum(o for _, o in gaps), kept_tokens, True)
+    updates = grpo.updates_per_step * kept_tokens  # the token mean of each update, over the updates
+    tally.mean("policy/clipped_ratio", sums["clipped"], updates)
+    tally.mean("policy/ratio_mean", sums["ratio"], updates)
+    if s.shadow is not None:
+        tally.mean("policy/kl", sums["kl"], updates)
+    else:
+        tally.same("policy/kl", float("nan"))
+    tally.same("optim/grad_norm", grad_norm)
+    tally.same("optim/lr", s.optimizer.param_groups[0]["lr"])
+    tally.same("optim/empty_step", total_tokens == 0)
+    tally.same("train/tokens", total_tokens)
+    for phase in ("generate", "grade", "old_logprobs", "train"):
+        tally.max(f"time/{phase}_s", timer.total(phase))
+    tally.max("time/step_s", time.perf_counter() - started)
+    tally.rate("throughput/generate_tokens_per_s", int(lengths.sum()), timer.total("generate"))
+    metrics = tally.reduce()
+    accuracy = metrics["rollout/accuracy"]
     why_empty = (f"the {config.sampling.n} samples of every problem earned equal rewards, so "
                  f"grpo.filter_equal_groups dropped them all; rollout accuracy {accuracy:.2f}")
     return StepResult(metrics, skipped, total_tokens, rows=rows, why_empty=why_empty,
@@ -239,12 +243,13 @@ def sample_rows(tokenizer, wanted: int, rollouts: list[Rollout], problems, verdi
     return rows
 
 
-def policy_gradient(config: RLVRConfig, s: Session, kept: list[Kept], old: list[torch.Tensor], ref: list,
-                    token_weight: float, sums: dict[str, float]) -> None:
-    """One pass over the kept rollouts in micro-batches: the clipped surrogate (+ k3 KL), backward;
-    gradients accumulate for one optimizer update."""
+def policy_gradient(config: RLVRConfig, s: Session, kept: list[Kept], positions: list[int],
+                    old: list[torch.Tensor], ref: list, token_weight: float, sums: dict[str, float]) -> None:
+    """One pass over the kept rollouts (of `positions` prompt + response each) in micro-batches: the clipped surrogate
+    (+ k3 KL), backward; gradients accumulate for one optimizer update. `old` and `ref` hold one entry per
+    micro-batch, cut the same way (`Session.cut_micro_batches`)."""
     grpo = config.grpo
-    for index, batch in enumerate(s.micro_batches(kept, config.optim.micro_batch_size)):
+    for index, batch in enumerate(s.micro_batches(kept, positions)):
         if not batch:  # this process has run out: keep the collectives in step
             s.idle_pass()
             continue
@@ -264,7 +269,7 @@ def policy_logprobs(config: RLVRConfig, s: Session, batch: list[Kept]) -> tuple[
     """[N] log-probabilities of the batch's response tokens at the sampling temperature under the
     network's weights as they are (the KL reference's inside `s.shadow.active()`), and the packed batch."""
     packed = pack([k.rollout.prompt_ids for k in batch], [k.rollout.response_ids for k in batch],
-                  s.tokenizer.pad_token_id, s.device)
+                  s.tokenizer.pad_token_id, s.device, flat=config.optim.micro_batch_tokens > 0)
     with autocast(config.optim, s.device):
         hidden_N_H = response_hidden(s.backbone, packed)
     head = output_head(s.model)  # read after the forward (whole under FSDP); the reference's inside its block
@@ -277,7 +282,7 @@ def old_logprobs(config: RLVRConfig, s: Session, batch: list[Kept]) -> tuple[tor
     """The sampling policy's own [N] log-probabilities of the batch (no autograd), and the engine's
     log-prob gap summed over its tokens from the same forward (see `logprobs.logprob_gap`)."""
     packed = pack([k.rollout.prompt_ids for k in batch], [k.rollout.response_ids for k in batch],
-                  s.tokenizer.pad_token_id, s.device)
+                  s.tokenizer.pad_token_id, s.device, flat=config.optim.micro_batch_tokens > 0)
     with autocast(config.optim, s.device):
         hidden_N_H = response_hidden(s.backbone, packed)
     head = output_head(s.model)

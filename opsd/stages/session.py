@@ -12,8 +12,10 @@
   1. the process group (torchrun), then one seed on every process: FSDP shards each process's own
      LoRA initialisation, which must therefore be the same everywhere;
   2. the policy, checked against the longest sequence the stage will feed it;
-  3. the start model (what checkpoints record of it), and a snapshot of the trainable tensors read
-     before wrapping (a frozen teacher's or KL reference's weights);
+  3. the start model (what checkpoints record of it: a fingerprint of the frozen teacher's or LoRA
+     base's weights, read before wrapping). Under run.parallel=fsdp the policy is built empty on every
+     process and only rank 0 reads its weights, into CPU memory, then sends them tensor by tensor while
+     each process keeps its shard (no GPU ever holds the whole float32 model);
   4. the policy wrapped as run.parallel says (DDP, FSDP2); then the second set of weights (`shadow`:
      the teacher's, or the KL reference's), sharded like the parameters it shadows, and the
      optimizer: both after wrapping, which replaces the parameters;
@@ -29,7 +31,6 @@ process group is torn down.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import torch
 from opsd.core.config import to_dict
 from opsd.core.errors import UserError
 from opsd.core.models import check_fits, load_tokenizer, model_config
+from opsd.core.packing import micro_batch_bounds
 from opsd.generation import (
     Engine,
     SamplingConfig,
@@ -59,6 +61,7 @@ from opsd.runtime.checkpoint import (
 from opsd.runtime.faults import crash_point
 from opsd.runtime.metrics import MetricsLog
 from opsd.runtime.plan import GIB, HEADROOM, Checks, architecture, plan, what_would_fit
+from opsd.runtime.preemption import Preempted, catching_stop_signals
 from opsd.runtime.runs import open_run_dir, resume_point, use_threads
 from opsd.runtime.samples import SamplesLog
 from opsd.runtime.training import (
@@ -146,6 +149,7 @@ class Session:
         self.run_dir: Path | None = None  # None on ranks other than 0
         self.progress = Progress()
         self.start = None  # what checkpoints record of the start model (checkpoint.StartModel)
+        self.signals: list[str] = []  # the stop signals this process received (runtime/preemption.py)
 
     def steps(self) -> Iterator[int]:
         """The steps left (1-based), each with its learning rate set."""
@@ -157,14 +161,23 @@ class Session:
         """The positions in `items` (a step's problems) that this process takes."""
         return distributed.shard(list(range(len(items))), self.rank, self.world)
 
-    def micro_batches(self, items: list[T], size: int) -> Iterator[list[T]]:
-        """`items` in micro-batches of `size`, as many on every process (the most any has): past its
+    def micro_batches(self, items: list[T], lengths: list[int]) -> Iterator[list[T]]:
+        """`items` (of `lengths` positions each) in the micro-batches of `cut_micro_batches`, as many on
+        every process (the most any has: with a token budget the count depends on the data): past its
         own a process gets [] and makes an idle pass (`idle_pass`), so that the collectives stay in
         step. Gradients are synchronised on the last one only."""
-        count = distributed.max_over_ranks(math.ceil(len(items) / size))
+        batches = self.cut_micro_batches(items, lengths)
+        count = distributed.max_over_ranks(len(batches))
         for index in range(count):
             with distributed.no_sync_unless(self.backbone, last=index == count - 1):
-                yield items[index * size : (index + 1) * size]
+                yield batches[index] if index < len(batches) else []
+
+    def cut_micro_batches(self, items: list[T], lengths: list[int]) -> list[list[T]]:
+        """This process's micro-batches of `items`, in order: `optim.micro_batch_size` items each, or
+        (`optim.micro_batch_tokens` > 0) runs of at most that many positions, `lengths` being each item's."""
+        optim = self.config.optim
+        return [items[bound] for bound in micro_batch_bounds(lengths, optim.micro_batch_size,
+                                                             optim.micro_batch_tokens)]
 
     def idle_pass(self) -> None:
         """A zero-weight forward and backward: this process has run out of micro-batches."""
@@ -184,10 +197,23 @@ class Session:
             self.log.say(f"opsd: warning: step {step} had nothing to train on ({result.why_empty})")
         crash_point("step")
         stop = stop_reason(self.progress, self.config.run, self.config.optim.max_skipped_in_a_row, result.why_empty)
-        if stop or checkpoint_due(step, self.config.run.steps, self.config.run.save_every):
+        signalled = self._signalled(step)
+        if stop or signalled or checkpoint_due(step, self.config.run.steps, self.config.run.save_every):
             self.save_checkpoint()
+        if signalled:
+            raise Preempted(signalled)
         if stop:
             raise UserError(stop)
+
+    def _signalled(self, step: int) -> str:
+        """The sentence to stop with when SIGTERM or SIGUSR1 reached any process during the step, else ""
+        (runtime/preemption.py); every process learns it from the same all-reduce, so all stop here."""
+        if not distributed.max_over_ranks(int(bool(self.signals))):
+            return ""
+        which = self.signals[0] if self.signals else "a stop signal (on another process)"
+        checkpoint = Path(self.config.run.output_dir) / "checkpoints" / f"step_{step:06d}"
+        return (f"{which}: stopped after step {step} with its checkpoint ({checkpoint}); the same command continues "
+                "from there")
 
     def save_checkpoint(self) -> None:
         """The checkpoint of the step just done (rank 0; under FSDP every process writes its shards),
@@ -233,6 +259,17 @@ def check_memory(config: Any, student: Any, positions: int, external: Any, check
                         + (f"{knob} would make it fit" if knob else "more GPUs, LoRA or shorter sequences would"))
 
 
+def _start_model(config: Any, needs: Needs, whole: torch.nn.Module | None, sharded: bool) -> Any:
+    """What checkpoints record of the start model, read from its whole weights (`whole`; under a sharded
+    load only rank 0 has them, and sends the record to the others)."""
+    start = None
+    if whole is not None:
+        uses_lora = config.model.lora_rank > 0
+        snapshot = start_snapshot(whole, needs.shadow, uses_lora) if needs.shadow is not None else None
+        start = start_model(config.model, whole, snapshot)
+    return distributed.from_rank0(start) if sharded else start
+
+
 @contextlib.contextmanager
 def session(config: Any, name: str, stage: str, begun: Begun, needs: Needs) -> Iterator[Session]:
     """The stage's policy, engine and run, in the order of the module docstring; torn down on the way
@@ -240,16 +277,21 @@ def session(config: Any, name: str, stage: str, begun: Begun, needs: Needs) -> I
     if needs.sampling is not None:
         check_engine_fits(needs.sampling, "sampling", needs.engine_positions, needs.engine_what)
     s = Session(config, name, stage, begun)
-    s.rank = distributed.setup(s.device, cpu_collectives=config.run.fsdp_offload)
+    s.rank = distributed.setup(s.device, cpu_collectives=config.run.fsdp_offload,
+                               timeout_min=config.run.collective_timeout_min)
     torch.manual_seed(config.run.seed)  # the same on every process: FSDP shards each one's own LoRA initialisation
-    s.model = load_policy(config.model, config.optim, s.device)
+    # FSDP: every process builds the policy empty and receives its shards from rank 0, which alone reads
+    # the whole weights, into CPU memory; elsewhere each process loads the whole policy on its device
+    sharded = config.run.parallel == "fsdp" and distributed.active()
+    source = load_policy(config.model, config.optim, torch.device("cpu")) if sharded and s.rank == 0 else None
+    s.model = load_policy(config.model, config.optim, s.device, empty=sharded)
     for positions, what in needs.fits:
         check_fits(s.model, positions, what)
     check_same_vocabulary(s.model, needs.external)
+    s.start = _start_model(config, needs, source if sharded else s.model, sharded)
+    s.backbone = wrap_policy(s.model, s.device, config.run.parallel, config.run.fsdp_offload, config.optim, source)
+    source = None  # rank 0's whole copy: every process holds its shards now
     uses_lora = config.model.lora_rank > 0
-    snapshot = start_snapshot(s.model, needs.shadow, uses_lora) if needs.shadow is not None else None
-    s.start = start_model(config.model, s.model, snapshot)
-    s.backbone = wrap_policy(s.model, s.device, config.run.parallel, config.run.fsdp_offload, config.optim)
     s.shadow = TeacherWeightsState(s.model, needs.shadow, uses_lora) if needs.shadow is not None else None
     s.optimizer = make_optimizer(s.model, config.optim)
     if begun.resume_from is not None:
@@ -262,12 +304,13 @@ def session(config: Any, name: str, stage: str, begun: Begun, needs: Needs) -> I
     else:
         s.run_dir = open_folder()
     with contextlib.ExitStack() as stack:
+        s.signals = stack.enter_context(catching_stop_signals())
         if s.engine is not None:
             stack.enter_context(s.engine)
         if needs.verifier is not None:
             s.verifiers = stack.enter_context(Verifiers(needs.verifier))
         if needs.samples_per_step is not None:
-            s.samples = stack.enter_context(SamplesLog(s.run_dir, needs.samples_per_step, s.progress.step))
+            s.samples = stack.enter_context(SamplesLog(s.run_dir, needs.samples_per_step, s.progress.step, s.world))
         s.log = stack.enter_context(MetricsLog(s.run_dir, config.run.steps, config.run.report_to,
                                                done=s.progress.step, name=name, config=to_dict(config)))
         try:

@@ -6,7 +6,8 @@ of −log p(response token) over the step's response tokens, computed in chunks 
 final hidden states (opsd/objectives/logprobs.py). A step's sequences are sorted by length before they are cut
 into micro-batches, so padding stays small; `data.padding_free=true` instead lays each micro-batch's
 sequences back to back in one row (position ids restarting at each, attention kept inside each
-sequence), which pays with flash-attention.
+sequence), which pays with flash-attention; `optim.micro_batch_tokens` does so too, with micro-batches
+cut by a token budget rather than a count of sequences.
 
     opsd sft configs/sft.yaml data.path=pairs.jsonl model.name_or_path=MODEL
 """
@@ -24,6 +25,7 @@ from opsd.core.packing import pack, response_hidden
 from opsd.core.prompts import render_prompt
 from opsd.objectives.logprobs import chunked_token_logprobs
 from opsd.runtime import distributed
+from opsd.runtime.metrics import Tally
 from opsd.runtime.runs import RunConfig, check_run
 from opsd.runtime.training import (
     OptimConfig,
@@ -101,12 +103,12 @@ def run_sft(config: SFTConfig, name: str = "sft", check_only: bool = False) -> P
             tokens = sum(len(target) for _, target in batch)
             total_tokens = distributed.sum_over_ranks(tokens)
             loss_sum = 0.0
-            for part in s.micro_batches(batch, config.optim.micro_batch_size):
+            for part in s.micro_batches(batch, [len(p) + len(t) for p, t in batch]):
                 if not part:  # this process has run out: a zero-weight pass keeps the collectives in step
                     s.idle_pass()
                     continue
                 packed = pack([p for p, _ in part], [t for _, t in part], s.tokenizer.pad_token_id, s.device,
-                              flat=config.data.padding_free)
+                              flat=config.data.padding_free or config.optim.micro_batch_tokens > 0)
                 with autocast(config.optim, s.device):
                     hidden_N_H = response_hidden(s.backbone, packed)
                 logp_N = chunked_token_logprobs(hidden_N_H, output_head(s.model), packed.targets_N,
@@ -116,8 +118,13 @@ def run_sft(config: SFTConfig, name: str = "sft", check_only: bool = False) -> P
                 loss_sum -= float(logp_N.detach().sum())
             grad_norm, skipped = guarded_step(s.model, s.optimizer, config.optim.max_grad_norm)
             seconds = time.perf_counter() - started
-            metrics = {"loss/nll": loss_sum / tokens, "optim/grad_norm": grad_norm,
-                       "optim/lr": s.optimizer.param_groups[0]["lr"], "data/cut_sequences": cut,
-                       "throughput/tokens_per_s": tokens / seconds, "time/step_s": seconds}
-            s.end_step(step, StepResult(metrics, skipped, total_tokens, postfix={"nll": loss_sum / tokens}))
+            tally = Tally()  # every process's part of the step, reduced over the processes
+            tally.mean("loss/nll", loss_sum, tokens)
+            tally.same("optim/grad_norm", grad_norm)
+            tally.same("optim/lr", s.optimizer.param_groups[0]["lr"])
+            tally.same("data/cut_sequences", cut)
+            tally.rate("throughput/tokens_per_s", tokens, seconds)
+            tally.max("time/step_s", seconds)
+            metrics = tally.reduce()
+            s.end_step(step, StepResult(metrics, skipped, total_tokens, postfix={"nll": metrics["loss/nll"]}))
     return s.run_dir

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 
 from opsd.core.data import Problem
 from opsd.core.errors import UserError
-from opsd.core.models import Backbone, load_model, load_tokenizer, output_head
+from opsd.core.models import Backbone, frozen_dtype, load_model, load_tokenizer, output_head
 from opsd.core.packing import Packed, pack, response_hidden
 from opsd.core.prompts import render_prompt
 from opsd.objectives.purified import PurifiedTarget
@@ -63,6 +63,7 @@ class Teacher:
     pad_id: int
     device: torch.device
     autocast: Callable[[], Any]  # the forward's autocast block (bf16 on GPU)
+    flat: bool = False  # the student's layout: each view's sequences back to back in one row (packing.pack)
 
     def rollout_prompts(self, engine, tokenizer, kept: list, problems: list[Problem], prompts: TeacherPrompts,
                         memo_instruction: str, memo_max_tokens: int) -> tuple[list[list[int]], list[str] | None]:
@@ -92,7 +93,7 @@ class Teacher:
         head = None
         active = self.weights.active() if self.weights is not None else contextlib.nullcontext()
         with active, gathered, self.autocast():
-            hidden = [view_hidden(self.model, self.external, view, responses, self.pad_id, self.device)
+            hidden = [view_hidden(self.model, self.external, view, responses, self.pad_id, self.device, self.flat)
                       for view in views]
             if self.external is None and self.weights.sharded:  # FSDP: the head is whole only in here
                 head = output_head(self.model).detach().clone()
@@ -104,12 +105,12 @@ class Teacher:
 
 
 def view_hidden(model, external: ExternalTeacher | None, prompts: list[list[int]], responses: list[list[int]],
-                pad_id: int, device: torch.device) -> torch.Tensor:
+                pad_id: int, device: torch.device, flat: bool = False) -> torch.Tensor:
     """[N × H] hidden states of one teacher view (prompts ‖ the student's responses), no autograd;
     the self-teacher's weights are the network's now (inside `TeacherWeightsState.active`)."""
     if external is not None:
-        return external.hidden(pack(prompts, responses, pad_id, external.device))
-    return teacher_hidden(model, pack(prompts, responses, pad_id, device))
+        return external.hidden(pack(prompts, responses, pad_id, external.device, flat))
+    return teacher_hidden(model, pack(prompts, responses, pad_id, device, flat))
 
 
 def teacher_hidden(model: nn.Module, packed: Packed) -> torch.Tensor:
@@ -139,12 +140,16 @@ class ExternalTeacher:
 
 
 def load_external_teacher(model_config, device_name: str, student_tokenizer, student_device: torch.device,
-                          resolve_device) -> ExternalTeacher:
+                          resolve_device, bf16: bool = True) -> ExternalTeacher:
     """The external teacher on its device (`device_name`, "" = the student's), after checking it
-    shares the student's tokenizer."""
+    shares the student's tokenizer. Frozen, it needs no float32 master copy: `dtype: auto` loads it in
+    the compute dtype (bf16 on a GPU with optim.bf16: half the memory of float32, the precision its
+    forward would compute in under autocast anyway)."""
     check_teacher_tokenizer(model_config, student_tokenizer)
     teacher_device = resolve_device(device_name) if device_name else student_device
-    return ExternalTeacher(load_model(model_config, teacher_device), student_device)
+    return ExternalTeacher(load_model(frozen_dtype(model_config, teacher_device, bf16), teacher_device),
+                           student_device)
+
 
 
 def check_teacher_tokenizer(model_config, student_tokenizer) -> None:

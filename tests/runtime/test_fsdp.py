@@ -32,13 +32,13 @@ TOLERANCE = 1e-5  # float sums in another order (two processes' gradients reduce
 
 
 def opsd(args: list[str], out: Path, processes: int = 1, crash: str | None = None,
-         crash_rank: int = 1) -> subprocess.CompletedProcess:
+         crash_rank: int = 1, signal_name: str = "KILL", env_extra: dict | None = None) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(processes)] if processes > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     env.pop("OPSD_CRASH_AT", None)
-    if crash:  # that rank kills itself (SIGKILL) at that point (opsd/runtime/faults.py); torchrun ends the others
-        env.update({"OPSD_CRASH_AT": crash, "OPSD_CRASH_RANK": str(crash_rank)})
+    if crash:  # that rank sends itself SIGKILL (or `signal_name`) at that point (opsd/runtime/faults.py)
+        env.update({"OPSD_CRASH_AT": crash, "OPSD_CRASH_RANK": str(crash_rank), "OPSD_CRASH_SIGNAL": signal_name})
     return subprocess.run([sys.executable, *launcher, "-m", "opsd.cli", *args, f"run.output_dir={out}"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
@@ -110,6 +110,14 @@ def test_two_sharded_processes_train_sft_and_rlvr_like_one(tmp_path, stage):
     assert_same(trained(stage, tmp_path / "one"), trained([*stage, *FSDP], tmp_path / "two", processes=2))
 
 
+def test_token_budget_micro_batches_under_fsdp_end_like_one_process(tmp_path):
+    """optim.micro_batch_tokens: the micro-batch count depends on each process's rollouts (here 2 against 1:
+    rollouts of ~200 positions, in pairs), the process with fewer makes idle passes, and the run ends where
+    one process does."""
+    args = [*DISTILL, *POLICIES["frozen"], "optim.micro_batch_tokens=450"]
+    assert_same(trained(args, tmp_path / "one"), trained([*args, *FSDP], tmp_path / "two", processes=2))
+
+
 def test_a_sharded_checkpoint_loads_with_transformers_and_generates(runs):
     prompt = torch.tensor([[5, 17, 30, 41, 8, 9]])
     outputs = []
@@ -135,6 +143,29 @@ def test_a_killed_sharded_run_resumes_on_two_processes_and_on_one(tmp_path, runs
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert not list((tmp_path / "run/checkpoints").glob("*.tmp"))
+
+
+def test_a_signal_to_one_process_stops_both_after_the_step_and_the_run_resumes_exactly(tmp_path, runs):
+    """SIGTERM reaches rank 1 alone, mid-generation of step 2: both processes finish step 2, agree to
+    stop, write its checkpoint and exit 75; started again, the run ends bitwise where it would have."""
+    args = [*DISTILL, *POLICIES["ema"], *FSDP]
+    stopped = opsd(args, tmp_path / "run", processes=2, crash="decode:14", crash_rank=1, signal_name="TERM")
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("stopped after step 2 with its checkpoint") == 2, stopped.stderr[-3000:]
+    assert "SIGTERM: stopped" in stopped.stderr and "a stop signal (on another process): stopped" in stopped.stderr
+    assert "exitcode  : 75" in stopped.stderr  # torchrun's report of its workers
+    assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+    assert_same(weights(runs("ema", 2)), trained(args, tmp_path / "run", 2), 0.0)
+
+
+def test_a_process_far_behind_is_named_by_the_one_waiting_for_it(tmp_path):
+    """Rank 1 stalls 4 s mid-generation; rank 0, waiting in the step's first reduction, says every second
+    (OPSD_HEARTBEAT_S) which process it waits for, and the run ends normally."""
+    result = opsd([*DISTILL, *FSDP, "run.steps=2"], tmp_path / "run", processes=2, crash="decode:14",
+                  env_extra={"OPSD_STALL_S": "4", "OPSD_HEARTBEAT_S": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "opsd: process 0 has waited" in result.stderr and "for process(es) 1 (still generating?" in result.stderr
+    assert "opsd: process 1 has waited" not in result.stderr
 
 
 def test_two_launchers_of_one_job_end_like_one_launcher(tmp_path, runs):
@@ -203,6 +234,73 @@ def test_gradient_accumulation_under_fsdp_holds_only_sharded_gradients(tmp_path)
     first, last = report["held"]
     assert first["unsharded"] == 0 and last["unsharded"] == 0
     assert first["sharded"] == last["sharded"] == pytest.approx(4 * report["params"] / 2, rel=0.02)
+
+
+LOAD = """
+import json, os, sys, torch
+from safetensors.torch import load_file
+from opsd.core.models import ModelConfig, causal_lm, load_model
+from opsd.runtime import distributed
+from opsd.runtime.training import OptimConfig, load_policy, wrap_policy
+def held(field):  # bytes of this process's resident memory (VmRSS) or its peak since the last reset (VmHWM)
+    return 1024 * int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field)))
+torch.set_num_threads(1)
+device = torch.device("cpu")
+rank = distributed.setup(device)
+config, optim, way = ModelConfig(name_or_path=sys.argv[1]), OptimConfig(), sys.argv[2]
+open("/proc/self/clear_refs", "w").write("5")  # the peak from here on
+before = held("VmRSS:")
+if way == "sharded":  # what opsd does under run.parallel=fsdp
+    source = load_policy(config, optim, device) if rank == 0 else None
+    model = load_policy(config, optim, device, empty=True)
+else:  # every process loads the whole model first (opsd before, and DDP)
+    source, model = None, load_policy(config, optim, device)
+backbone = wrap_policy(model, device, "fsdp", False, optim, source)
+source = None
+peak = held("VmHWM:") - before
+state = {key.removeprefix("model."): distributed.full(value) for key, value in backbone.state_dict().items()}
+buffers = {key.removeprefix("model."): value for key, value in backbone.named_buffers()}
+if rank == 0:
+    stored = load_file(os.path.join(sys.argv[1], "model.safetensors"))
+    loaded = load_model(config, device)
+    same = all(torch.equal(state[key], stored[key]) for key in stored)
+    same_buffers = all(torch.equal(buffers[key], value) for key, value in causal_lm(loaded).named_buffers())
+    whole = sum(t.numel() * t.element_size() for t in stored.values())
+    print(json.dumps({"whole": whole, "same": same and len(stored) > 10, "same_buffers": same_buffers}), flush=True)
+distributed.barrier_long()
+if rank == 1:
+    print(json.dumps({"peak": peak}), flush=True)
+del backbone
+distributed.teardown()
+os._exit(0)
+"""
+
+
+def test_a_sharded_load_never_holds_the_whole_model_on_a_process_but_rank_0(tmp_path):
+    """Under FSDP the processes build the policy empty and receive their shards from rank 0: a process
+    other than rank 0 never holds more than its half and one whole tensor (each process loading the
+    whole model first, as before, held all of it), and the weights and buffers are the file's exactly.
+    Large tensors are mapped apart (MALLOC_MMAP_THRESHOLD_), so that the resident memory is what is
+    alive, not what glibc keeps after a free."""
+    layers = 64
+    folder = save_tiny(tmp_path / "model", hidden_size=256, num_layers=layers, intermediate_size=1024)
+    script = tmp_path / "load.py"
+    script.write_text(LOAD)
+    reports = {}
+    for way in ("sharded", "whole"):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(script), str(folder), way], capture_output=True, text=True, cwd=ROOT,
+                                timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                  "MALLOC_MMAP_THRESHOLD_": "65536"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        reports[way] = {key: value for line in lines for key, value in line.items()}
+    sharded, whole = reports["sharded"], reports["whole"]
+    assert sharded["same"] and sharded["same_buffers"]
+    assert whole["peak"] >= 0.9 * whole["whole"]  # the measurement sees a whole model where there is one
+    # its half, the layers FSDP gathers around the one computing (wrap's first forward), the interpreter's own
+    layer = sharded["whole"] / layers
+    assert sharded["peak"] <= sharded["whole"] / 2 + 4 * layer + 32 * 2**20, (sharded["peak"], sharded["whole"])
 
 
 def test_the_memory_table_counts_qwen3_parameters_as_transformers_does():
@@ -351,9 +449,15 @@ def test_a_process_that_keeps_no_rollout_in_a_step_still_takes_part(tmp_path):
     one = trained(args, tmp_path / "one")
     two = trained([*args, *FSDP], tmp_path / "two", processes=2)
     assert_same(one, two)
-    rows = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
-    # rank 0 logs its own rollouts: a step where it kept none while the step trained on tokens
-    assert any(row["rollout/kept"] == 0 and row["train/tokens"] > 0 for row in rows), rows
+    # the metrics describe the whole step, as one process's do
+    metrics = [[json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+               for out in ("one", "two")]
+    for key in ("rollout/kept", "rollout/count", "train/tokens", "rollout/accuracy"):
+        assert [row[key] for row in metrics[0]] == [row[key] for row in metrics[1]], key
+    # samples.jsonl holds every process's rollout (one each): a step where one process kept none, the other some
+    rows = [json.loads(line) for line in (tmp_path / "two/samples.jsonl").read_text().splitlines()]
+    kept = {(row["step"], row["process"]): row["kept"] for row in rows}
+    assert any(kept[step, 0] != kept[step, 1] for step in range(1, 5)), rows
 
 
 def test_a_pipeline_stage_cannot_override_the_process_group_options(tmp_path, capsys):

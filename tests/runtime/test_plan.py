@@ -13,7 +13,8 @@ from opsd.cli import main
 from opsd.core.models import ModelConfig, add_lora
 from opsd.core.tiny import build_tiny, char_tokenizer, tiny_config
 from opsd.runtime.memory import state_bytes
-from opsd.runtime.plan import GIB, architecture, plan, qwen3_config, readme_table
+from opsd.runtime.plan import GIB, LAYER_WORKING_BYTES, architecture, plan, qwen3_config, readme_table
+from opsd.runtime.training import OptimConfig
 from opsd.stages.distill import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,33 @@ def test_lora_trains_what_peft_adds():
     assert "teacher/reference weights" not in state  # LoRA's frozen teacher is the base: no copy
 
 
+def test_loading_under_fsdp_holds_a_shard_and_one_whole_tensor_and_a_frozen_teacher_its_compute_dtype():
+    """The load phase as distributed.fill_from_rank0 does it (test_fsdp measures it on two processes), and an
+    external teacher with dtype auto in bf16 on a GPU (teacher.target.frozen_dtype)."""
+    arch = architecture(qwen3_config("Qwen3-8B"))
+    assert arch.largest == 151_936 * 4096  # the embeddings (and the untied head)
+    config = DistillConfig()
+    fsdp = dataclasses.replace(config, run=dataclasses.replace(config.run, parallel="fsdp"))
+    load = plan(fsdp, arch, 64, 8, None).phases["load"]
+    assert load == {"weights": 4 * arch.params / 8, "one whole tensor (sent by rank 0)": 4.0 * arch.largest}
+    assert plan(config, arch, 64, 8, None).phases["load"] == {"weights": 4 * arch.params}  # DDP: whole
+    student = architecture(qwen3_config("Qwen3-1.7B"))
+    external = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, model=ModelConfig("x")))
+    for on_gpu, expected in ((True, 2), (False, 4)):
+        state = plan(external, student, 64, 1, None, arch, on_gpu=on_gpu).phases["training"]
+        assert state["external teacher"] == expected * arch.params
+
+
+def test_an_external_teacher_loads_in_the_compute_dtype_on_a_gpu_unless_told():
+    from opsd.core.models import frozen_dtype
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert frozen_dtype(ModelConfig("x"), gpu, bf16=True).dtype == "bfloat16"
+    assert frozen_dtype(ModelConfig("x"), cpu, bf16=True).dtype == "auto"  # float32 on CPU, as it computes
+    assert frozen_dtype(ModelConfig("x"), gpu, bf16=False).dtype == "auto"
+    assert frozen_dtype(ModelConfig("x", dtype="float32"), gpu, bf16=True).dtype == "float32"
+
+
 def qwen3_8b_without_weights(folder: Path) -> Path:
     Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=False,
@@ -66,7 +94,8 @@ def test_an_8b_run_on_8_gpus_is_refused_under_ddp_with_the_knob_and_fits_under_f
     assert "the memory plan does not fit" in err and "run.parallel=fsdp would make it fit" in err
     assert main([*args, "run.parallel=fsdp", "--plan"]) == 0
     out = capsys.readouterr().out
-    assert "| GiB per process (8 processes) | training | generation | teacher |" in out and "| **total** |" in out
+    assert "| GiB per process (8 processes) | load | training | generation | teacher |" in out
+    assert "| **total** |" in out
 
 
 def test_the_readme_shows_the_plan_table_as_computed():
@@ -78,3 +107,19 @@ def test_no_gpu_and_no_size_gives_a_plan_without_a_verdict():
     memory = plan(DistillConfig(), arch, 16_384, 1, None)
     assert memory.fits() and memory.peak()[1] > 200 * GIB  # 14B under DDP on one process: no verdict without a size
     assert torch.cuda.is_available() or memory.gpu_bytes is None
+
+
+def test_a_token_budget_plans_that_many_positions_per_micro_batch():
+    """optim.micro_batch_tokens: a micro-batch's activations and teacher hidden states are the budget's
+    positions (or one longer sequence's), not micro_batch_size sequences padded to the longest."""
+    arch = architecture(qwen3_config("Qwen3-1.7B"))
+    per_position = arch.layers * arch.hidden * LAYER_WORKING_BYTES
+
+    def planned(positions: int, **optim) -> tuple[float, float]:
+        config = DistillConfig(optim=OptimConfig(micro_batch_size=8, **optim))
+        phases = plan(config, arch, positions, 1, None).phases
+        return phases["training"]["activations (one micro-batch)"], phases["teacher"]["teacher hidden states"]
+
+    assert planned(16_384) == (8 * 16_384 * per_position, 8 * 16_384 * arch.hidden * 4)
+    assert planned(16_384, micro_batch_tokens=32_768) == (32_768 * per_position, 32_768 * arch.hidden * 4)
+    assert planned(16_384, micro_batch_tokens=4_096) == (16_384 * per_position, 16_384 * arch.hidden * 4)

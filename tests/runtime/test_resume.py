@@ -29,8 +29,8 @@ RLVR = [str(ROOT / "configs/rlvr-tiny.yaml"), "run.steps=3", "run.save_every=1",
 UNTIMED = ("time/", "throughput/")
 
 
-def opsd(command, args, out, crash_at=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def opsd(command, args, out, crash_at=None, signal_name="KILL"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OPSD_CRASH_SIGNAL": signal_name}
     env.pop("OPSD_CRASH_AT", None)
     if crash_at:
         env["OPSD_CRASH_AT"] = crash_at
@@ -85,6 +85,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
     assert rows == metric_rows(reference)
     if command != "sft":  # the saved rollouts too: the redone steps' rows once, equal to the uninterrupted run's
         assert (out / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("command, signal_name, signal_at", [
+    ("distill", "TERM", "decode:18"),  # mid-generation of step 2 (6 decode points a step)
+    ("rlvr", "USR1", "decode:20"),  # SLURM's --signal=USR1@SECONDS, mid-generation of step 2
+])
+def test_a_signalled_run_ends_its_step_writes_a_checkpoint_and_resumes_to_the_uninterrupted_result(
+        tmp_path, uninterrupted, command, signal_name, signal_at):
+    """SIGTERM/SIGUSR1 (a cluster's warning): the step in progress finishes, its checkpoint is written, the
+    command exits 75 with one sentence; run again, it ends where the uninterrupted run does."""
+    args = {"distill": DISTILL, "rlvr": RLVR}[command]
+    out = tmp_path / "run"
+    stopped = opsd(command, args, out, signal_at, signal_name)
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert f"opsd: stopped: SIG{signal_name}: stopped after step 2 with its checkpoint" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert latest_checkpoint(out).name == "step_000002"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    resumed = opsd(command, args, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = final_weights(uninterrupted[command]), final_weights(out)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert metric_rows(out) == metric_rows(uninterrupted[command])
 
 
 def test_killed_run_of_a_bf16_model_resumes_to_the_uninterrupted_result(tmp_path):

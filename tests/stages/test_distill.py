@@ -191,3 +191,63 @@ def test_a_stage_ends_with_a_summary_line(tmp_path, capsys):
     assert tokens > 0
     assert (f"opsd distill: 2 steps done (0 skipped as non-finite, 0 with nothing to train on), {tokens:,} response "
             "tokens trained on") in capsys.readouterr().err
+
+
+def recording(monkeypatch, stage, packers):
+    """The gradients each optimizer step of `stage` (a stage module) is handed, and every pack call
+    (who, flat, sequences) of the modules in `packers` (name → module): what a run really computed."""
+    grads, packs = [], []
+    real_step = stage.guarded_step
+
+    def step(model, *args, **kwargs):
+        grads.append([p.grad.detach().clone() for p in model.parameters() if p.requires_grad and p.grad is not None])
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "guarded_step", step)
+    for who, module in packers.items():
+        def pack(*args, real=module.pack, who=who, **kwargs):
+            packed = real(*args, **kwargs)
+            packs.append((who, packed.attention_mask_B_L is None, len(args[0])))
+            return packed
+        monkeypatch.setattr(module, "pack", pack)
+    return grads, packs
+
+
+def assert_same_gradients(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> None:
+    assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b))
+    for x, y in zip(a, b):
+        for gx, gy in zip(x, y):
+            torch.testing.assert_close(gx, gy, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("budget,context", [(1, "reference"), (600, "purified")])
+def test_token_budget_micro_batches_give_the_padded_result(tmp_path, monkeypatch, budget, context):
+    """optim.micro_batch_tokens packs the kept rollouts back to back without padding, the teacher's views
+    (purified: three) like the student's, cut by a token budget (1: every sequence is longer, and goes alone):
+    the same gradients, divergence and per-rollout divergences in samples.jsonl as padded micro-batches of 3."""
+    import opsd.stages.distill
+    import opsd.teacher.target
+
+    grads, packs = recording(monkeypatch, opsd.stages.distill,
+                             {"student": opsd.stages.distill, "teacher": opsd.teacher.target})
+    common = ["run.steps=1", "optim.max_grad_norm=1e9", "samples_per_step=8", f"teacher.context={context}"]
+    padded = distill(tmp_path, *common, name="padded")
+    padded_grads, padded_packs = grads[:], packs[:]
+    grads.clear(), packs.clear()
+    flat = distill(tmp_path, *common, f"optim.micro_batch_tokens={budget}", name="flat")
+    assert [(who, f, n) for who, f, n in padded_packs if who == "student"] == [("student", False, 3)] * 2 + \
+        [("student", False, 2)]
+    student = [n for who, f, n in packs if who == "student"]
+    views = 3 if context == "purified" else 1
+    assert all(f for _, f, _ in packs) and [n for who, _, n in packs if who == "teacher"] == \
+        [n for n in student for _ in range(views)]
+    assert sum(student) == 8 and (student == [1] * 8 if budget == 1 else 1 < max(student) < 8)
+    assert_same_gradients(padded_grads, grads)
+    (a,), (b,) = metrics(padded), metrics(flat)
+    # ~2e-4 here, a difference of nearly equal log-probabilities: float error of 1e-8 is 5e-5 of it
+    assert a["loss/divergence"] == pytest.approx(b["loss/divergence"], rel=2e-4)
+    assert a["optim/grad_norm"] == pytest.approx(b["optim/grad_norm"], rel=1e-5)
+    rows = [[json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] for out in (padded, flat)]
+    assert [r["response"] for r in rows[0]] == [r["response"] for r in rows[1]]
+    # each rollout's divergence (~1e-3 here, a difference of nearly equal log-probabilities): float error of 1e-7
+    assert [r["divergence"] for r in rows[0]] == pytest.approx([r["divergence"] for r in rows[1]], rel=1e-4)

@@ -137,12 +137,13 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
                                             "max_new_tokens": 8,
                                             "n": 2, "batch_size": 64, "gpu_memory_utilization": 0.3,
                                             "kv_cache_gib": 0.0, "max_model_len": 0, "sleep_mode": False,
-                                            "enforce_eager": False, "max_num_batched_tokens": 0}
+                                            "enforce_eager": False, "max_num_batched_tokens": 0,
+                                            "tensor_parallel_size": 1}
     assert report["config"]["instruction"] == "Be concise."
     first, second = report["benchmarks"]
     for row in (first, second):
-        assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "generate_tokens_per_s", "grading", "levels",
-                                                   "tasks"}
+        assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "k", "max_new_tokens", "generate_tokens_per_s",
+                                                   "grading", "levels", "tasks"}
         assert row["grading"] == {"timeouts": 0, "crashes": 0, "restated": 0, "code_timeouts": 0, "sandbox_errors": 0,
                                   "code_unsupported": 0}
         assert row["problems"] == 4 and row["samples"] == 8
@@ -303,3 +304,48 @@ def test_responses_flag_is_accepted_anywhere():
     assert _responses_flag(["eval", "--responses", "r.jsonl", "data=[a]"]) == ["eval", "responses=r.jsonl", "data=[a]"]
     assert _responses_flag(["eval", "data=[a]", "--responses", "r.jsonl"]) == ["eval", "data=[a]", "responses=r.jsonl"]
     assert _responses_flag(["distill", "c.yaml"]) == ["distill", "c.yaml"]
+
+
+TIMED = {"generate_tokens_per_s", "latency_p50_s", "latency_p95_s", "latency_tokens_per_s",
+         "throughput_responses_per_s", "throughput_tokens_per_s", "peak_memory_mib"}
+
+
+def test_two_processes_split_the_problems_and_write_what_one_process_writes(tmp_path):
+    """Under torchrun each process decodes its share of the problems (every second one here) and rank 0
+    grades and writes: responses.jsonl and every number of eval.json but the timings are one process's,
+    greedy responses included."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "opsd.cli", "eval", f"data=[{ARITHMETIC}]", "sampling.n=3", "sampling.max_new_tokens=12",
+            "greedy=true", "run.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for processes, out in ((1, "one"), (2, "two")):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if processes > 1 else []
+        done = subprocess.run([sys.executable, *launcher, *args, f"run.output_dir={tmp_path / out}"], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("eval folder:") == 1  # rank 0 alone reports
+    assert (tmp_path / "one/responses.jsonl").read_text() == (tmp_path / "two/responses.jsonl").read_text()
+    one, two = (json.loads((tmp_path / out / "eval.json").read_text())["benchmarks"][0] for out in ("one", "two"))
+    assert {k: v for k, v in one.items() if k not in TIMED} == {k: v for k, v in two.items() if k not in TIMED}
+    assert one["problems"] > 2 and one["greedy_accuracy"] is not None
+
+
+def test_a_file_can_have_its_own_sample_count_and_budget_and_a_cut_benchmark_is_warned_about(tmp_path, capsys):
+    """per_file: AIME-like files get more samples and another budget than the rest; a benchmark whose responses
+    mostly reach the budget says so on stderr (the tiny model rambles past 3 tokens)."""
+    copy = tmp_path / "aime.jsonl"
+    copy.write_text(ARITHMETIC.read_text())
+    args = ["eval", f"data=[{ARITHMETIC},{copy}]", "sampling.n=2", "sampling.max_new_tokens=3", "limit=3",
+            "per_file=[{file: aime, n: 5, max_new_tokens: 6}]", f"run.output_dir={tmp_path / 'out'}", "run.threads=1"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"opsd eval: warning: {ARITHMETIC}: 100% of the responses reached the budget of 3 new tokens" in err
+    plain, aime = json.loads((tmp_path / "out/eval.json").read_text())["benchmarks"]
+    assert (plain["k"], plain["max_new_tokens"], plain["samples"]) == (2, 3, 6)
+    assert (aime["k"], aime["max_new_tokens"], aime["samples"]) == (5, 6, 15)
+    assert main([*args[:-2], "per_file=[{file: nothere, n: 5}]", f"run.output_dir={tmp_path / 'x'}"]) == 2
+    assert "per_file[0].file must be one of the files of data (got 'nothere')" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -96,3 +96,28 @@ def test_rlvr_several_updates_and_kl(tmp_path):
 def test_rlvr_refuses_one_sample_per_problem(tmp_path, capsys):
     assert main(["rlvr", str(ROOT / "configs/rlvr-tiny.yaml"), "sampling.n=1", f"run.output_dir={tmp_path / 'x'}"]) == 2
     assert "sampling.n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", [1, 250])
+def test_token_budget_micro_batches_give_the_padded_result(tmp_path, monkeypatch, budget):
+    """optim.micro_batch_tokens packs the kept rollouts back to back without padding, cut by a token budget
+    (1: every sequence alone), the old and the KL reference's log-probabilities cut the same way as the
+    training passes: the same gradients and metrics as padded micro-batches of 3, within float error."""
+    import opsd.stages.rlvr
+    from tests.stages.test_distill import assert_same_gradients, recording
+
+    grads, packs = recording(monkeypatch, opsd.stages.rlvr, {"rlvr": opsd.stages.rlvr})
+    common = ["run.steps=1", "optim.micro_batch_size=3", "grpo.kl_coef=0.1", "optim.max_grad_norm=1e9"]
+    _, (padded,) = rlvr(tmp_path, *common, name="padded")
+    padded_grads, padded_packs = grads[:], packs[:]
+    grads.clear(), packs.clear()
+    _, (flat,) = rlvr(tmp_path, *common, f"optim.micro_batch_tokens={budget}", name="flat")
+    kept = padded["rollout/kept"]
+    assert kept == flat["rollout/kept"] >= 4
+    assert not any(f for _, f, _ in padded_packs) and all(f for _, f, _ in packs)
+    sizes = [n for _, _, n in packs]  # old log-probs, the reference's, then the training pass: cut alike
+    assert sizes[: len(sizes) // 3] * 3 == sizes and sum(sizes) == 3 * kept
+    assert sizes[: len(sizes) // 3] == [1] * kept if budget == 1 else 1 < max(sizes) < kept
+    assert_same_gradients(padded_grads, grads)
+    for key in ("optim/grad_norm", "policy/ratio_mean", "policy/kl", "policy/clipped_ratio", "reward/mean"):
+        assert padded[key] == pytest.approx(flat[key], rel=1e-5, abs=1e-7), key

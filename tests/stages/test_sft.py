@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -48,3 +49,17 @@ def test_sft_refuses_rows_without_a_response(tmp_path, capsys):
                  f"run.output_dir={tmp_path / 'o'}"]) == 2
     assert "bad.jsonl line 2 has no 'response'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_token_budget_gives_the_padded_step(tmp_path):
+    """optim.micro_batch_tokens: the step's pairs packed back to back by a token budget, without padding, give
+    the loss and gradient norm of padded micro-batches of 16, within float error."""
+    def first_step(name: str, *options: str) -> dict:
+        out = tmp_path / name
+        assert main(["sft", str(ROOT / "configs/sft-tiny.yaml"), f"data.path={pairs_file(tmp_path)}",
+                     f"run.output_dir={out}", "run.steps=1", "run.report_to=[]", *options]) == 0
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    padded, flat = first_step("padded"), first_step("flat", "optim.micro_batch_tokens=300")
+    assert flat["loss/nll"] == pytest.approx(padded["loss/nll"], rel=1e-5)
+    assert flat["optim/grad_norm"] == pytest.approx(padded["optim/grad_norm"], rel=1e-5)
