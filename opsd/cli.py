@@ -23,6 +23,7 @@ Mistakes a user can make end with one sentence on stderr and exit status 2, neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -132,7 +133,9 @@ def _add_configured(commands, name: str, summary: str, example: str) -> None:
     sub.add_argument("--plan", action="store_true",
                      help="print the memory plan (GiB per process in each phase) and run the checks of --check")
     sub.add_argument("--gpus", type=int, metavar="N",
-                     help="with --check/--plan: the processes (GPUs) the run will have (default: this launch's)")
+                     help="with --check/--plan: the processes (GPUs) the run will have (default: this launch's); "
+                          "with it or --gpu-gib the checks are for that GPU machine, not this one (a GPU, vLLM "
+                          "installed, N torchrun processes)")
     sub.add_argument("--gpu-gib", type=float, metavar="G",
                      help="with --check/--plan: one GPU's memory in GiB (default: this machine's GPU; none: no "
                           "verdict)")
@@ -169,9 +172,12 @@ def _configured(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     if args.check or args.plan:
+        from opsd.runtime import distributed
         from opsd.runtime.plan import Checks
 
-        run(config, check_only=Checks(args.plan, args.gpus, args.gpu_gib))
+        described = args.gpus or args.gpu_gib  # checked for the GPU machine described, not this one (a login node)
+        with distributed.checking_for(args.gpus or distributed.world_size()) if described else contextlib.nullcontext():
+            run(config, check_only=Checks(args.plan, args.gpus, args.gpu_gib))
         print(f"opsd {args.command}: every check that needs no weights passed (nothing was written)")
         return 0
     out = run(config)

@@ -2,6 +2,7 @@
 a model folder holding no weights at all (config.json and tokenizer only), and the sentences that would have
 stopped the run."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -73,3 +74,20 @@ def test_a_pipeline_check_reaches_every_stage(tmp_path, capsys, monkeypatch):
     assert main(["pipeline", str(path), f"run.output_dir={tmp_path / 'out'}", "--check"]) == 2
     err = capsys.readouterr().err
     assert "pipeline stage 'opsd'" in err and "more than the model's context" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="needs an environment without vLLM")
+def test_gpus_makes_the_checks_those_of_the_gpu_machine_described(capsys, monkeypatch):
+    """On a login node (no GPU, no vLLM) `--check` refuses what this machine cannot run; with `--gpus N` it
+    checks for N GPU processes instead: sleep mode and vLLM pass, run.problems_per_step is held against N;
+    afterwards this process is one process again."""
+    from opsd.runtime import distributed
+
+    monkeypatch.chdir(ROOT)
+    args = ["distill", "configs/tiny.yaml", "sampling.engine=vllm", "sampling.sleep_mode=true", "--check"]
+    assert main(args) == 2
+    assert "sampling.sleep_mode needs a GPU" in capsys.readouterr().err
+    assert main([*args, "--gpus", "2"]) == 0, capsys.readouterr().err
+    assert main([*args, "--gpus", "64", "run.problems_per_step=32"]) == 2
+    assert "run.problems_per_step must be at least the number of processes (64)" in capsys.readouterr().err
+    assert distributed.world_size() == 1 and not distributed.checking_another_machine()

@@ -2,7 +2,9 @@
 
 Every command has one dataclass (sections are nested dataclasses). Unknown keys and values of the
 wrong type are `UserError`s that name the key, so a typo never silently falls back to a default.
-YAML is read with the safe loader only.
+YAML is read with the safe loader only. A key typed as a mapping (`dict[str, X]`: prompt.chat_template_kwargs)
+takes a YAML mapping of its own, given whole (`{enable_thinking: false}`) or key by key on the command line
+(`prompt.chat_template_kwargs.enable_thinking=false`).
 
 The one-line comment at the end of each field's line in the source is that key's documentation:
 `describe` reads it (with the type and the command's default) for `opsd CMD --help`, so the help is
@@ -156,6 +158,11 @@ def _coerce(hint: Any, value: Any, key: str, default: Any = None) -> Any:
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
         (item,) = get_args(hint)[:1] or (Any,)
         return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:  # a free-form mapping (prompt.chat_template_kwargs): string keys, values of its value type
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, e.g. {{name: value}}, got {value!r}")
+        key_hint, value_hint = get_args(hint) or (str, Any)
+        return {_coerce(key_hint, k, f"{key} (a key)"): _coerce(value_hint, v, f"{key}.{k}") for k, v in value.items()}
     if hint is Any:
         return value
     if hint is bool:
@@ -268,6 +275,8 @@ def _kind(hint: Any) -> str:
         return "|".join("null" if arg is type(None) else _kind(arg) for arg in args)
     if origin in (tuple, list):
         return f"[{_kind(args[0]) if args else 'VALUE'},...]"
+    if origin is dict:
+        return "{KEY: VALUE,...}"
     if dataclasses.is_dataclass(hint):
         return "section"
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(hint, "VALUE")

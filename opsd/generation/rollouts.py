@@ -1,6 +1,6 @@
 """A step's rollouts: `sampling.n` responses per problem through the generation engine, their texts
-(for the verifiers), and the samples.jsonl fields every stage saves of them. Shared by `opsd distill`
-and `opsd rlvr`.
+(for the verifiers: the thinking delimiters kept even where they are special tokens), and the samples.jsonl
+fields every stage saves of them. Shared by `opsd distill` and `opsd rlvr`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from opsd.core.data import Problem
+from opsd.core.prompts import response_text
+from opsd.core.prompts import response_texts as decode_responses
 from opsd.generation import Engine, SamplingConfig, request_seed
 
 
@@ -34,8 +36,9 @@ def collect_rollouts(engine: Engine, prompts: list[list[int]], sampling: Samplin
 
 
 def response_texts(tokenizer, rollouts: list[Rollout]) -> list[str]:
-    """The responses as text, what the verifiers grade (special tokens skipped)."""
-    return tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    """The responses as text, what the verifiers grade (special tokens skipped, the thinking delimiters
+    kept: core/prompts.py `response_texts`)."""
+    return decode_responses(tokenizer, [r.response_ids for r in rollouts])
 
 
 def pick(count: int, wanted: int) -> list[int]:
@@ -57,7 +60,7 @@ def rollout_rows(tokenizer, rollouts: list[Rollout], problems: list[Problem], ve
         rows.append({
             "id": problem.id,
             "prompt": render(tokenizer, rollout.prompt_ids),
-            "response": tokenizer.decode(rollout.response_ids, skip_special_tokens=True),
+            "response": response_text(tokenizer, rollout.response_ids),
             "extracted": verdict.extracted,
             "answer": problem.answer,
             "correct": verdict.correct,

@@ -42,7 +42,29 @@ DEFAULT_TIMEOUT_MIN = 60.0  # run.collective_timeout_min's default
 HEARTBEAT_S = float(os.environ.get("OPSD_HEARTBEAT_S", "300"))  # a waiting process says so this often
 
 
+_target: int | None = None  # `--check --gpus N`: the processes of the GPU machine the checks are for
+
+
+@contextlib.contextmanager
+def checking_for(processes: int):
+    """Within the block, check (never run) for a GPU machine of `processes` torchrun processes instead of
+    this one: `world_size` says `processes`, `device` resolves auto/cuda to a GPU without looking for one,
+    and vLLM's presence is not required (`opsd CMD --check --gpus N` on a login node)."""
+    global _target
+    _target = processes
+    try:
+        yield
+    finally:
+        _target = None
+
+
+def checking_another_machine() -> bool:
+    return _target is not None
+
+
 def world_size() -> int:
+    if _target is not None:
+        return _target
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -133,11 +155,13 @@ def _long_group():
 def device(name: str) -> torch.device:
     """The device named by run.device; `auto` and a bare `cuda` take this process's local GPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() or _target is not None else "cpu"
     try:
         chosen = torch.device(name)
     except RuntimeError:
         raise UserError(f"run.device={name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if chosen.type == "cuda" and _target is not None:
+        return torch.device("cuda", chosen.index or 0)
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"run.device={name!r} but no CUDA GPU is available")

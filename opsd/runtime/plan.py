@@ -205,6 +205,23 @@ def _vllm_bytes(sampling: Any, arch: Architecture, gpu_bytes: float | None, posi
     return max(sampling.gpu_memory_utilization * gpu_bytes, least)
 
 
+def vllm_share_too_small(sampling: Any, arch: Architecture, gpu_bytes: float | None, positions: int) -> str:
+    """The sentence refusing a vLLM share of the GPU (sampling.gpu_memory_utilization) that cannot hold the
+    engine's weights and one sequence's KV cache — vLLM would refuse to start — or "" when it can (or when
+    no GPU size is known, or kv_cache_gib sizes the cache instead)."""
+    if sampling is None or sampling.engine != "vllm" or gpu_bytes is None or sampling.kv_cache_gib > 0:
+        return ""
+    weights = 2.0 * arch.params / max(sampling.tensor_parallel_size, 1)
+    least = weights + positions * arch.kv_bytes_per_token
+    share = sampling.gpu_memory_utilization * gpu_bytes
+    if share >= least:
+        return ""
+    return (f"sampling.gpu_memory_utilization={sampling.gpu_memory_utilization:g} gives vLLM {share / GIB:.1f} GiB of "
+            f"the {gpu_bytes / GIB:.0f} GiB GPU, less than its weights in bf16 ({weights / GIB:.1f} GiB) and one "
+            f"sequence's KV cache ({positions * arch.kv_bytes_per_token / GIB:.1f} GiB): raise it to at least "
+            f"{least / gpu_bytes:.2f} (with sampling.sleep_mode the training phases do not hold it)")
+
+
 KNOBS = (("run.parallel", "fsdp"), ("optim.gradient_checkpointing", True), ("sampling.sleep_mode", True),
          ("optim.micro_batch_size", 1))
 

@@ -1,7 +1,8 @@
 """`opsd distill`: on-policy self-distillation (OPSD, OPSDC, "OPSD compresses"; METHODS.md §1–§3).
 
 One step, top to bottom:
-  1. sample n responses per problem from the student on the problem-only prompt;
+  1. sample n responses per problem from the student on the problem-only prompt (every prompt, the student's,
+     the teacher's and the memo's, rendered with the `prompt` section alike: opsd/core/prompts.py);
   2. grade them against the gold answers;
   3. gate (all / correct_only / incorrect_only / correct_and_truncated) before any teacher compute;
   4. for each micro-batch of kept rollouts: teacher forward (same network, privileged prompt,
@@ -18,7 +19,7 @@ Deviations from the papers: the teacher's user turn wordings are ours (opsd/teac
 runs unchanged under `torchrun`: each process takes its share of the step's problems, the student
 backbone is wrapped as `run.parallel` says (DDP, or FSDP2 with the weights gathered for generation
 and the teacher's forward: opsd/runtime/distributed.py), only rank 0 writes, and the token mean is over the
-kept tokens of all processes. Metrics are rank 0's own rollouts. Sampling goes through the
+kept tokens of all processes; metrics and samples cover every process (runtime/metrics.py). Sampling goes through the
 generation engine (`sampling.engine`), grading through the verifiers (a row's `verifier`), the
 teacher's prompts and target through opsd/teacher/target.py.
 
@@ -40,6 +41,7 @@ from opsd.core.data import Fields, Problem, load_problems
 from opsd.core.errors import UserError, require
 from opsd.core.models import ModelConfig, model_config, output_head
 from opsd.core.packing import pack, per_sequence_mean, response_hidden
+from opsd.core.prompts import PromptConfig
 from opsd.generation import SamplingConfig, check_sampling, request_seed
 from opsd.generation.rollouts import (
     Rollout,
@@ -132,6 +134,8 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(chunk_size=256))
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction:
+    #   the student's, the teacher's and the memo's prompts alike
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
 
 
@@ -188,7 +192,7 @@ def run_distill(config: DistillConfig, name: str = "distill", check_only: bool =
                              default_verifier=config.verifier.default, answer_free=ANSWER_FREE)
     check_problems(problems, config.data.path, config.verifier)
     teacher, context, tokenizer = config.teacher, CONTEXTS[config.teacher.context], begun.tokenizer
-    prompts = render_teacher_prompts(tokenizer, problems, context, wording(config))
+    prompts = render_teacher_prompts(tokenizer, problems, context, wording(config), config.prompt)
     if check_only:
         if teacher.model:
             check_teacher_tokenizer(teacher.model, tokenizer)
@@ -199,7 +203,7 @@ def run_distill(config: DistillConfig, name: str = "distill", check_only: bool =
     with session(config, name, "distill", begun, needs(config, problems, prompts, external, tokenizer)) as s:
         target = Teacher(context, s.model, s.shadow, external, (teacher.purified_clip, teacher.purified_beta),
                          tokenizer.pad_token_id, s.device, lambda: autocast(config.optim, s.device),
-                         flat=config.optim.micro_batch_tokens > 0)
+                         flat=config.optim.micro_batch_tokens > 0, prompt=config.prompt)
         for step in s.steps():
             order = step_items(len(problems), step, config.run.problems_per_step, config.data.shuffle, config.run.seed)
             mine = s.my_share(order)  # this process's places in the step
@@ -224,7 +228,7 @@ def needs(config: DistillConfig, problems: list[Problem], prompts: TeacherPrompt
     engine_positions = student + budget
     what = f"the longest student prompt ({student} tokens) plus sampling.max_new_tokens ({budget})"
     if memo:
-        memos = memo_positions(tokenizer, problems, teacher.memo_instruction, budget, memo)
+        memos = memo_positions(tokenizer, problems, teacher.memo_instruction, budget, memo, config.prompt)
         fits.append((memos, f"the longest memo prompt with a response of sampling.max_new_tokens ({budget}) "
                             f"plus teacher.memo_max_tokens ({memo})"))
         if memos > engine_positions:

@@ -1,10 +1,12 @@
 """`opsd eval`: accuracy, length, reflection statistics and serving cost of a policy on benchmark files.
 
-For each benchmark file: put the optional `instruction` before every problem (e.g. the conciseness
-instruction of OPSDC), render it with the chat template, sample k = `sampling.n` responses per
-problem (and one greedy response with `greedy=true`), grade each with its problem's verifier, and
-report, overall, per difficulty level when the problems carry one (MATH-500's `level`) and per
-task when they carry one (BIG-Bench Hard's `task`):
+For each benchmark file: render every problem with the chat template and the `prompt` section (an optional
+instruction before or after the problem, e.g. the conciseness instruction of OPSDC; a system prompt; the
+template's options such as {enable_thinking: false}; the older key `instruction` is prompt.instruction),
+sample k = `sampling.n` responses per problem (and one greedy response with `greedy=true`), grade each with
+its problem's verifier (the responses decoded with their thinking delimiters kept), and report, overall,
+per difficulty level when the problems carry one (MATH-500's `level`) and per task when they carry one
+(BIG-Bench Hard's `task`):
 
   mean@k     mean over problems of the fraction of its k samples that are correct, ± the standard
              error of that mean (sample std of the per-problem fractions / sqrt(P));
@@ -59,7 +61,7 @@ from opsd.core.config import to_dict
 from opsd.core.data import Fields, Problem, load_problems, read_rows
 from opsd.core.errors import UserError, require
 from opsd.core.models import BUILTIN_TINY, ModelConfig, frozen_dtype, load_model, load_tokenizer, model_config
-from opsd.core.prompts import render_prompt
+from opsd.core.prompts import PromptConfig, render_prompt, response_texts, with_instruction
 from opsd.generation import (
     Engine,
     SamplingConfig,
@@ -151,7 +153,8 @@ class EvalConfig:
     #   n: 16, max_new_tokens: 32768}]
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     greedy: bool = False  # also decode one greedy response per problem (greedy accuracy)
-    instruction: str = ""  # text put before each problem in the user turn (blank line between)
+    instruction: str = ""  # the older spelling of prompt.instruction (text put before each problem)
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction
     reflective_markers: tuple[str, ...] = REFLECTIVE_MARKERS  # words/phrases counted case-insensitively
     responses: str | None = None  # JSONL of {id, response} rows to score instead of generating
     cost: CostConfig = field(default_factory=CostConfig)  # serving cost: batch-1 latency (throughput, memory always)
@@ -312,6 +315,12 @@ def check_options(config: EvalConfig) -> None:
     check_sampling(config.sampling, "sampling", config.run.device)
     check_per_file(config.per_file, config.data)
     check_verifier(config.verifier)
+    prompt_options(config)
+
+
+def prompt_options(config: EvalConfig) -> PromptConfig:
+    """The `prompt` section, with the instruction of the older key `instruction` when that is set."""
+    return with_instruction(config.prompt, config.instruction, "instruction")
 
 
 def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -> Path | None:
@@ -332,8 +341,8 @@ def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -
     tokenizer = load_tokenizer(config.model) if counts_with_tokenizer else None
     device = distributed.device(config.run.device)
     if responses is None:
-        longest = max((len(eval_prompt(tokenizer, p, config.instruction)) for problems in selected for p in problems),
-                      default=0)
+        longest = max((len(eval_prompt(tokenizer, p, prompt_options(config))) for problems in selected
+                       for p in problems), default=0)
         budget = max(file_sampling(config.sampling, config.per_file, path).max_new_tokens for path in config.data)
         positions = longest + budget
         what = f"the longest prompt ({longest} tokens) plus the largest response budget ({budget} new tokens)"
@@ -423,7 +432,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
     cost fields of opsd/runtime/cost.py). Sample j of a problem is seeded by (seed, file, its place in the
     file, id, j): the same whatever else is evaluated, and the latency decodes draw from seeds of their
     own. A progress bar `name · file` counts the problems done."""
-    prompts = [eval_prompt(tokenizer, p, config.instruction) for p in problems]
+    prompts = [eval_prompt(tokenizer, p, prompt_options(config)) for p in problems]
     k = config.sampling.n
     seeds = [[request_seed(config.run.seed, file, position, p.id, j) for j in range(k)]
              for position, p in enumerate(problems)]
@@ -437,7 +446,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
         ids, truncated, seconds = decode(engine, [prompts[p] for p in mine for _ in range(k)], config.sampling,
                                          [seed for p in mine for seed in seeds[p]], bar, k)
     ids, truncated, seconds, peak = _from_every_process(mine, ids, truncated, seconds, memory.mib, len(problems), k)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = response_texts(tokenizer, ids)  # the thinking delimiters kept for the graders, special or not
     generated = sum(len(i) for i in ids)
     timed = prompts[: config.cost.latency_problems] if writer else []  # rank 0's alone, one request at a time
     if timed and ids and seconds > 0:  # at a thinking model's lengths this can take longer than the evaluation
@@ -461,7 +470,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
             greedy_ids, _, greedy_seconds = decode(engine, [prompts[p] for p in mine], greedy, [0] * len(mine), bar, 1)
         greedy_ids, _, greedy_seconds, _ = _from_every_process(mine, greedy_ids, [False] * len(mine), greedy_seconds,
                                                                None, len(problems), 1)
-        greedy_texts = tokenizer.batch_decode(greedy_ids, skip_special_tokens=True)
+        greedy_texts = response_texts(tokenizer, greedy_ids)
         generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
     per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]
     return (per_problem(texts), per_problem([len(i) for i in ids]), per_problem(truncated), greedy_texts,
@@ -484,9 +493,9 @@ def _from_every_process(mine: list[int], ids: list[list[int]], truncated: list[b
             max(share[3] for share in shares), max(peaks) if peaks else peak_mib)
 
 
-def eval_prompt(tokenizer, problem: Problem, instruction: str) -> list[int]:
-    """The chat prompt of a problem, after `instruction` and a blank line when there is one."""
-    return render_prompt(tokenizer, f"{instruction}\n\n{problem.problem}" if instruction else problem.problem)
+def eval_prompt(tokenizer, problem: Problem, prompt: PromptConfig) -> list[int]:
+    """The chat prompt of a problem: its system prompt, template options and instruction (`prompt_options`)."""
+    return render_prompt(tokenizer, problem.problem, prompt)
 
 
 def decode(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], bar,

@@ -9,7 +9,8 @@ are kept, the stage it was in continues from its latest checkpoint. The pipeline
 the run contract of every stage (opsd/runtime/runs.py): `run.output_dir` holds one folder per stage,
 `run.device` and `run.report_to` are given to every stage and evaluation; steps, batch sizes,
 checkpoint cadence and seeds are set per stage, in its config or overrides. Every checkpoint is
-evaluated with its stage's own model options (dtype, attention, trust_remote_code). Each stage opens
+evaluated with its stage's own model options (dtype, attention, trust_remote_code) and the prompts of
+`eval.prompt` (opsd eval's `prompt` section; a stage's own prompts are its config's). Each stage opens
 with a header line on the terminal; its progress bar and its evaluation's carry the stage's name.
 
 Under torchrun every process runs every stage (`run.parallel` and `run.fsdp_offload` reach every
@@ -35,6 +36,7 @@ from opsd.core.config import load_config, to_dict
 from opsd.core.data import load_problems
 from opsd.core.errors import UserError
 from opsd.core.models import ModelConfig
+from opsd.core.prompts import PromptConfig
 from opsd.generation import SamplingConfig, check_sampling
 from opsd.runtime import distributed
 from opsd.runtime.cost import COST_FIELDS, CostConfig, accuracy_efficiency_score
@@ -88,7 +90,8 @@ class PipelineEvalConfig:
     limit: int = 0  # first N problems of each file (0: all)
     sampling: SamplingConfig = field(default_factory=lambda: EVAL_SAMPLING)  # k = sampling.n
     per_file: tuple[FileSampling, ...] = ()  # another n / max_new_tokens for some files (as opsd eval's per_file)
-    instruction: str = ""  # text before each problem (empty: the bare problem)
+    instruction: str = ""  # the older spelling of prompt.instruction (text before each problem)
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # for rows that name no verifier
     seed: int = 0  # seed of the evaluations' sampling requests
     cost: CostConfig = field(default_factory=CostConfig)  # serving cost; cost.latency_problems timed at batch 1
@@ -415,7 +418,7 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
     run = EvalRunConfig(output_dir=str(eval_dir), seed=config.eval.seed, device=config.run.device)
     written = run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit,
                                   sampling=config.eval.sampling, per_file=config.eval.per_file,
-                                  instruction=config.eval.instruction,
+                                  instruction=config.eval.instruction, prompt=config.eval.prompt,
                                   verifier=config.eval.verifier, cost=config.eval.cost, run=run), name=f"eval {stage}")
     if written is None:  # not rank 0
         return {}

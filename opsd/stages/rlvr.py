@@ -1,7 +1,8 @@
 """`opsd rlvr`: reinforcement learning with a verifiable math reward, GRPO with DAPO's choices.
 
 One step, top to bottom (METHODS.md §3, the RLVR stage of Kim & Lee; DAPO, Yu et al. 2025):
-  1. sample G responses for each of P problems from the policy;
+  1. sample G responses for each of P problems from the policy (prompts rendered with the `prompt` section:
+     opsd/core/prompts.py);
   2. reward = the verdict of the problem's verifier (math: 1 if the final answer is correct, else 0), plus DAPO's soft
      overlong penalty when `overlong_buffer` > 0;
   3. group-normalised advantages (r − mean)/std per problem; groups whose rewards are all equal carry
@@ -33,7 +34,7 @@ from opsd.core.data import Fields, load_problems
 from opsd.core.errors import require
 from opsd.core.models import ModelConfig, output_head
 from opsd.core.packing import Packed, pack, response_hidden
-from opsd.core.prompts import render_prompt
+from opsd.core.prompts import PromptConfig, render_prompt, with_instruction
 from opsd.generation import SamplingConfig, check_sampling, request_seed
 from opsd.generation.rollouts import (
     Rollout,
@@ -71,7 +72,7 @@ class RLVRDataConfig:
     path: str = "configs/examples/arithmetic.jsonl"  # JSONL/Parquet problems with gold answers
     fields: Fields = field(default_factory=Fields)  # column names for problem/answer/solution/id
     shuffle: bool = True  # reshuffle the problems every epoch
-    instruction: str = ""  # text put before every problem in the prompt (empty: the bare problem)
+    instruction: str = ""  # the older spelling of prompt.instruction (text put before every problem)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class RLVRConfig:
     samples_per_step: int = 4  # rollouts per step saved to samples.jsonl with reward and advantage (0: none)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # the reward: each row's verifier
     optim: OptimConfig = field(default_factory=OptimConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlvr"))
 
 
@@ -102,6 +104,7 @@ def check_options(config: RLVRConfig, world: int = 1) -> None:
     check_sampling(config.sampling, "sampling", config.run.device)
     check_run(config.run, world)
     check_verifier(config.verifier)
+    prompt_options(config)
     grpo = config.grpo
     require(
         ("sampling.n", config.sampling.n >= 2, "at least 2 (advantages compare samples of one problem)"),
@@ -116,6 +119,11 @@ def check_options(config: RLVRConfig, world: int = 1) -> None:
     )
 
 
+def prompt_options(config: RLVRConfig) -> PromptConfig:
+    """The `prompt` section, with the instruction of the older key `data.instruction` when that is set."""
+    return with_instruction(config.prompt, config.data.instruction, "data.instruction")
+
+
 def run_rlvr(config: RLVRConfig, name: str = "rlvr", check_only: bool = False) -> Path | None:
     """Train; return the run folder (None on ranks other than 0). `name` labels the progress bar;
     `check_only` (`--check`): every check that needs no weights, then return None."""
@@ -123,8 +131,8 @@ def run_rlvr(config: RLVRConfig, name: str = "rlvr", check_only: bool = False) -
     problems = load_problems(config.data.path, config.data.fields, require_answer=True,
                              default_verifier=config.verifier.default, answer_free=ANSWER_FREE)
     check_problems(problems, config.data.path, config.verifier)
-    prefix = f"{config.data.instruction}\n\n" if config.data.instruction else ""
-    prompts = [render_prompt(begun.tokenizer, prefix + p.problem) for p in problems]
+    prompt = prompt_options(config)
+    prompts = [render_prompt(begun.tokenizer, p.problem, prompt) for p in problems]
     positions = max(len(p) for p in prompts) + config.sampling.max_new_tokens
     what = (f"the longest prompt ({positions - config.sampling.max_new_tokens} tokens) plus sampling.max_new_tokens "
             f"({config.sampling.max_new_tokens})")

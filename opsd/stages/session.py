@@ -60,7 +60,7 @@ from opsd.runtime.checkpoint import (
 )
 from opsd.runtime.faults import crash_point
 from opsd.runtime.metrics import MetricsLog
-from opsd.runtime.plan import GIB, HEADROOM, Checks, architecture, plan, what_would_fit
+from opsd.runtime.plan import GIB, HEADROOM, Checks, architecture, plan, vllm_share_too_small, what_would_fit
 from opsd.runtime.preemption import Preempted, catching_stop_signals
 from opsd.runtime.runs import open_run_dir, resume_point, use_threads
 from opsd.runtime.samples import SamplesLog
@@ -251,6 +251,9 @@ def check_memory(config: Any, student: Any, positions: int, external: Any, check
     memory = plan(config, arch, positions, processes, gpu, teacher, on_gpu=gpu is not None)
     if checks.show_plan:
         print(memory.table())
+    too_small = vllm_share_too_small(getattr(config, "sampling", None), arch, gpu, positions)
+    if too_small:
+        raise UserError(too_small)
     if not memory.fits():
         phase, need = memory.peak()
         knob = what_would_fit(config, arch, positions, processes, gpu, teacher)

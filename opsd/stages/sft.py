@@ -1,7 +1,8 @@
 """`opsd sft`: supervised fine-tuning on (problem, response) pairs, the loss on response tokens only.
 
 The first stage of SFT → RLVR → OPSD (METHODS.md §3, §5). Each pair is rendered with the model's chat
-template (user turn: the problem; assistant turn: the response, then EOS). The loss is the token mean
+template and the `prompt` section (opsd/core/prompts.py: system prompt, instruction, template options such as
+{enable_thinking: false}) (user turn: the problem; assistant turn: the response, then EOS). The loss is the token mean
 of −log p(response token) over the step's response tokens, computed in chunks of positions from the
 final hidden states (opsd/objectives/logprobs.py). A step's sequences are sorted by length before they are cut
 into micro-batches, so padding stays small; `data.padding_free=true` instead lays each micro-batch's
@@ -22,7 +23,7 @@ from opsd.core.data import load_pairs
 from opsd.core.errors import require
 from opsd.core.models import ModelConfig, output_head
 from opsd.core.packing import pack, response_hidden
-from opsd.core.prompts import render_prompt
+from opsd.core.prompts import PLAIN, PromptConfig, render_prompt
 from opsd.objectives.logprobs import chunked_token_logprobs
 from opsd.runtime import distributed
 from opsd.runtime.metrics import Tally
@@ -54,6 +55,7 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, micro_batch_size=16))
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft", steps=1000))
 
 
@@ -66,12 +68,12 @@ def check_options(config: SFTConfig, world: int = 1) -> None:
     )
 
 
-def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> tuple[list[tuple[list[int],
-                                                                                                 list[int]]], int]:
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_length: int,
+                   prompt_options: PromptConfig = PLAIN) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(prompt ids, response ids + EOS) per pair, cut to max_length; and how many were cut."""
     examples, cut = [], 0
     for problem, response in pairs:
-        prompt = render_prompt(tokenizer, problem)
+        prompt = render_prompt(tokenizer, problem, prompt_options)
         target = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         room = max_length - len(prompt)
         if room < len(target):
@@ -86,7 +88,7 @@ def run_sft(config: SFTConfig, name: str = "sft", check_only: bool = False) -> P
     `check_only` (`--check`): every check that needs no weights, then return None."""
     begun = begin(config, check_options)
     pairs = load_pairs(config.data.path, config.data.problem_field, config.data.response_field)
-    examples, cut = tokenize_pairs(pairs, begun.tokenizer, config.data.max_length)
+    examples, cut = tokenize_pairs(pairs, begun.tokenizer, config.data.max_length, config.prompt)
     longest = max(len(p) + len(t) for p, t in examples)
     needs = Needs(fits=((longest, "the longest problem and response (after "
                                   f"data.max_length={config.data.max_length})"),))

@@ -4,7 +4,9 @@ the memo prompts of each kept rollout, and its target for a micro-batch of the s
 `Teacher` is built once per run from the context, the teacher's weights (the self-teacher's, switched
 into the student's network: opsd/teacher/weights.py) or an external checkpoint with the same
 tokenizer (`ExternalTeacher`, e.g. a bigger one), and computes, without autograd, the target the
-student is trained toward: one view's logits, or Purified OPSD's target from three views.
+student is trained toward: one view's logits, or Purified OPSD's target from three views. Every view's
+prompt is rendered with the run's `prompt` section (opsd/core/prompts.py) exactly as the student's is: the
+same system prompt, template options and instruction, around the teacher's user turn.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from opsd.core.data import Problem
 from opsd.core.errors import UserError
 from opsd.core.models import Backbone, frozen_dtype, load_model, load_tokenizer, output_head
 from opsd.core.packing import Packed, pack, response_hidden
-from opsd.core.prompts import render_prompt
+from opsd.core.prompts import PLAIN, PromptConfig, render_prompt
 from opsd.objectives.purified import PurifiedTarget
 from opsd.teacher.contexts import Context, Wording, reference_only_message
 from opsd.teacher.memo import memo_teacher_message, write_memos
@@ -42,11 +44,12 @@ class TeacherPrompts:
         return TeacherPrompts(pick(self.student), pick(self.teacher), pick(self.reference_only))
 
 
-def render_teacher_prompts(tokenizer, problems: list[Problem], context: Context, wording: Wording) -> TeacherPrompts:
+def render_teacher_prompts(tokenizer, problems: list[Problem], context: Context, wording: Wording,
+                           prompt: PromptConfig = PLAIN) -> TeacherPrompts:
     return TeacherPrompts(
-        student=[render_prompt(tokenizer, p.problem) for p in problems],
-        teacher=[render_prompt(tokenizer, context.message(p, wording)) for p in problems],
-        reference_only=[render_prompt(tokenizer, reference_only_message(p)) for p in problems]
+        student=[render_prompt(tokenizer, p.problem, prompt) for p in problems],
+        teacher=[render_prompt(tokenizer, context.message(p, wording), prompt) for p in problems],
+        reference_only=[render_prompt(tokenizer, reference_only_message(p), prompt) for p in problems]
         if context.purified else None,
     )
 
@@ -64,6 +67,7 @@ class Teacher:
     device: torch.device
     autocast: Callable[[], Any]  # the forward's autocast block (bf16 on GPU)
     flat: bool = False  # the student's layout: each view's sequences back to back in one row (packing.pack)
+    prompt: PromptConfig = PLAIN  # the run's chat options, for the memo prompts and the memo teacher's prompts
 
     def rollout_prompts(self, engine, tokenizer, kept: list, problems: list[Problem], prompts: TeacherPrompts,
                         memo_instruction: str, memo_max_tokens: int) -> tuple[list[list[int]], list[str] | None]:
@@ -73,8 +77,8 @@ class Teacher:
         if not self.context.writes_memo:
             return [prompts.teacher[k.rollout.problem_index] for k in kept], None
         memos = write_memos(engine, tokenizer, [k.rollout for k in kept], [k.correct for k in kept], problems,
-                            memo_instruction, memo_max_tokens)
-        return [render_prompt(tokenizer, memo_teacher_message(problems[k.rollout.problem_index], text))
+                            memo_instruction, memo_max_tokens, prompt=self.prompt)
+        return [render_prompt(tokenizer, memo_teacher_message(problems[k.rollout.problem_index], text), self.prompt)
                 for k, text in zip(kept, memos)], memos
 
     def target(self, kept: list, teacher_prompts: list[list[int]], prompts: TeacherPrompts,

@@ -50,6 +50,8 @@ def another_value(hint: Any, value: Any):
         if dataclasses.is_dataclass(item):
             return [{}]
         return [0.5, 0.5] if item is float else ["some.jsonl"]
+    if origin is dict:
+        return {**value, "enable_thinking": not value.get("enable_thinking", True)}
     if hint is bool:
         return not value
     if hint is int:

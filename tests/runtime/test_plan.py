@@ -123,3 +123,18 @@ def test_a_token_budget_plans_that_many_positions_per_micro_batch():
     assert planned(16_384) == (8 * 16_384 * per_position, 8 * 16_384 * arch.hidden * 4)
     assert planned(16_384, micro_batch_tokens=32_768) == (32_768 * per_position, 32_768 * arch.hidden * 4)
     assert planned(16_384, micro_batch_tokens=4_096) == (16_384 * per_position, 16_384 * arch.hidden * 4)
+
+
+def test_a_vllm_share_that_cannot_hold_the_weights_is_refused(tmp_path, capsys, monkeypatch):
+    """vLLM refuses to start when its share of the GPU is smaller than its weights and one sequence's cache:
+    `--check` says so first, with the share that would do (Qwen3-8B: 15.3 GiB of bf16 weights; 0.15 × 80 GiB = 12)."""
+    monkeypatch.chdir(ROOT)
+    model = qwen3_8b_without_weights(tmp_path / "qwen3-8b")
+    args = ["distill", "configs/tiny.yaml", f"model.name_or_path={model}", "sampling.max_new_tokens=16000",
+            "optim.micro_batch_size=1", "optim.gradient_checkpointing=true", "run.parallel=fsdp",
+            "sampling.engine=vllm", "sampling.sleep_mode=true", "--check", "--gpus", "8", "--gpu-gib", "80"]
+    assert main([*args, "sampling.gpu_memory_utilization=0.3"]) == 0, capsys.readouterr().err
+    assert main([*args, "sampling.gpu_memory_utilization=0.15"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.gpu_memory_utilization=0.15 gives vLLM 12.0 GiB of the 80 GiB GPU, less than its weights in " \
+           "bf16 (15.3 GiB)" in err and "raise it to at least 0.2" in err

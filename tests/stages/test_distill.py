@@ -244,10 +244,26 @@ def test_token_budget_micro_batches_give_the_padded_result(tmp_path, monkeypatch
     assert sum(student) == 8 and (student == [1] * 8 if budget == 1 else 1 < max(student) < 8)
     assert_same_gradients(padded_grads, grads)
     (a,), (b,) = metrics(padded), metrics(flat)
-    # ~2e-4 here, a difference of nearly equal log-probabilities: float error of 1e-8 is 5e-5 of it
-    assert a["loss/divergence"] == pytest.approx(b["loss/divergence"], rel=2e-4)
+    # ~2e-4 here, a difference of nearly equal float32 log-probabilities: their rounding (~1e-7) is what may differ
+    assert a["loss/divergence"] == pytest.approx(b["loss/divergence"], rel=1e-5, abs=2e-7)
     assert a["optim/grad_norm"] == pytest.approx(b["optim/grad_norm"], rel=1e-5)
     rows = [[json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] for out in (padded, flat)]
     assert [r["response"] for r in rows[0]] == [r["response"] for r in rows[1]]
-    # each rollout's divergence (~1e-3 here, a difference of nearly equal log-probabilities): float error of 1e-7
-    assert [r["divergence"] for r in rows[0]] == pytest.approx([r["divergence"] for r in rows[1]], rel=1e-4)
+    # each rollout's divergence (~2e-4 here, a difference of nearly equal log-probabilities): float error of 1e-7
+    assert [r["divergence"] for r in rows[0]] == pytest.approx([r["divergence"] for r in rows[1]], rel=1e-4, abs=2e-7)
+
+
+def test_the_prompt_section_reaches_the_students_the_teachers_and_the_memo_prompts(tmp_path):
+    """A system prompt and an instruction after the problem, in every prompt distill renders (samples.jsonl
+    shows them as rendered); the memo teacher's prompt is rendered per rollout, after its memo is written."""
+    out = distill(tmp_path, "run.steps=1", "teacher.context=memo", "teacher.memo_max_tokens=4",
+                  "prompt.system_prompt=Be exact.", "prompt.instruction=Answer last.",
+                  "prompt.instruction_position=after")
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    system = "<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n"
+    for sample in samples:
+        assert sample["prompt"].startswith(system)
+        assert sample["prompt"].endswith("\n\nAnswer last.<|im_end|>\n<|im_start|>assistant\n")
+        assert sample["teacher_prompt"].startswith(system)
+        assert "A memo you wrote to yourself" in sample["teacher_prompt"]
+        assert sample["teacher_prompt"].endswith("\n\nAnswer last.<|im_end|>\n<|im_start|>assistant\n")

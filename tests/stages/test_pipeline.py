@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 from opsd.cli import main
+from opsd.core.config import load_config
+from opsd.core.prompts import PromptConfig
+from opsd.stages import pipeline
 from opsd.stages.pipeline import add_compression
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,3 +235,12 @@ def test_a_pipeline_of_the_previous_version_resumes(tmp_path):
     assert main(args) == 0
     assert main([*args, "run.report_to=none"]) == 0  # trackers may change on resume, as for a stage
     assert main([*args, "eval.limit=3"]) == 2  # any other difference is still refused
+
+
+def test_the_pipelines_evaluations_get_its_prompt_section(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pipeline, "run_eval", lambda config, name: seen.append(config))
+    config = load_config(pipeline.PipelineConfig, None, ["eval.prompt.system_prompt=S",
+                                                         "eval.prompt.chat_template_kwargs={enable_thinking: false}"])
+    pipeline.evaluate(config, "start", "", config.model, tmp_path, 0.0)
+    assert seen[0].prompt == PromptConfig(system_prompt="S", chat_template_kwargs={"enable_thinking": False})

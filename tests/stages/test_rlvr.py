@@ -121,3 +121,12 @@ def test_token_budget_micro_batches_give_the_padded_result(tmp_path, monkeypatch
     assert_same_gradients(padded_grads, grads)
     for key in ("optim/grad_norm", "policy/ratio_mean", "policy/kl", "policy/clipped_ratio", "reward/mean"):
         assert padded[key] == pytest.approx(flat[key], rel=1e-5, abs=1e-7), key
+
+
+def test_rlvr_renders_its_prompts_with_the_prompt_section(tmp_path):
+    out, _ = rlvr(tmp_path, "run.steps=1", "prompt.system_prompt=Be exact.", "data.instruction=Answer last.",
+                  "prompt.instruction_position=after")
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].startswith("<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n")
+                           and s["prompt"].endswith("\n\nAnswer last.<|im_end|>\n<|im_start|>assistant\n")
+                           for s in samples)
