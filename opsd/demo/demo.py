@@ -107,9 +107,13 @@ def demo_config(out: Path, files: dict[str, Path], quick: bool, ablation: bool, 
         evaluate_start=not from_scratch,
         models=(small,),
         stages=tuple(stages),
-        eval=PipelineEvalConfig(data=(str(files["heldout"]),), sampling=sampling),
+        # accuracy at fixed budgets too: RLVR against OPSD at 16–256 tokens, the papers' picture
+        eval=PipelineEvalConfig(data=(str(files["heldout"]),), sampling=sampling, budgets=DEMO_BUDGETS),
         run=RunConfig(output_dir=str(out / pipeline_dir), device="cpu"),
     )
+
+
+DEMO_BUDGETS = (16, 32, 64, 128, 256)  # thinking budgets of the demo's evaluations (opsd/stages/budgets.py)
 
 
 def engine_overrides(engine: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

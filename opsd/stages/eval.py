@@ -83,6 +83,7 @@ from opsd.runtime.cost import (
 from opsd.runtime.folders import EVAL_OUTPUTS, foreign_checkpoint, kind_of, mark
 from opsd.runtime.metrics import progress_bar
 from opsd.runtime.runs import use_threads
+from opsd.stages.budgets import force_budgets, forced_tokens
 from opsd.verifiers import (
     ANSWER_FREE,
     Verdict,
@@ -136,6 +137,17 @@ def check_per_file(per_file: Sequence[FileSampling], data: Sequence[str], option
                  "non-negative (0: sampling.max_new_tokens)"))
 
 
+def check_budgets(budgets: Sequence[int], sampling: SamplingConfig, per_file: Sequence[FileSampling],
+                  data: Sequence[str], option: str = "budgets") -> None:
+    """Thinking budgets are cut from the sampled responses: positive, and within every file's response budget."""
+    require((option, all(b >= 1 for b in budgets), "positive token counts"))
+    for path in data:
+        budget = file_sampling(sampling, per_file, path).max_new_tokens
+        require((option, max(budgets, default=0) <= budget,
+                 f"at most the response budget of {Path(path).stem} ({budget} new tokens): budgets are cut from "
+                 "the sampled responses"))
+
+
 TRUNCATION_WARNING = 0.05  # a benchmark whose responses hit the budget more often than this gets a warning
 LATENCY_WARNING_MIN = 10  # batch-1 latency timing expected to take longer than this is announced
 
@@ -157,6 +169,10 @@ class EvalConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction
     reflective_markers: tuple[str, ...] = REFLECTIVE_MARKERS  # words/phrases counted case-insensitively
     responses: str | None = None  # JSONL of {id, response} rows to score instead of generating
+    budgets: tuple[int, ...] = ()  # thinking budgets B in tokens: accuracy with the thinking cut at each B, the
+    #   end of thinking and budget_cue appended and the answer decoded greedily (opsd/stages/budgets.py)
+    budget_cue: str = "\n\nThe final answer is "  # what follows a cut response (after </think> where it thinks)
+    budget_answer_tokens: int = 32  # the answer decoded after a cut response, at most
     cost: CostConfig = field(default_factory=CostConfig)  # serving cost: batch-1 latency (throughput, memory always)
     run: EvalRunConfig = field(default_factory=EvalRunConfig)  # folder, seed, device, threads
 
@@ -314,6 +330,10 @@ def check_options(config: EvalConfig) -> None:
     )
     check_sampling(config.sampling, "sampling", config.run.device)
     check_per_file(config.per_file, config.data)
+    check_budgets(config.budgets, config.sampling, config.per_file, config.data)
+    require(("budgets", not (config.budgets and config.responses), "empty when scoring given responses (the cut "
+             "responses are decoded on)"),
+            ("budget_answer_tokens", config.budget_answer_tokens >= 1, "at least 1"))
     check_verifier(config.verifier)
     prompt_options(config)
 
@@ -344,6 +364,7 @@ def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -
         longest = max((len(eval_prompt(tokenizer, p, prompt_options(config))) for problems in selected
                        for p in problems), default=0)
         budget = max(file_sampling(config.sampling, config.per_file, path).max_new_tokens for path in config.data)
+        budget += forced_tokens(tokenizer, config.budget_cue, config.budget_answer_tokens) if config.budgets else 0
         positions = longest + budget
         what = f"the longest prompt ({longest} tokens) plus the largest response budget ({budget} new tokens)"
         check_engine_fits(config.sampling, "sampling", positions, what)
@@ -370,8 +391,9 @@ def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -
             sampling = file_sampling(config.sampling, config.per_file, path)
             if writer:
                 print(f"opsd eval: {path}: {len(problems)} problems", file=sys.stderr)
+            forced = {}
             if responses is None:
-                texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s, cost = generate(
+                texts_P_K, tokens_P_K, truncated_P_K, greedy_P, tokens_per_s, cost, forced = generate(
                     engine, tokenizer, problems, replace(config, sampling=sampling), Path(path).stem, name, device)
                 if not writer:
                     continue
@@ -395,10 +417,20 @@ def run_eval(config: EvalConfig, name: str = "eval", check_only: bool = False) -
             parameters = parameter_count(model) if model is not None else None
             solved = compute_per_solved(parameters, summary["response_tokens_mean"], summary["mean_at_k"]) \
                 if parameters else None
+            budgets = []
+            for budget, samples in forced.items():  # budget forcing (opsd/stages/budgets.py)
+                per = lambda flat, k=sampling.n: [flat[i * k : (i + 1) * k] for i in range(len(problems))]
+                at_budget = summarize(score(problems, per(samples.texts), per(samples.tokens), per(samples.cut),
+                                            None, verifiers, pattern, config.level_field, config.task_field))
+                budgets.append({"budget": budget, "mean_at_k": at_budget["mean_at_k"],
+                                "mean_at_k_stderr": at_budget["mean_at_k_stderr"],
+                                "response_tokens_mean": at_budget["response_tokens_mean"],
+                                "cut_rate": at_budget["truncation_rate"]})
             rows.append({"file": path, "name": Path(path).stem, "k": None if responses else sampling.n,
                          "max_new_tokens": None if responses else sampling.max_new_tokens, **summary,
                          "generate_tokens_per_s": tokens_per_s, **cost, "parameters": parameters,
-                         "compute_per_solved_flops": solved, "grading": grading, "levels": levels, "tasks": tasks})
+                         "compute_per_solved_flops": solved, "grading": grading, "budgets": budgets,
+                         "levels": levels, "tasks": tasks})
     counted = f"tokenizer of {config.model.name_or_path}" if tokenizer is not None else "whitespace split"
     report = {"mode": "generate" if responses is None else "responses", "response_tokens_counted_by": counted,
               "k": None if responses else config.sampling.n, "benchmarks": rows, "config": to_dict(config)}
@@ -429,9 +461,10 @@ def _output_folder(out: Path, overwrite: bool, writer: bool) -> Path:
 def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalConfig, file: str, name: str = "eval",
              device: torch.device = torch.device("cpu")):
     """(texts_P_K, tokens_P_K, truncated_P_K, greedy texts or None, generated tokens per second, the
-    cost fields of opsd/runtime/cost.py). Sample j of a problem is seeded by (seed, file, its place in the
-    file, id, j): the same whatever else is evaluated, and the latency decodes draw from seeds of their
-    own. A progress bar `name · file` counts the problems done."""
+    cost fields of opsd/runtime/cost.py, each budget's samples (`budgets`; opsd/stages/budgets.py)).
+    Sample j of a problem is seeded by (seed, file, its place in the file, id, j): the same whatever else
+    is evaluated, and the latency decodes draw from seeds of their own. A progress bar `name · file`
+    counts the problems done."""
     prompts = [eval_prompt(tokenizer, p, prompt_options(config)) for p in problems]
     k = config.sampling.n
     seeds = [[request_seed(config.run.seed, file, position, p.id, j) for j in range(k)]
@@ -446,6 +479,8 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
         ids, truncated, seconds = decode(engine, [prompts[p] for p in mine for _ in range(k)], config.sampling,
                                          [seed for p in mine for seed in seeds[p]], bar, k)
     ids, truncated, seconds, peak = _from_every_process(mine, ids, truncated, seconds, memory.mib, len(problems), k)
+    forced = force_budgets(engine, tokenizer, prompts, ids, k, mine, config.budgets, config.budget_cue,
+                           config.budget_answer_tokens, config.sampling) if config.budgets else {}
     texts = response_texts(tokenizer, ids)  # the thinking delimiters kept for the graders, special or not
     generated = sum(len(i) for i in ids)
     timed = prompts[: config.cost.latency_problems] if writer else []  # rank 0's alone, one request at a time
@@ -474,7 +509,7 @@ def generate(engine: Engine, tokenizer, problems: list[Problem], config: EvalCon
         generated, seconds = generated + sum(len(i) for i in greedy_ids), seconds + greedy_seconds
     per_problem = lambda flat: [flat[i * k : (i + 1) * k] for i in range(len(problems))]
     return (per_problem(texts), per_problem([len(i) for i in ids]), per_problem(truncated), greedy_texts,
-            generated / seconds if seconds > 0 else None, cost)
+            generated / seconds if seconds > 0 else None, cost, forced)
 
 
 def _from_every_process(mine: list[int], ids: list[list[int]], truncated: list[bool], seconds: float,
@@ -596,7 +631,19 @@ def markdown_table(rows: list[dict[str, Any]], mode: str, counted: str) -> str:
         lines.append(_table_line(row["name"], row))
         lines += [_table_line(f"{row['name']} · level {level['level']}", level) for level in row["levels"]]
         lines += [_table_line(f"{row['name']} · {task['task']}", task) for task in row.get("tasks", [])]
-    return "\n".join(lines) + f"\n\n{mode}; response tokens counted by the {counted}.\n" + cost_table(rows)
+    return ("\n".join(lines) + f"\n\n{mode}; response tokens counted by the {counted}.\n" + cost_table(rows)
+            + budget_table(rows))
+
+
+def budget_table(rows: list[dict[str, Any]]) -> str:
+    """Accuracy against the thinking budget (`budgets`), one line per file and budget; "" without budgets."""
+    lines = [f"| {row['name']} | {b['budget']} | {100 * b['mean_at_k']:.1f} ± {100 * b['mean_at_k_stderr']:.1f} | "
+             f"{b['response_tokens_mean']:.1f} | {b['cut_rate']:.3f} |" for row in rows for b in row.get("budgets", [])]
+    if not lines:
+        return ""
+    return ("\n| benchmark | thinking budget | mean@k ± se (%) | tokens mean | cut |\n|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n\nCut: the share of samples whose thinking passed the budget, cut there with "
+            "the answer decoded after `budget_cue`.\n")
 
 
 def cost_table(rows: list[dict[str, Any]]) -> str:

@@ -51,7 +51,15 @@ from opsd.runtime.runs import (
 )
 from opsd.runtime.tracking import check_trackers
 from opsd.stages import COMMANDS, TRAINING
-from opsd.stages.eval import EVAL_SAMPLING, EvalConfig, EvalRunConfig, FileSampling, check_per_file, run_eval
+from opsd.stages.eval import (
+    EVAL_SAMPLING,
+    EvalConfig,
+    EvalRunConfig,
+    FileSampling,
+    check_budgets,
+    check_per_file,
+    run_eval,
+)
 from opsd.verifiers import VerifierConfig, check_problems
 
 Command = Literal[TRAINING]  # type: ignore[valid-type]
@@ -96,6 +104,7 @@ class PipelineEvalConfig:
     seed: int = 0  # seed of the evaluations' sampling requests
     cost: CostConfig = field(default_factory=CostConfig)  # serving cost; cost.latency_problems timed at batch 1
     every: int = 0  # also evaluate every N-th step's checkpoint of each stage (curves); 0: the final one only
+    budgets: tuple[int, ...] = ()  # thinking budgets (tokens): accuracy against budget per checkpoint (opsd eval's)
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,7 @@ def check_pipeline(config: PipelineConfig, checks=True) -> None:
     check_run_section(config.run)
     check_sampling(config.eval.sampling, "eval.sampling", config.run.device)
     check_per_file(config.eval.per_file, config.eval.data, "eval.per_file")
+    check_budgets(config.eval.budgets, config.eval.sampling, config.eval.per_file, config.eval.data, "eval.budgets")
     stages = plan(config, Path(config.run.output_dir))
     for path in config.eval.data:
         if not Path(path).is_file():
@@ -299,6 +309,7 @@ def _run_pipeline(config: PipelineConfig) -> Path | None:
     check_run_section(config.run)
     check_sampling(config.eval.sampling, "eval.sampling", config.run.device)
     check_per_file(config.eval.per_file, config.eval.data, "eval.per_file")
+    check_budgets(config.eval.budgets, config.eval.sampling, config.eval.per_file, config.eval.data, "eval.budgets")
     use_threads(config.run.threads)
     stages = plan(config, out)
     for path in config.eval.data:
@@ -418,6 +429,7 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
     run = EvalRunConfig(output_dir=str(eval_dir), seed=config.eval.seed, device=config.run.device)
     written = run_eval(EvalConfig(model=model, data=config.eval.data, limit=config.eval.limit,
                                   sampling=config.eval.sampling, per_file=config.eval.per_file,
+                                  budgets=config.eval.budgets,
                                   instruction=config.eval.instruction, prompt=config.eval.prompt,
                                   verifier=config.eval.verifier, cost=config.eval.cost, run=run), name=f"eval {stage}")
     if written is None:  # not rank 0
@@ -426,7 +438,7 @@ def evaluate(config: PipelineConfig, stage: str, start: str, model: ModelConfig,
     benchmarks = [{key: b[key] for key in ("name", "problems", "mean_at_k", "mean_at_k_stderr", "maj_at_k",
                                            "response_tokens_mean", "correct_response_tokens_mean",
                                            "truncation_rate", "markers_per_1k_tokens")}
-                  | {key: b.get(key) for key in COST_FIELDS} | {"levels": b["levels"]}
+                  | {key: b.get(key) for key in COST_FIELDS} | {"levels": b["levels"], "budgets": b.get("budgets", [])}
                   for b in report["benchmarks"]]
     row = {"stage": stage, "start": start, "train_s": train_s, "eval_s": time.perf_counter() - started,
            "k": report["k"], "benchmarks": benchmarks}
@@ -450,6 +462,20 @@ def add_compression(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def budgets_table(rows: list[dict]) -> str:
+    """Accuracy against the thinking budget (eval.budgets), one line per stage and benchmark; "" without."""
+    lines = [f"| {row['stage']} | {b['name']} | "
+             + " | ".join(f"{100 * point['mean_at_k']:.1f}" for point in b["budgets"]) + " |"
+             for row in rows for b in row["benchmarks"] if b.get("budgets")]
+    if not lines:
+        return ""
+    budgets = [point["budget"] for row in rows for b in row["benchmarks"] for point in b.get("budgets", [])]
+    budgets = list(dict.fromkeys(budgets))
+    return ("\n\n| stage | benchmark | " + " | ".join(f"mean@k at {budget} tokens" for budget in budgets) + " |\n"
+            + "|---" * (2 + len(budgets)) + "|\n" + "\n".join(lines)
+            + "\n\nAccuracy (%) with the thinking cut at each budget and the answer decoded after it (eval.budgets).")
+
+
 def summary_table(rows: list[dict]) -> str:
     lines = ["| stage | from | benchmark | params | mean@k ± s.e. | maj@k | mean tokens | tokens (correct) | "
              "compression "
@@ -471,7 +497,8 @@ def summary_table(rows: list[dict]) -> str:
                          f"{num(b.get('latency_p50_s'), 3)} | {num(b.get('throughput_tokens_per_s'), 0)} | "
                          f"{num(b.get('peak_memory_mib'))} | {'–' if flops is None else f'{flops / 1e9:.3g}'} |")
     k = rows[0]["k"] if rows else None
-    return "\n".join(lines) + (f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error; "
+    return "\n".join(lines) + budgets_table(rows) + (
+        f"\n\nAccuracy in %, mean@{k} over k={k} samples per problem ± its standard error; "
                                "compression: 1 − mean tokens / those of the stage it started from, ratio: theirs / "
                                "ours; "
                                "AES: O1-Pruner's accuracy-efficiency score against that stage (length gain + 3 × "

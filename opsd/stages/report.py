@@ -179,6 +179,22 @@ def along_training_figure(plt, curves: dict[str, list[dict]], stages: list[str])
     return figure
 
 
+def budgets_figure(plt, rows: list[dict]):
+    """Accuracy against the thinking budget (eval.budgets), one line per stage, first benchmark."""
+    figure, axes = plt.subplots(figsize=(7.4, 4.2))
+    for index, row in enumerate(rows):
+        points = row["benchmarks"][0].get("budgets", [])
+        axes.errorbar([p["budget"] for p in points], [100 * p["mean_at_k"] for p in points],
+                      yerr=[100 * (p["mean_at_k_stderr"] or 0) for p in points], marker="o", capsize=3,
+                      color=colour(index), label=row["stage"])
+    axes.set_xscale("log", base=2)
+    axes.set(xlabel="thinking budget (tokens)", ylabel="accuracy, mean@k ± s.e. (%)",
+             title="accuracy against the thinking budget")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure
+
+
 def level_compression(rows: list[dict]) -> dict[str, list[tuple[str, float]]]:
     """Per stage with a start: [(level, 1 − its mean tokens / the start stage's at that level)]."""
     by_stage = {row["stage"]: row for row in rows}
@@ -313,6 +329,9 @@ def write_report(folder: Path) -> Path:
         sections.append(f"<h2>{html.escape(title)}</h2>" + markdown_table_html((pipeline / "summary.md").read_text()))
         sections.append(image(accuracy_tokens_figure(plt, rows, f"accuracy against length · {title}"),
                               "accuracy-tokens"))
+        if any(row["benchmarks"][0].get("budgets") for row in rows):
+            sections.append("<h3>At fixed thinking budgets (eval.budgets)</h3>"
+                            + image(budgets_figure(plt, rows), "accuracy against budget"))
         curves = _read_summary(pipeline).get("curves")
         if curves:
             sections.append("<h3>Along training (eval.every)</h3>" + image(

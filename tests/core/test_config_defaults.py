@@ -49,7 +49,7 @@ def another_value(hint: Any, value: Any):
         (item,) = get_args(hint)[:1]
         if dataclasses.is_dataclass(item):
             return [{}]
-        return [0.5, 0.5] if item is float else ["some.jsonl"]
+        return [0.5, 0.5] if item is float else [7] if item is int else ["some.jsonl"]
     if origin is dict:
         return {**value, "enable_thinking": not value.get("enable_thinking", True)}
     if hint is bool:

@@ -7,7 +7,7 @@ import yaml
 
 from opsd.cli import main
 from opsd.demo import toyworld
-from opsd.demo.demo import SHIPPED_SFT, SHIPPED_SMALL_SFT
+from opsd.demo.demo import DEMO_BUDGETS, SHIPPED_SFT, SHIPPED_SMALL_SFT
 
 
 @pytest.mark.parametrize("folder", [SHIPPED_SFT, SHIPPED_SMALL_SFT])
@@ -25,8 +25,9 @@ def check_report(folder, stages, k):
 
     page = (folder / "report.html").read_text()
     pngs = sorted(folder.glob("*.png"))
-    assert [p.name.split("-", 1)[1] for p in pngs] == ["accuracy-tokens.png", "training-curves.png",
-                                                       "compression-per-level.png", "reflective-markers.png"]
+    assert [p.name.split("-", 1)[1] for p in pngs] == ["accuracy-tokens.png", "accuracy-against-budget.png",
+                                                       "training-curves.png", "compression-per-level.png",
+                                                       "reflective-markers.png"]
     assert page.count("<img ") == len(pngs) and page.count("src='data:image/png;base64,") == len(pngs)
     for png in pngs:
         pixels = matplotlib.image.imread(png)
@@ -53,8 +54,11 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
                     "compression", "truncation_rate", "markers_per_1k_tokens"):
             assert key in bench, key
         assert [level["level"] for level in bench["levels"]] == [str(level) for level in toyworld.LEVELS]
+        assert [point["budget"] for point in bench["budgets"]] == list(DEMO_BUDGETS)  # accuracy at fixed budgets
+        assert bench["budgets"][0]["cut_rate"] > bench["budgets"][-1]["cut_rate"]
     printed = capsys.readouterr().out
     assert "| opsd | rlvr | heldout |" in printed and "standard error" in printed
+    assert "mean@k at 256 tokens" in printed
     assert f"report: {out / 'pipeline' / 'report' / 'report.html'}" in printed
     check_report(out / "pipeline" / "report", stages=["sft", "small-sft", "rlvr", "opsd", "small-opsd"],
                  k=summary["rows"][0]["k"])

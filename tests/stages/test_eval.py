@@ -143,7 +143,7 @@ def test_eval_on_the_tiny_model_writes_every_number(tmp_path, capsys):
     first, second = report["benchmarks"]
     for row in (first, second):
         assert set(row) == ROW_KEYS | COST_KEYS | {"file", "name", "k", "max_new_tokens", "generate_tokens_per_s",
-                                                   "grading", "levels", "tasks"}
+                                                   "grading", "budgets", "levels", "tasks"}
         assert row["grading"] == {"timeouts": 0, "crashes": 0, "restated": 0, "code_timeouts": 0, "sandbox_errors": 0,
                                   "code_unsupported": 0}
         assert row["problems"] == 4 and row["samples"] == 8

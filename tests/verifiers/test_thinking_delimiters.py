@@ -91,7 +91,7 @@ class FixedEngine:
 def test_opsd_eval_decodes_its_samples_and_greedy_responses_with_the_delimiters(tok):
     engine = FixedEngine(ids(tok, "<think>", "hm", "</think>", "Answer: 12") + [tok.eos_token_id])
     config = load_config(EvalConfig, None, ["sampling.n=2", "greedy=true", "cost.latency_problems=0"])
-    texts_P_K, _, _, greedy_P, _, _ = generate(engine, tok, [PROBLEM], config, "file")
+    texts_P_K, _, _, greedy_P, _, _, _ = generate(engine, tok, [PROBLEM], config, "file")
     assert texts_P_K == [["<think>hm</think>Answer: 12"] * 2] and greedy_P == ["<think>hm</think>Answer: 12"]
 
 
