@@ -311,10 +311,15 @@ def max_floats(values: list[float]) -> list[float]:
 def _reduce_floats(values: list[float], op) -> list[float]:
     if not values:
         return []
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = _collective_device()
     tensor = torch.tensor(values, dtype=torch.float64, device=on)
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def _collective_device() -> torch.device:
+    """Where the default group's collectives take their tensors: this process's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 _reductions = 0  # the reductions so far: the same sequence on every process
@@ -325,7 +330,7 @@ def _reduce(value: int, op) -> int:
     its own time: a process waiting in one for long says so, and for which processes (`_heartbeat`)."""
     global _reductions
     _reductions += 1
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = _collective_device()
     tensor = torch.tensor([value], dtype=torch.long, device=on)
     with _heartbeat(_reductions):
         dist.all_reduce(tensor, op=op)
