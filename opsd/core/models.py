@@ -27,11 +27,13 @@ from transformers import (
 from opsd.core.errors import UserError, first_line
 
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"  # a real 135M chat model, converted offline (core/smollm2.py)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str = BUILTIN_TINY  # HF folder or hub name; builtin:tiny = the local tiny model
+    name_or_path: str = BUILTIN_TINY  # HF folder or hub name; builtin:tiny = the local tiny model,
+    #   builtin:smollm2-135m-instruct = SmolLM2-135M-Instruct converted once into opsd's cache (opsd[smollm2])
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights; auto = float32 for a trained
     #   model (bf16 comes from autocast), the compute dtype for a frozen one (an external teacher, an evaluated
     #   checkpoint): bf16 on GPU
@@ -62,10 +64,10 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
         from opsd.core.tiny import char_tokenizer
 
         return char_tokenizer()
-    _check_model_path(config.name_or_path)
+    path = local_path(config.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            config.name_or_path, trust_remote_code=config.trust_remote_code
+            path, trust_remote_code=config.trust_remote_code
         )
     except Exception as err:  # transformers raises OSError/ValueError/… depending on what is missing
         raise UserError(f"could not load a tokenizer from {config.name_or_path} ({first_line(err)})") from None
@@ -83,10 +85,10 @@ def load_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
 
         model = build_tiny()[0].to(dtype)
     else:
-        _check_model_path(config.name_or_path)
+        path = local_path(config.name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                config.name_or_path,
+                path,
                 dtype=dtype,
                 trust_remote_code=config.trust_remote_code,
                 use_safetensors=None if config.allow_pickle else True,
@@ -153,6 +155,17 @@ def lora_not_linear(model: nn.Module) -> str | None:
     return None
 
 
+def local_path(name_or_path: str) -> str:
+    """What transformers loads for `name_or_path`: a built-in real model's cached folder (built on
+    first use), else the folder or hub name itself, once checked."""
+    if name_or_path == BUILTIN_SMOLLM2:
+        from opsd.core import smollm2
+
+        return str(smollm2.folder())
+    _check_model_path(name_or_path)
+    return name_or_path
+
+
 def _check_model_path(name_or_path: str) -> None:
     path = Path(name_or_path)
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -197,9 +210,9 @@ def model_config(config: ModelConfig) -> PretrainedConfig:
         from opsd.core.tiny import char_tokenizer, tiny_config
 
         return tiny_config(len(char_tokenizer()))
-    _check_model_path(config.name_or_path)
+    path = local_path(config.name_or_path)
     try:
-        return AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     except Exception as err:  # transformers raises OSError/ValueError/… depending on what is missing
         raise UserError(f"could not read the model config of {config.name_or_path} ({first_line(err)})") from None
 

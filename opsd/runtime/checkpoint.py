@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from opsd.core.errors import UserError, first_line
-from opsd.core.models import BUILTIN_TINY, ModelConfig, causal_lm, merged_weights
+from opsd.core.models import BUILTIN_TINY, ModelConfig, causal_lm, local_path, merged_weights
 from opsd.runtime import distributed
 from opsd.runtime.faults import crash_point
 from opsd.runtime.folders import (
@@ -90,7 +90,8 @@ def _stored_dtype(config: ModelConfig) -> torch.dtype:
     would double a bf16 model on disk without adding anything a user of the weights needs."""
     if config.name_or_path == BUILTIN_TINY:
         return torch.float32
-    stored = AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code).dtype
+    folder = local_path(config.name_or_path)
+    stored = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code).dtype
     stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
     return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
 
