@@ -143,3 +143,63 @@ def _plain(value: Any) -> Any:
         return None  # JSON has no NaN/inf
     return value
 
+
+# --- what each metric means ----------------------------------------------------------------------
+# The one place a metric of metrics.jsonl is described: the docs' metrics reference is generated from this table
+# (docs/hooks.py), and tests/test_docs.py checks it against the names the stages log on a tiny run.
+# name: (the commands that log it, what it is)
+METRICS: dict[str, tuple[str, str]] = {
+    "step": ("sft, rlvr, distill", "the optimizer step this line describes (1, 2, ...)"),
+    "loss/divergence": ("distill", "the teacher–student divergence, a token mean over the distilled (kept) tokens of "
+                                   "every process"),
+    "loss/clipped_ratio": ("distill", "share of distilled positions where the pointwise clip τ capped at least one "
+                                      "vocabulary term"),
+    "loss/student_entropy": ("distill", "the student's entropy at the loss temperature, a token mean over the "
+                                        "distilled tokens"),
+    "loss/nll": ("sft", "negative log-likelihood of the response tokens, a token mean"),
+    "purified/gap_cosine": ("distill (teacher.context=purified)", "cosine between the total gap log πT − log P0 and "
+                                                                  "the reference-induced gap log πR − log P0, both "
+                                                                  "centred; a token mean"),
+    "purified/gap_norm_ratio": ("distill (teacher.context=purified)", "norm of the reference-induced gap over the norm "
+                                                                      "of the total gap; a token mean"),
+    "reward/mean": ("rlvr", "mean reward of the step's rollouts, overlong penalty included"),
+    "rollout/accuracy": ("rlvr, distill", "share of the step's rollouts graded correct (null when a row's verifier "
+                                          "cannot grade, e.g. code without the opt-in)"),
+    "rollout/count": ("rlvr, distill", "rollouts sampled in the step, all processes"),
+    "rollout/kept": ("rlvr, distill", "rollouts trained on: kept by distill's gate or by rlvr's group filter"),
+    "rollout/kept_groups": ("rlvr", "problems whose group of samples had unequal rewards (the others are dropped)"),
+    "rollout/restated": ("rlvr, distill", "answers refused by the math verifier for restating an expression of the "
+                                          "problem"),
+    "rollout/response_tokens_mean": ("rlvr, distill", "mean response length in tokens over the step's rollouts"),
+    "rollout/response_tokens_max": ("rlvr, distill", "the longest response of the step, in tokens"),
+    "rollout/truncated_ratio": ("rlvr, distill", "share of rollouts that reached sampling.max_new_tokens"),
+    "rollout/logprob_gap": ("rlvr, distill", "mean |log p_engine(y) − log p_trainer(y)| over the sampled tokens "
+                                             "trained on (null when greedy or nothing was kept)"),
+    "rollout/logprob_gap_outside": ("rlvr, distill", "share of those tokens that the trainer's top-k/top-p would not "
+                                                     "have allowed"),
+    "policy/clipped_ratio": ("rlvr", "share of tokens where the clipped term of the PPO objective was the active one"),
+    "policy/ratio_mean": ("rlvr", "mean importance ratio π/π_old over the trained tokens"),
+    "policy/kl": ("rlvr", "k3 estimate of KL(π‖π_ref) per token (null without a KL term)"),
+    "teacher/updated": ("distill", "whether the teacher's weights changed after this step (refresh, ema, live)"),
+    "optim/grad_norm": ("sft, rlvr, distill", "gradient norm before clipping"),
+    "optim/lr": ("sft, rlvr, distill", "the learning rate of this step"),
+    "optim/skipped_steps": ("sft, rlvr, distill", "steps skipped so far for a non-finite loss or gradient norm "
+                                                  "(optim.max_skipped_in_a_row in a row stop the run)"),
+    "optim/empty_step": ("rlvr, distill", "true when the gate or the group filter kept nothing to train on "
+                                          "(run.max_empty_steps_in_a_row in a row stop the run)"),
+    "train/tokens": ("rlvr, distill", "response tokens trained on, all processes"),
+    "data/cut_sequences": ("sft", "pairs of the data set longer than data.max_length, cut to it (counted once when the "
+                                   "data is read)"),
+    "time/generate_s": ("rlvr, distill", "seconds sampling the rollouts (the slowest process)"),
+    "time/grade_s": ("rlvr, distill", "seconds grading them"),
+    "time/memo_s": ("distill", "seconds writing the memos (teacher.context=memo; 0 otherwise)"),
+    "time/teacher_s": ("distill", "seconds in the teacher's forwards"),
+    "time/student_s": ("distill", "seconds in the student's forward, the divergence and the backward"),
+    "time/old_logprobs_s": ("rlvr", "seconds computing the sampling policy's log-probabilities (and the KL "
+                                    "reference's)"),
+    "time/train_s": ("rlvr", "seconds in the policy's forward and backward"),
+    "time/step_s": ("sft, rlvr, distill", "seconds of the whole step"),
+    "throughput/generate_tokens_per_s": ("rlvr, distill", "response tokens sampled per second of generation"),
+    "throughput/train_tokens_per_s": ("distill", "distilled tokens per second of teacher and student compute"),
+    "throughput/tokens_per_s": ("sft", "tokens trained on per second"),
+}

@@ -108,7 +108,7 @@ class TeacherConfig:
     memo_max_tokens: int = 256  # length budget of a memo
     purified_clip: float = 10.0  # c of Purified OPSD's soft clip c·tanh(Δ/c)
     purified_beta: float = 1.0  # β of the purified target softmax(log P0 + Δ̃/β)
-    weights: TeacherWeightsConfig = field(default_factory=TeacherWeightsConfig)
+    weights: TeacherWeightsConfig = field(default_factory=TeacherWeightsConfig)  # frozen/refresh/ema/live
     model: ModelConfig | None = None  # an external teacher checkpoint (same tokenizer); null = the student's network
     device: str = ""  # device of the external teacher ("" = the student's)
 
@@ -125,18 +125,18 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the student (folder, hub name, builtin:tiny)
+    data: DataConfig = field(default_factory=DataConfig)  # the problems with their answers and reference solutions
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # how rollouts are sampled
     gating: Gating = "all"  # all | correct_only | incorrect_only | correct_and_truncated
     samples_per_step: int = 4  # rollouts per step saved to samples.jsonl with their teacher prompt (0: none)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    verifier: VerifierConfig = field(default_factory=VerifierConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(chunk_size=256))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # what the teacher sees, its weights, its model
+    loss: LossConfig = field(default_factory=LossConfig)  # the divergence between student and teacher
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)  # how rollouts are graded
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(chunk_size=256))  # AdamW, schedule, memory knobs
     prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction:
     #   the student's, the teacher's and the memo's prompts alike
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))  # the run contract
 
 
 def check_options(config: DistillConfig, world: int = 1) -> None:

@@ -114,7 +114,7 @@ class PipelineConfig:
     evaluate_start: bool = True  # evaluate the starting checkpoint (and each of `models`) too
     models: tuple[NamedModel, ...] = ()  # other starting points, e.g. a smaller student for a bigger stage's teacher
     stages: tuple[StageSpec, ...] = ()  # the stages in order (YAML file: a list of mappings)
-    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)  # how every stage's checkpoints are evaluated
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/pipeline"))  # folder, resume, device
 
 

@@ -88,15 +88,15 @@ class GRPOConfig:
 
 @dataclass(frozen=True)
 class RLVRConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: RLVRDataConfig = field(default_factory=RLVRDataConfig)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=16))
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy to train (folder, hub name, builtin:tiny)
+    data: RLVRDataConfig = field(default_factory=RLVRDataConfig)  # the problems with their answers
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=16))  # how rollouts are sampled
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # GRPO/DAPO's clip, group filter, overlong penalty and KL term
     samples_per_step: int = 4  # rollouts per step saved to samples.jsonl with reward and advantage (0: none)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)  # the reward: each row's verifier
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, schedule, memory knobs
     prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlvr"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlvr"))  # the run contract
 
 
 def check_options(config: RLVRConfig, world: int = 1) -> None:

@@ -52,11 +52,11 @@ class SFTDataConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, micro_batch_size=16))
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model to fine-tune (folder, hub name, builtin:tiny)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)  # the problem/response pairs
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, micro_batch_size=16))  # AdamW, memory knobs
     prompt: PromptConfig = field(default_factory=PromptConfig)  # chat template options, system prompt, instruction
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft", steps=1000))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft", steps=1000))  # the run contract
 
 
 def check_options(config: SFTConfig, world: int = 1) -> None:

@@ -113,7 +113,7 @@ ANSWER_FREE = frozenset(name for name, v in VERIFIERS.items() if not v.needs_ans
 class VerifierConfig:
     default: VerifierName = "math"  # the verifier of problems whose row names none (`verifier` field)
     timeout_s: float = 5.0  # per-answer limit of the math worker process
-    allow_code_execution: bool = False  # run model-written code (verifier: code rows) in opsd's sandbox (README)
+    allow_code_execution: bool = False  # run model-written code (verifier: code rows) in the sandbox (docs/sandbox.md)
     code_timeout_s: float = 10.0  # wall-clock limit of one program (prompt + code + tests)
     code_memory_mb: int = 1024  # memory limit of a program: as a whole (cgroup, as root) and per process
     code_workers: int = 2  # programs run at once

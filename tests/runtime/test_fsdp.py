@@ -380,10 +380,10 @@ def test_parallel_options_are_checked_before_the_run_folder_exists(tmp_path, cap
     assert not out.exists()
 
 
-def test_the_readme_shows_the_memory_table_as_computed():
+def test_the_docs_show_the_memory_table_as_computed():
     from opsd.runtime.memory import table
 
-    assert table() in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert table() in (ROOT / "docs" / "scale.md").read_text(encoding="utf-8")
 
 
 def test_lora_on_a_layer_a_sharded_checkpoint_cannot_merge_is_refused_before_training(tmp_path):

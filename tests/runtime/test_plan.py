@@ -98,8 +98,8 @@ def test_an_8b_run_on_8_gpus_is_refused_under_ddp_with_the_knob_and_fits_under_f
     assert "| **total** |" in out
 
 
-def test_the_readme_shows_the_plan_table_as_computed():
-    assert readme_table() in (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_docs_show_the_plan_table_as_computed():
+    assert readme_table() in (ROOT / "docs" / "scale.md").read_text(encoding="utf-8")
 
 
 def test_no_gpu_and_no_size_gives_a_plan_without_a_verdict():
