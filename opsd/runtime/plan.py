@@ -240,7 +240,7 @@ def what_would_fit(config: Any, arch: Architecture, positions: int, processes: i
     return ""
 
 
-# Qwen3's shapes (their config.json) and the settings the README recommends for 8 GPUs of 80 GB
+# Qwen3's shapes (their config.json) and the settings docs/scale.md recommends for 8 GPUs of 80 GB
 QWEN3_SHAPES = {"Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                                    num_attention_heads=16, tie_word_embeddings=True),
                 "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
@@ -257,7 +257,7 @@ def qwen3_config(name: str):
 
 
 def readme_table(gpus: int = 8, gpu_gib: float = 80, positions: int = 16_384) -> str:
-    """The README's table: `opsd distill` (self-teacher, frozen snapshot) at `positions` tokens per sequence,
+    """docs/scale.md's table: `opsd distill` (self-teacher, frozen snapshot) at `positions` tokens per sequence,
     one sequence per micro-batch with gradient checkpointing, vllm in sleep mode, on `gpus` GPUs: the
     peak phase per process under DDP and FSDP, and whether it fits."""
     from opsd.generation import SamplingConfig

@@ -188,7 +188,7 @@ class Scored:
     truncated_K: tuple[bool, ...]
     markers_K: tuple[int, ...]  # reflective markers in each response
     greedy_correct: bool | None = None  # grade of the greedy response; None without greedy=true
-    restated: int = 0  # samples refused for restating an expression of the problem (README grader table)
+    restated: int = 0  # samples refused for restating an expression of the problem (docs/verifiers.md)
     task: str | None = None  # value of the task field, None when the problem has none
 
 

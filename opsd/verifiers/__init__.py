@@ -37,7 +37,7 @@ class Verdict:
     correct: bool
     reward: float  # 1.0 when correct, else 0.0
     extracted: str | None  # the final answer (code: the code) found in the response (None: none found)
-    restated: bool = False  # refused for restating an expression of the problem (math; README grader table)
+    restated: bool = False  # refused for restating an expression of the problem (math; docs/verifiers.md)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _no_row_check(problem: Problem, path: str, config: VerifierConfig, option: s
 def _check_code_row(problem: Problem, path: str, config: VerifierConfig, option: str) -> None:
     if not config.allow_code_execution:
         raise UserError(f"data file {path}: problem '{problem.id}' is graded by running model-written code; set "
-                        f"{option}.allow_code_execution=true to run it in opsd's sandbox (README: the code sandbox)")
+                        f"{option}.allow_code_execution=true to run it in opsd's sandbox (docs/sandbox.md)")
     for field in ("tests", "entry_point"):
         if not isinstance(problem.extra.get(field), str) or not problem.extra[field].strip():
             raise UserError(f"data file {path}: problem '{problem.id}' (verifier code) has no '{field}' text")

@@ -1,4 +1,4 @@
-"""Finding the final answer in a response (the math verifier's extraction rules; README table).
+"""Finding the final answer in a response (the math verifier's extraction rules; docs/verifiers.md).
 
 `extract_answer` reads only the text after the last `</think>` (an unclosed `<think>` hides
 everything after it). Its candidates are the last `\\boxed{}`/`\\fbox{}`, `Answer:` lines, "the

@@ -151,7 +151,7 @@ def test_quick_real_experiment_runs_and_continues(tmp_path, capsys):
     out = tmp_path / "real"
     assert main(["demo", "--real", "--quick", "--seeds", "1,2", "--jobs", "2", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["stage"] for r in summary["rows"]] == [name for name, _ in real.rows(True)]
+    assert [r["stage"] for r in summary["rows"]] == ["warmup", *(name for name, _ in real.rows(True))]
     assert [r["stage"] for r in summary["start_rows"]] == ["instruct", "warmup"]
     assert (out / "warmup" / "sft.jsonl").is_file()
     first = (out / "summary.md").read_text()

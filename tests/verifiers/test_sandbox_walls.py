@@ -1,5 +1,5 @@
 """The code sandbox's walls: hostile programs whose effects must not happen (each run by a separate "trainer"
-process that must survive, reward 0), the README's threat table checked row by row with each wall alone, the
+process that must survive, reward 0), docs/sandbox.md's threat table checked row by row with each wall alone, the
 same attacks working where their walls are taken away (so that each test measures its wall), a run as an
 ordinary user, and a fuzz bound."""
 
@@ -462,7 +462,7 @@ def test_hostile_program_has_no_effect_and_earns_0(name, host):
 
 # --- the threat table, row by row: each wall alone ----------------------------------------------------
 
-# (threat, its payload, the walls the README's table says stop it alone). Each payload is called as
+# (threat, its payload, the walls docs/sandbox.md's table says stop it alone). Each payload is called as
 # a program: it runs to its end (the sandbox's "passed") only when its attack worked.
 TABLE = [
     ("reads outside the view", "read files the grader's user can read", ("namespaces", "landlock")),

@@ -2,7 +2,7 @@
 
 launcher.py calls these in a fresh `python -I -S` interpreter; the trainer imports this module only
 for its tests. Each function either puts its wall up or raises OSError, and the launcher reports
-what held (README: the code sandbox's table says which wall stops which threat).
+what held (docs/sandbox.md: its table says which wall stops which threat).
 
   namespaces  new pid, network, IPC and UTS namespaces (inside a user namespace when not root)
   view        a mount namespace whose root shows only what a Python program needs, read-only:
