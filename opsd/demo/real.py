@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -99,6 +100,16 @@ def eval_section(files: dict[str, Path], quick: bool) -> PipelineEvalConfig:
                               cost=CostConfig(latency_problems=1 if quick else 4))
 
 
+WORKED = re.compile(r"\d+ ?[+-] ?\d+ ?= ?\d+")
+
+
+def works_first(response: str) -> bool:
+    """Whether a sum is worked out before the answer is stated: answers that open with "The answer is N"
+    copied from the reference would teach the student to answer before computing (the first warm-up did)."""
+    stated = response.lower().find("answer is")
+    return bool(WORKED.search(response[: stated if stated >= 0 else len(response)]))
+
+
 def warmup_samples(out: Path, files: dict[str, Path], quick: bool) -> Path:
     """The instruct model's answers to the warm-up problems with their reference solutions in the
     prompt; its graded-correct answers become sft.jsonl under the plain problem (returned)."""
@@ -114,7 +125,7 @@ def warmup_samples(out: Path, files: dict[str, Path], quick: bool) -> Path:
         run_eval(config, name="warm-up samples")
     plain = {json.loads(line)["id"]: json.loads(line)["plain"] for line in files["warmup"].read_text().splitlines()}
     answers = map(json.loads, (samples / "responses.jsonl").read_text().splitlines())
-    kept = [row for row in answers if row["correct"] and not row["truncated"]]
+    kept = [row for row in answers if row["correct"] and not row["truncated"] and works_first(row["response"])]
     if not kept:
         raise UserError(f"the warm-up kept no graded-correct answer ({samples / 'responses.jsonl'})")
     pairs = [{"problem": plain[row["id"]], "response": row["response"].strip()} for row in kept]

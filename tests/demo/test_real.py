@@ -32,6 +32,16 @@ def test_every_reference_solution_is_right_and_ends_with_its_answer():
         assert extract_answer(row["solution"]) == row["answer"]  # the verifier reads the format the prompt asks
 
 
+@pytest.mark.parametrize("response, kept", [
+    ("Noah has 18 - 4 = 14 cookies. The answer is 14.", True),
+    ("18-4=14, so the answer is 14.", True),
+    ("The answer is 14.\n\nThe solution is: 18 - 4 = 14.", False),  # stated first, worked after: copied
+    ("Noah has 14 cookies left. The answer is 14.", False),  # never worked out
+])
+def test_warm_up_keeps_answers_that_work_the_sum_out_before_stating_it(response, kept):
+    assert real.works_first(response) is kept
+
+
 def test_held_out_problems_are_fixed_balanced_and_never_trained_on(tmp_path):
     held_out = wordworld.held_out()
     assert held_out == wordworld.held_out() and len(held_out) == wordworld.HELD_OUT
